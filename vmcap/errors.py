@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+"""The few exception classes vmcap raises on purpose.
+
+Each carries a one-line message that says what went wrong and where (a file
+offset or physical address). cli.py maps each class to one exit code; nothing
+else in the package knows about exit codes.
+"""
+
+
+class VmcapError(Exception):
+    """Base class: an expected failure with a one-line message."""
+
+
+class BadSource(VmcapError):
+    """The source is not a usable vmcore (not ELF, not a core, truncated, inconsistent)."""
+
+
+class SourceIOError(VmcapError):
+    """Reading the source failed (EIO, short read) at a known offset / physical address."""
+
+    def __init__(self, message: str, offset: int | None = None, paddr: int | None = None):
+        super().__init__(message)
+        self.offset = offset
+        self.paddr = paddr
+
+
+class OutputError(VmcapError):
+    """The output could not be written (exists, unwritable, disk full, EIO)."""
+
+
+class CorruptOutput(VmcapError):
+    """A vmcap output (seekable zstd, kdump) is damaged: bad frame, bad seek table."""
+
+
+class VerifyMismatch(VmcapError):
+    """`vmcap verify --source` found a byte that differs from the source."""
+
+
+class Unsupported(VmcapError):
+    """A valid request vmcap cannot honour (e.g. a dump level needing missing VMCOREINFO)."""
