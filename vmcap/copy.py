@@ -1,0 +1,164 @@
+"""Running the copy plan: source bytes out, in plan order, in bounded memory.
+
+``iter_plan_data`` walks the plan and yields each segment's bytes as
+``DataChunk``s: mmap windows for ``MappedRange`` steps, one pread for each
+``BufferedPiece``, nothing read for ``ZeroFill``. A chunk's memoryview is
+valid only until the next chunk is requested: the window behind it is
+unmapped (or the read buffer reused) so memory stays at about one window
+whatever the size of the dump. Consumers copy what they keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from .errors import SourceIOError
+from .fraction import BufferedPiece, CopyPlan, MappedRange, Step, ZeroFill
+from .mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
+
+DEFAULT_WINDOW_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Bytes of one segment starting at ``paddr``; ``data`` is None for zero fill."""
+
+    segment: int
+    paddr: int
+    length: int
+    data: memoryview | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRange:
+    """Physical memory that could not be read and was replaced by zeros."""
+
+    paddr: int
+    length: int
+    reason: str
+
+
+@dataclass
+class CopyStats:
+    mapped_bytes: int = 0  # bytes that actually came through mmap
+    buffered_bytes: int = 0  # bytes that came through pread
+    zero_fill_bytes: int = 0
+    mmap_fallbacks: int = 0  # windows that could not be mapped and were read instead
+    mmap_refusal: str | None = None  # the first refusal's reason
+    error_ranges: list[ErrorRange] = field(default_factory=list)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.mapped_bytes + self.buffered_bytes
+
+    def record_error(self, paddr: int, length: int, reason: str) -> None:
+        last = self.error_ranges[-1] if self.error_ranges else None
+        if last and last.paddr + last.length == paddr and last.reason == reason:
+            self.error_ranges[-1] = ErrorRange(last.paddr, last.length + length, reason)
+        else:
+            self.error_ranges.append(ErrorRange(paddr, length, reason))
+
+
+class PlanCopier:
+    """Reads a plan's bytes from one source."""
+
+    def __init__(self, source: Source, plan: CopyPlan, *,
+                 window_bytes: int = DEFAULT_WINDOW_BYTES,
+                 on_error: str = "fail",
+                 progress: Callable[[int], None] | None = None):
+        if on_error not in ("fail", "zero"):
+            raise ValueError(f"on_error must be 'fail' or 'zero', not {on_error!r}")
+        granule = max(plan.page_size, ALLOCATION_GRANULARITY)
+        # Windows must start on a page *and* an mmap granule boundary.
+        self.window_bytes = max(granule, window_bytes - window_bytes % granule)
+        self.granule = granule
+        self.source = source
+        self.plan = plan
+        self.on_error = on_error
+        self.progress = progress
+        self.stats = CopyStats()
+        self._buffer = bytearray(self.window_bytes)
+
+    def __iter__(self) -> Iterator[DataChunk]:
+        for step in self.plan.steps:
+            if type(step) is MappedRange:
+                yield from self._mapped(step)
+            elif type(step) is BufferedPiece:
+                yield self._read(step.segment, step.paddr, step.offset, step.length)
+                self.stats.buffered_bytes += step.length
+            else:
+                self.stats.zero_fill_bytes += step.length
+                yield DataChunk(step.segment, step.paddr, step.length, None)
+
+    def _mapped(self, step: MappedRange) -> Iterator[DataChunk]:
+        offset, end = step.offset, step.offset + step.length
+        paddr_of = step.paddr - step.offset
+        # The plan's ranges are page-aligned; the host may need a larger mmap
+        # granule (a 4 KiB-page dump read on a 64 KiB-page host). Whole pages
+        # of the range are safe to read, so read up to the next granule.
+        head_end = min(end, -(-offset // self.granule) * self.granule)
+        if head_end > offset:
+            yield self._read(step.segment, paddr_of + offset, offset, head_end - offset)
+            self.stats.buffered_bytes += head_end - offset
+            offset = head_end
+        while offset < end:
+            length = min(self.window_bytes, end - offset)
+            try:
+                mapping = self.source.map(offset, length)
+            except MmapRefused as refusal:
+                self.stats.mmap_fallbacks += 1
+                if self.stats.mmap_refusal is None:
+                    self.stats.mmap_refusal = str(refusal)
+                yield self._read(step.segment, paddr_of + offset, offset, length)
+                self.stats.buffered_bytes += length
+            else:
+                view = memoryview(mapping)
+                try:
+                    yield DataChunk(step.segment, paddr_of + offset, length, view)
+                finally:
+                    view.release()
+                    mapping.close()
+                self.stats.mapped_bytes += length
+                if self.progress:
+                    self.progress(length)
+            offset += length
+
+    def _read(self, segment: int, paddr: int, offset: int, length: int) -> DataChunk:
+        """One pread into the reusable buffer; on error fail or zero-fill per policy."""
+        view = memoryview(self._buffer)[:length]
+        try:
+            self.source.pread_into(view, offset)
+        except SourceIOError as error:
+            if self.on_error == "fail":
+                bad_offset = error.offset if error.offset is not None else offset
+                bad_paddr = paddr + bad_offset - offset
+                raise SourceIOError(
+                    f"{self.source.name}: cannot read physical address {bad_paddr:#x} "
+                    f"(file offset {bad_offset:#x}): {_reason(error)}",
+                    offset=bad_offset, paddr=bad_paddr) from None
+            self._read_page_by_page(view, paddr, offset)
+        if self.progress:
+            self.progress(length)
+        return DataChunk(segment, paddr, length, view)
+
+    def _read_page_by_page(self, view: memoryview, paddr: int, offset: int) -> None:
+        """Salvage what can be read; zero and record each unreadable page."""
+        page = self.plan.page_size
+        pos = 0
+        while pos < len(view):
+            # Stay on the physical page grid so recorded ranges are page-sized.
+            step = min(len(view) - pos, page - (paddr + pos) % page)
+            part = view[pos:pos + step]
+            try:
+                self.source.pread_into(part, offset + pos)
+            except SourceIOError as error:
+                part[:] = bytes(step)
+                self.stats.record_error(paddr + pos, step, _reason(error))
+            pos += step
+
+
+def _reason(error: SourceIOError) -> str:
+    """The OS's words for an error ('Input/output error'), without our prefix."""
+    text = str(error)
+    return text.rsplit(": ", 1)[-1] if ": " in text else text

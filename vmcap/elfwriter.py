@@ -1,0 +1,222 @@
+"""Writing an ELF vmcore as one linear byte stream.
+
+The output keeps the source's ELF class, byte order, e_machine and notes,
+and one PT_LOAD per output segment, laid out so that the readers people use
+accept it:
+
+* the program header table directly follows the ELF header (makedumpfile
+  1.7.2 reads program headers at offset 64 whatever e_phoff says);
+* phdr[0] is the single PT_NOTE and every other header is a PT_LOAD (crash
+  requires exactly that);
+* each segment's data starts at a file offset congruent to its p_paddr
+  modulo the page size, so the plain file can be mmapped page by page, and
+  p_align is 0 (crash calls an ELF with p_align != 0 a "netdump");
+* the notes (the source's, then vmcap's) follow the program headers: crash
+  reads everything before the first PT_LOAD's data as "the header" and looks
+  for notes only there. The vmcap note records read errors met while
+  copying, which are only known at the end, so it has a fixed size and is
+  rewritten in place when the copy is done (see ``ElfImage.vmcap_note_offset``).
+
+Sizes and offsets are all computed before the first byte is written.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Iterable, Protocol, Sequence
+
+from . import __version__
+from .copy import ErrorRange
+from .layout import _PHDR_FORMATS, PN_XNUM, PT_LOAD, PT_NOTE, Layout
+
+ET_CORE = 4
+EV_CURRENT = 1
+_EHDR_FORMATS = {32: "16sHHIIIIIHHHHHH", 64: "16sHHIQQQIHHHHHH"}
+_SHDR_FORMATS = {32: "IIIIIIIIII", 64: "IIQQQQIIQQ"}
+
+VMCAP_NOTE_NAME = b"VMCAP"
+VMCAP_NOTE_TYPE = 1
+# Room for the vmcap note's text; enough for ~300 error ranges, after
+# which the note says how many more there were (the JSON summary has all).
+VMCAP_NOTE_DESC_BYTES = 16384
+
+
+class ByteSink(Protocol):
+    def write(self, data) -> None: ...
+
+    def write_zeros(self, n: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSegment:
+    paddr: int
+    vaddr: int
+    offset: int
+    filesz: int
+    memsz: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class ElfImage:
+    """The complete layout of an output ELF: header bytes and where everything goes."""
+
+    header: bytes  # ELF header + program headers (+ section header 0 for PN_XNUM)
+    segments: tuple[OutputSegment, ...]
+    notes_offset: int  # == len(header): the notes follow the headers directly
+    notes_size: int
+
+    @property
+    def vmcap_note_offset(self) -> int:
+        """The vmcap note is the last note: it can be rewritten in place."""
+        return self.notes_offset + self.notes_size - VMCAP_NOTE_BYTES
+
+    @property
+    def total_size(self) -> int:
+        last = max((s.offset + s.filesz for s in self.segments if s.filesz), default=0)
+        return max(last, self.notes_offset + self.notes_size)
+
+
+def _endian(byte_order: str) -> str:
+    return "<" if byte_order == "little" else ">"
+
+
+def note_bytes(name: bytes, ntype: int, desc: bytes, byte_order: str) -> bytes:
+    """One ELF note (name and desc padded to 4 bytes, as Linux core notes are)."""
+    name_z = name + b"\0"
+    header = struct.pack(_endian(byte_order) + "III", len(name_z), len(desc), ntype)
+    return (header + name_z + b"\0" * (-len(name_z) % 4) + desc + b"\0" * (-len(desc) % 4))
+
+
+def vmcap_note(byte_order: str, *, source: str, page_size: int, output_format: str,
+               error_ranges: Sequence[ErrorRange] | None = (),
+               extra: Iterable[str] = ()) -> bytes:
+    """The fixed-size note vmcap adds: tool version, source, page size, read errors.
+
+    ``error_ranges=None`` means "not known": a stream to stdout cannot be
+    rewritten once the copy has met its errors, and the note must not claim
+    there were none.
+    """
+    count = "unknown" if error_ranges is None else str(len(error_ranges))
+    lines = [f"VERSION={__version__}", f"SOURCE={source}", f"PAGE_SIZE={page_size}",
+             f"FORMAT={output_format}", *extra, f"ERROR_RANGES={count}"]
+    text = "\n".join(lines).encode() + b"\n"
+    for i, err in enumerate(error_ranges or ()):
+        line = f"ERROR_RANGE={err.paddr:#x},{err.length:#x},{err.reason}\n".encode()
+        tail = f"ERROR_RANGES_NOT_LISTED={len(error_ranges) - i}\n".encode()
+        if len(text) + len(line) + 64 > VMCAP_NOTE_DESC_BYTES:
+            text += tail
+            break
+        text += line
+    desc = text.ljust(VMCAP_NOTE_DESC_BYTES, b"\0")
+    return note_bytes(VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, desc, byte_order)
+
+
+VMCAP_NOTE_BYTES = len(vmcap_note("little", source="", page_size=0, output_format=""))
+
+
+def parse_vmcap_note(desc: bytes) -> dict[str, object]:
+    """The vmcap note's text as a dict; ERROR_RANGE lines become a list."""
+    info: dict[str, object] = {"error_ranges": []}
+    for line in desc.rstrip(b"\0").decode("utf-8", "replace").splitlines():
+        key, _, value = line.partition("=")
+        if key == "ERROR_RANGE":
+            paddr, length, reason = (value.split(",", 2) + ["", ""])[:3]
+            info["error_ranges"].append({"paddr": int(paddr, 16), "length": int(length, 16),
+                                         "reason": reason})
+        elif key:
+            info[key] = value
+    return info
+
+
+def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size: int,
+                   page_size: int) -> ElfImage:
+    """Assign file offsets and build the header bytes.
+
+    ``segments`` carry paddr/vaddr/filesz/memsz/flags; their ``offset`` is
+    ignored and assigned here.
+    """
+    elf_class, endian = layout.elf_class, _endian(layout.byte_order)
+    ehdr = struct.Struct(endian + _EHDR_FORMATS[elf_class])
+    phdr_format, phdr_fields = _PHDR_FORMATS[elf_class]
+    phdr = struct.Struct(endian + phdr_format)
+    shdr = struct.Struct(endian + _SHDR_FORMATS[elf_class])
+
+    phnum = 1 + len(segments)
+    use_xnum = phnum >= PN_XNUM
+    phoff = ehdr.size
+    header_end = phoff + phnum * phdr.size + (shdr.size if use_xnum else 0)
+
+    notes_offset = header_end
+    placed = []
+    cursor = notes_offset + notes_size
+    for seg in segments:
+        # Congruent to p_paddr modulo the page size: the plain file can then
+        # be mmapped page by page by crash, drgn and makedumpfile.
+        offset = cursor + (seg.paddr - cursor) % page_size
+        placed.append(OutputSegment(seg.paddr, seg.vaddr, offset, seg.filesz, seg.memsz,
+                                    seg.flags))
+        if seg.filesz:
+            cursor = offset + seg.filesz
+
+    ident = bytearray(16)
+    ident[:4] = b"\x7fELF"
+    ident[4] = 1 if elf_class == 32 else 2
+    ident[5] = 1 if layout.byte_order == "little" else 2
+    ident[6] = EV_CURRENT
+    shoff = phoff + phnum * phdr.size if use_xnum else 0
+    header = bytearray(ehdr.pack(
+        bytes(ident), ET_CORE, layout.e_machine, EV_CURRENT, 0, phoff, shoff,
+        layout.e_flags, ehdr.size, phdr.size, PN_XNUM if use_xnum else phnum,
+        shdr.size if use_xnum else 0, 1 if use_xnum else 0, 0))
+
+    def pack_phdr(**values) -> bytes:
+        return phdr.pack(*(values[name] for name in phdr_fields))
+
+    header += pack_phdr(p_type=PT_NOTE, p_flags=0, p_offset=notes_offset, p_vaddr=0,
+                        p_paddr=0, p_filesz=notes_size, p_memsz=notes_size, p_align=0)
+    for seg in placed:
+        header += pack_phdr(p_type=PT_LOAD, p_flags=seg.flags,
+                            p_offset=seg.offset, p_vaddr=seg.vaddr, p_paddr=seg.paddr,
+                            p_filesz=seg.filesz, p_memsz=seg.memsz, p_align=0)
+    if use_xnum:
+        # Section header 0 carries the real program header count in sh_info.
+        header += shdr.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0)
+    return ElfImage(bytes(header), tuple(placed), notes_offset, notes_size)
+
+
+class ElfStreamWriter:
+    """Emits an ElfImage's bytes in file order into a byte sink.
+
+    The header and notes are written first, through ``write_head`` (so a
+    sink can keep them in a region it is able to rewrite later); then the
+    segments' data in order.
+    """
+
+    def __init__(self, sink: ByteSink, image: ElfImage, notes: bytes, write_head=None):
+        if len(notes) != image.notes_size:
+            raise ValueError(f"notes are {len(notes)} bytes, the image reserved "
+                             f"{image.notes_size}")
+        self.sink = sink
+        self.image = image
+        (write_head or sink.write)(image.header + notes)
+        self.position = len(image.header) + len(notes)
+
+    def _advance_to(self, offset: int) -> None:
+        if offset < self.position:
+            raise ValueError(f"ELF data out of order: offset {offset:#x} is before "
+                             f"{self.position:#x}")
+        if offset > self.position:
+            self.sink.write_zeros(offset - self.position)
+            self.position = offset
+
+    def write_segment(self, index: int, paddr: int, data) -> None:
+        seg = self.image.segments[index]
+        self._advance_to(seg.offset + (paddr - seg.paddr))
+        self.sink.write(data)
+        self.position += len(data)
+
+    def finish(self) -> None:
+        """Pad to the end of the last segment's data."""
+        self._advance_to(self.image.total_size)

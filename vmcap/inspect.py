@@ -1,0 +1,62 @@
+"""`vmcap inspect`: a vmcore's layout and plan as plain data (the CLI renders it)."""
+
+from __future__ import annotations
+
+from .dumpfile import detect_container, open_elf_source
+from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note
+from .fraction import plan_copy
+from .layout import read_layout
+
+
+def describe(path: str, *, page_size: int | None = None) -> dict:
+    """Everything `vmcap inspect` shows, as one JSON-ready dict."""
+    container = detect_container(path) if _is_file(path) else "elf"
+    if container == "kdump":
+        from .kdumpsave import describe_kdump
+
+        return describe_kdump(path)
+    source = open_elf_source(path)
+    try:
+        layout = read_layout(source, page_size=page_size)
+    finally:
+        source.close()
+    plan = plan_copy(layout.segments, layout.page_size)
+    report = {
+        "source": path,
+        "container": "elf" if container not in ("zstd-seekable",) else container,
+        "page_size": layout.page_size,
+        "page_size_origin": layout.page_size_origin,
+        "elf_class": layout.elf_class,
+        "byte_order": layout.byte_order,
+        "machine": layout.machine,
+        "arch": layout.arch,
+        "cpus": layout.cpus,
+        "osrelease": layout.osrelease,
+        "crash_time": layout.crash_time,
+        "segments": [{"index": s.index, "paddr": s.paddr, "vaddr": s.vaddr,
+                      "offset": s.offset, "filesz": s.filesz, "memsz": s.memsz}
+                     for s in layout.segments],
+        "fractional_pages": [
+            {"paddr": page.paddr, "file_offset": page.file_offset,
+             "non_ram_bytes": page.non_ram_bytes,
+             "pieces": [{"segment": p.segment, "paddr": p.paddr, "size": p.size,
+                         "offset": p.offset} for p in page.pieces]}
+            for page in plan.fractional_pages],
+        "totals": {"memory": plan.memory_bytes, "mapped_bytes": plan.mapped_bytes,
+                   "buffered_bytes": plan.buffered_bytes,
+                   "zero_fill_bytes": plan.zero_fill_bytes},
+        "notes": [{"name": n.name, "type": n.type, "size": len(n.desc)} for n in layout.notes],
+        "vmcoreinfo": layout.vmcoreinfo,
+        "vmcoreinfo_text": layout.vmcoreinfo_raw.decode("utf-8", "replace"),
+        "warnings": list(layout.warnings),
+    }
+    for note in layout.notes:
+        if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
+            report["vmcap"] = parse_vmcap_note(note.desc)
+    return report
+
+
+def _is_file(path: str) -> bool:
+    import os
+
+    return os.path.isfile(path)

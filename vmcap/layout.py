@@ -1,0 +1,353 @@
+"""The source's ELF layout: header, program headers, notes, VMCOREINFO.
+
+Everything here is read with exact positional reads through the source's
+``pread``: the ELF header, the program header table and the PT_NOTE
+segments, nothing else. In /proc/vmcore the bytes after the notes belong to
+the first segment's page-rounded chunk and may be MMIO, so a buffered read
+that "helpfully" reads ahead is a bug, not an optimisation.
+
+pyelftools parses the ELF header and describes the structures; the program
+header table is unpacked in one ``struct.iter_unpack`` call because a
+fragmented EFI memory map can give 100,000 segments.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from .errors import BadSource
+from .mmapio import Source
+
+PT_LOAD = 1
+PT_NOTE = 4
+PN_XNUM = 0xFFFF
+NT_PRSTATUS = 1
+ELF_MAGIC = b"\x7fELF"
+
+# Program header layouts, described once per ELF class. The field order
+# differs between the classes (p_flags moves), so each format is paired
+# with the order of its fields.
+_PHDR_FORMATS = {
+    32: ("IIIIIIII", ("p_type", "p_offset", "p_vaddr", "p_paddr", "p_filesz",
+                      "p_memsz", "p_flags", "p_align")),
+    64: ("IIQQQQQQ", ("p_type", "p_flags", "p_offset", "p_vaddr", "p_paddr",
+                      "p_filesz", "p_memsz", "p_align")),
+}
+
+# Architecture names (as uname -m would say) and the page size to assume
+# when VMCOREINFO does not say. ppc64 distribution kernels use 64 KiB pages.
+_ARCHES = {
+    "EM_X86_64": ("x86_64", 4096),
+    "EM_386": ("i386", 4096),
+    "EM_AARCH64": ("aarch64", 4096),
+    "EM_ARM": ("arm", 4096),
+    "EM_PPC64": ("ppc64", 65536),
+    "EM_PPC": ("ppc", 4096),
+    "EM_S390": ("s390x", 4096),
+    "EM_RISCV": ("riscv64", 4096),
+    "EM_MIPS": ("mips", 4096),
+    "EM_LOONGARCH": ("loongarch64", 16384),
+    "EM_SPARCV9": ("sparc64", 8192),
+    "EM_IA_64": ("ia64", 16384),
+}
+FALLBACK_PAGE_SIZE = 4096
+
+# Sanity bounds: anything beyond these is a corrupt header, not a big machine.
+MAX_SEGMENTS = 1 << 22
+MAX_NOTES_BYTES = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One PT_LOAD: a range of the crashed kernel's physical memory."""
+
+    index: int  # position among the PT_LOADs (0-based)
+    paddr: int
+    vaddr: int
+    offset: int  # file offset of the first byte
+    filesz: int
+    memsz: int
+    flags: int = 7
+
+    @property
+    def end(self) -> int:
+        """Physical address just past the segment's file data."""
+        return self.paddr + self.filesz
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    name: str
+    type: int
+    desc: bytes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a vmcore is made of, without any of its memory contents."""
+
+    source_name: str
+    file_size: int | None
+    elf_class: int  # 32 or 64
+    byte_order: str  # "little" or "big"
+    e_machine: int
+    machine: str  # pyelftools' name, e.g. "EM_X86_64"
+    arch: str  # e.g. "x86_64"
+    e_flags: int
+    e_phoff: int
+    page_size: int
+    page_size_origin: str  # "vmcoreinfo", "option", "architecture default"
+    segments: tuple[Segment, ...]
+    notes: tuple[Note, ...]
+    note_bytes: bytes  # the PT_NOTE segments' bytes, concatenated, as in the source
+    vmcoreinfo_raw: bytes
+    vmcoreinfo: dict[str, str]
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def cpus(self) -> int:
+        return sum(1 for n in self.notes if n.name == "CORE" and n.type == NT_PRSTATUS)
+
+    @property
+    def osrelease(self) -> str | None:
+        return self.vmcoreinfo.get("OSRELEASE")
+
+    @property
+    def crash_time(self) -> int | None:
+        value = self.vmcoreinfo.get("CRASHTIME")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(s.memsz for s in self.segments)
+
+
+class ExactReader(io.RawIOBase):
+    """A file object for pyelftools whose reads never go past what was asked.
+
+    It is also bounded to the ELF header region we allow pyelftools to look
+    at; anything else is read by this module with explicit preads.
+    """
+
+    def __init__(self, source: Source, size: int):
+        self._source = source
+        self._size = size
+        self._pos = 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._pos = pos
+        elif whence == io.SEEK_CUR:
+            self._pos += pos
+        else:
+            self._pos = self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self._size - self._pos
+        n = max(0, min(n, self._size - self._pos))
+        data = self._source.pread(self._pos, n) if n else b""
+        self._pos += len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def parse_vmcoreinfo(text: bytes) -> dict[str, str]:
+    """VMCOREINFO is KEY=VALUE lines; the first occurrence of a key wins."""
+    info: dict[str, str] = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key and key not in info:
+            info[key.strip()] = value.strip()
+    return info
+
+
+def _parse_notes(data: bytes, byte_order: str, where: int,
+                 warnings: list[str]) -> list[Note]:
+    """Split one PT_NOTE segment into notes (4-byte aligned, as Linux writes them)."""
+    header = struct.Struct(("<" if byte_order == "little" else ">") + "III")
+    notes = []
+    pos = 0
+    while pos + header.size <= len(data):
+        namesz, descsz, ntype = header.unpack_from(data, pos)
+        if namesz == 0 and descsz == 0 and ntype == 0:
+            break  # zero padding after the last note
+        name_start = pos + header.size
+        desc_start = name_start + ((namesz + 3) & ~3)
+        desc_end = desc_start + descsz
+        if desc_end > len(data):
+            warnings.append(f"note at file offset {where + pos:#x} runs past its PT_NOTE "
+                            f"segment (namesz {namesz}, descsz {descsz}); later notes ignored")
+            break
+        name = data[name_start:name_start + namesz].rstrip(b"\0").decode("ascii", "replace")
+        notes.append(Note(name, ntype, bytes(data[desc_start:desc_end])))
+        pos = desc_start + ((descsz + 3) & ~3)
+    return notes
+
+
+def _valid_page_size(value: int) -> bool:
+    return 512 <= value <= (1 << 24) and value & (value - 1) == 0
+
+
+def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
+    """Read the ELF header, program headers and notes of a vmcore."""
+    name = source.name
+    size = source.size
+    # Character devices do not know their size; bound reads by sanity only.
+    limit = size if size is not None else 1 << 63
+
+    if size is not None and size < 16:
+        raise BadSource(f"{name}: not an ELF file (only {size} bytes)")
+    ident = source.pread(0, 16) if size is None or size >= 16 else b""
+    if ident[:4] != ELF_MAGIC:
+        raise BadSource(f"{name}: not an ELF file (no ELF magic at offset 0)")
+    if ident[4] not in (1, 2):
+        raise BadSource(f"{name}: bad ELF class byte {ident[4]}")
+    if ident[5] not in (1, 2):
+        raise BadSource(f"{name}: bad ELF data-encoding byte {ident[5]}")
+    elf_class = 32 if ident[4] == 1 else 64
+    ehdr_size = 52 if elf_class == 32 else 64
+    if size is not None and size < ehdr_size:
+        raise BadSource(f"{name}: truncated ELF header ({size} of {ehdr_size} bytes)")
+
+    try:
+        elf = ELFFile(ExactReader(source, min(limit, ehdr_size)))
+        header = elf.header
+    except (ELFError, struct.error, ValueError) as e:
+        raise BadSource(f"{name}: unreadable ELF header: {e}") from None
+
+    if header["e_type"] != "ET_CORE":
+        raise BadSource(f"{name}: not a core file (e_type is {header['e_type']}, "
+                        "a vmcore is ET_CORE)")
+    byte_order = "little" if elf.little_endian else "big"
+    machine = header["e_machine"]  # a name such as "EM_X86_64", or an int if unknown
+    # e_machine sits at offset 18 in both classes; keep the number for writers.
+    e_machine = struct.unpack(("<" if elf.little_endian else ">") + "H", source.pread(18, 2))[0]
+    arch, default_page = _ARCHES.get(machine, (str(machine).removeprefix("EM_").lower(),
+                                                FALLBACK_PAGE_SIZE))
+    if machine == "EM_PPC64" and byte_order == "little":
+        arch = "ppc64le"
+    if machine == "EM_S390" and elf_class == 32:
+        arch = "s390"
+
+    phoff = header["e_phoff"]
+    phentsize = header["e_phentsize"]
+    phnum = header["e_phnum"]
+    fmt, fields = _PHDR_FORMATS[elf_class]
+    phdr = struct.Struct(("<" if elf.little_endian else ">") + fmt)
+    if phnum == PN_XNUM:
+        # More than 65534 program headers: the real count is in section 0's sh_info.
+        shoff = header["e_shoff"]
+        shdr_size = elf.structs.Elf_Shdr.sizeof()
+        if shoff == 0 or shoff + shdr_size > limit:
+            raise BadSource(f"{name}: e_phnum is PN_XNUM but section header 0 "
+                            f"(e_shoff {shoff:#x}) is missing or beyond end of file")
+        shdr = elf.structs.Elf_Shdr.parse(source.pread(shoff, shdr_size))
+        phnum = shdr["sh_info"]
+    if phnum == 0:
+        raise BadSource(f"{name}: no program headers (e_phnum is 0)")
+    if phnum > MAX_SEGMENTS:
+        raise BadSource(f"{name}: absurd program header count {phnum}")
+    if phentsize != phdr.size:
+        raise BadSource(f"{name}: e_phentsize is {phentsize}, expected {phdr.size} "
+                        f"for ELF{elf_class}")
+    table_end = phoff + phnum * phentsize
+    if 0 < phoff < ehdr_size:
+        raise BadSource(f"{name}: program header table at {phoff:#x} overlaps the ELF header")
+    if phoff == 0 or table_end > limit:
+        end_note = f" (file is {size} bytes)" if size is not None else ""
+        raise BadSource(f"{name}: program header table ({phnum} entries at {phoff:#x}) "
+                        f"extends beyond end of file{end_note}")
+    table = source.pread(phoff, phnum * phentsize)
+
+    warnings: list[str] = []
+    segments: list[Segment] = []
+    note_chunks: list[bytes] = []
+    notes: list[Note] = []
+    notes_total = 0
+    addr_limit = 1 << elf_class
+    for values in phdr.iter_unpack(table):
+        p = dict(zip(fields, values))
+        if p["p_type"] == PT_LOAD:
+            index = len(segments)
+            where = f"{name}: segment {index} (paddr {p['p_paddr']:#x})"
+            if p["p_filesz"] > p["p_memsz"]:
+                raise BadSource(f"{where}: p_filesz {p['p_filesz']:#x} is larger than "
+                                f"p_memsz {p['p_memsz']:#x}")
+            if p["p_paddr"] + p["p_memsz"] > addr_limit:
+                raise BadSource(f"{where}: p_memsz {p['p_memsz']:#x} runs past the end of "
+                                "the address space")
+            file_end = p["p_offset"] + p["p_filesz"]
+            if p["p_filesz"] and file_end > limit:
+                raise BadSource(f"{where}: file data ends at {file_end:#x}, beyond end of "
+                                f"file ({size:#x} bytes)")
+            segments.append(Segment(index, p["p_paddr"], p["p_vaddr"], p["p_offset"],
+                                    p["p_filesz"], p["p_memsz"], p["p_flags"]))
+        elif p["p_type"] == PT_NOTE:
+            offset, filesz = p["p_offset"], p["p_filesz"]
+            if offset + filesz > limit:
+                raise BadSource(f"{name}: PT_NOTE at {offset:#x} ({filesz} bytes) extends "
+                                "beyond end of file")
+            notes_total += filesz
+            if notes_total > MAX_NOTES_BYTES:
+                raise BadSource(f"{name}: absurd note size ({notes_total} bytes)")
+            data = source.pread(offset, filesz) if filesz else b""
+            note_chunks.append(data)
+            notes.extend(_parse_notes(data, byte_order, offset, warnings))
+
+    vmcoreinfo_raw = b""
+    for note in notes:
+        if note.name == "VMCOREINFO":
+            vmcoreinfo_raw = note.desc.rstrip(b"\0")
+            break
+    vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_raw)
+
+    if page_size is not None:
+        if not _valid_page_size(page_size):
+            raise BadSource(f"--page-size {page_size} is not a power of two between 512 "
+                            "and 16 MiB")
+        origin = "option"
+    else:
+        page_size, origin = default_page, "architecture default"
+        if arch not in {a for a, _ in _ARCHES.values()} | {"ppc64le", "s390"}:
+            page_size = FALLBACK_PAGE_SIZE
+        text = vmcoreinfo.get("PAGESIZE")
+        if text is not None:
+            try:
+                value = int(text)
+            except ValueError:
+                value = -1
+            if _valid_page_size(value):
+                page_size, origin = value, "vmcoreinfo"
+            else:
+                warnings.append(f"VMCOREINFO PAGESIZE={text!r} is not a valid page size; "
+                                f"using {page_size}")
+
+    return Layout(
+        source_name=name, file_size=size, elf_class=elf_class, byte_order=byte_order,
+        e_machine=e_machine, machine=str(machine), arch=arch, e_flags=header["e_flags"],
+        e_phoff=phoff, page_size=page_size, page_size_origin=origin,
+        segments=tuple(segments), notes=tuple(notes), note_bytes=b"".join(note_chunks),
+        vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=vmcoreinfo, warnings=tuple(warnings))
