@@ -125,3 +125,21 @@ class ElfPhysicalView:
         in_file = max(0, min(length, seg.filesz - start))
         data = self.source.pread(seg.offset + start, in_file) if in_file else b""
         return data + bytes(length - in_file)
+
+    def read_physical(self, paddr: int, length: int) -> bytes:
+        """Bytes at [paddr, paddr+length), which may span back-to-back segments.
+
+        /proc/vmcore can split contiguous RAM into several PT_LOADs, so a
+        kernel structure can straddle two of them.
+        """
+        parts = []
+        while length > 0:
+            seg = self.segment_at(paddr)
+            if seg is None:
+                raise BadSource(f"{self.layout.source_name}: physical address {paddr:#x} "
+                                "is not in the dump")
+            n = min(length, seg.paddr + seg.memsz - paddr)
+            parts.append(self.read(paddr, n, segment=seg))
+            paddr += n
+            length -= n
+        return b"".join(parts)
