@@ -1,0 +1,730 @@
+"""The zstd seekable format: independent zstd frames followed by a seek table.
+
+Layout (facebook/zstd contrib/seekable_format/zstd_seekable_compression_format.md):
+
+    zstd frame 0 | zstd frame 1 | ... | seek table (a zstd skippable frame)
+
+    seek table = u32 skippable magic 0x184D2A5E, u32 Frame_Size,
+                 Number_Of_Frames entries {u32 compressed_size, u32 decompressed_size[, u32 checksum]},
+                 footer {u32 Number_Of_Frames, u8 Seek_Table_Descriptor, u32 magic 0x8F92EAB1}
+
+All fields are little-endian. Plain `zstd -d` skips the skippable frame, so a
+seekable file decompresses like any other .zst file, while vmcap can seek to
+a physical address by decompressing only the frame that holds it.
+
+We write the descriptor with Checksum_Flag off: the per-entry checksum is the
+low 32 bits of XXH64, which python-zstandard does not expose. Each frame
+carries zstd's own content checksum instead, which both `zstd -d` and
+SeekableReader verify.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import concurrent.futures
+import os
+import stat
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import zstandard
+
+from vmcap.errors import CorruptOutput, OutputError
+
+__all__ = [
+    "DEFAULT_FRAME_BYTES",
+    "FrameEntry",
+    "SeekableReader",
+    "SeekableStats",
+    "SeekableWriter",
+    "decompress_to_file",
+    "is_seekable_zstd",
+]
+
+DEFAULT_FRAME_BYTES = 4 << 20
+PAGE_BYTES = 4096
+ZERO_PAGE = bytes(PAGE_BYTES)
+
+ZSTD_FRAME_MAGIC = 0xFD2FB528
+SKIPPABLE_MAGIC = 0x184D2A5E
+SEEKABLE_MAGIC = 0x8F92EAB1
+
+# Limits from the reference implementation (contrib/seekable_format/zstd_seekable.h).
+# The frame size limit keeps every compressed size within its u32 field.
+MAX_FRAMES = 0x8000000
+MAX_FRAME_DECOMPRESSED_BYTES = 0x40000000
+
+# The seek table layout, described once.
+SKIPPABLE_HEADER = struct.Struct("<II")  # magic, Frame_Size
+SEEK_TABLE_FOOTER = struct.Struct("<IBI")  # Number_Of_Frames, Seek_Table_Descriptor, magic
+SEEK_ENTRY = struct.Struct("<II")  # compressed_size, decompressed_size
+SEEK_ENTRY_WITH_CHECKSUM = struct.Struct("<III")  # ... plus low 32 bits of XXH64
+FRAME_MAGIC = struct.Struct("<I")
+
+# zstandard.frame_content_size() returns this (not CONTENTSIZE_UNKNOWN) when a
+# frame header leaves out the content size, as streaming writers do.
+UNKNOWN_CONTENT_SIZE = -1
+
+CHECKSUM_FLAG = 0x80
+RESERVED_DESCRIPTOR_BITS = 0x7C
+SMALLEST_SEEK_TABLE_BYTES = SKIPPABLE_HEADER.size + SEEK_TABLE_FOOTER.size
+
+# Skippable frames may use any magic in 0x184D2A50..0x184D2A5F.
+SKIPPABLE_MAGIC_MASK = 0xFFFFFFF0
+
+# How many decompressed frames SeekableReader keeps: the frame being read
+# sequentially plus one neighbour, for reads that straddle a frame boundary.
+CACHED_FRAMES = 2
+
+
+@dataclass(frozen=True)
+class SeekableStats:
+    """What a SeekableWriter produced.
+
+    compressed_bytes counts everything written to the sink, seek table
+    included, so it equals the size of the output file.
+    """
+
+    frames: int
+    uncompressed_bytes: int
+    compressed_bytes: int
+
+
+@dataclass(frozen=True)
+class FrameEntry:
+    """One zstd frame of a seekable file: where it is and what it decompresses to."""
+
+    index: int
+    compressed_offset: int
+    compressed_size: int
+    decompressed_offset: int
+    decompressed_size: int
+
+
+# ---------------------------------------------------------------------------
+# Writing
+
+
+class SeekableWriter:
+    """Compresses a byte stream into independent zstd frames + seek table, written to `sink`.
+
+    `sink` is anything with .write(bytes-like); it is never seeked, so a pipe
+    works. With threads > 1, frames are compressed in parallel and written in
+    order; at most 2 * threads frames are in flight, which bounds memory to
+    about 2 * threads * frame_bytes.
+    """
+
+    def __init__(self, sink, *, level: int = 3, threads: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES):
+        if not 1 <= frame_bytes <= MAX_FRAME_DECOMPRESSED_BYTES:
+            raise ValueError(f"frame_bytes must be 1..{MAX_FRAME_DECOMPRESSED_BYTES}, not {frame_bytes}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0, not {threads}")
+        self._sink = sink
+        self._level = level
+        self._frame_bytes = frame_bytes
+        self._threads = threads or os.cpu_count() or 1
+
+        # The frame being filled. It is preallocated and filled by slice
+        # assignment, so each input byte is copied once and never reallocated.
+        self._frame = bytearray(frame_bytes)
+        self._frame_filled = 0
+
+        self._seek_table = bytearray()
+        self._frames_written = 0
+        self._uncompressed_bytes = 0
+        self._compressed_bytes = 0
+        self._compressed_zero_frame: bytes | None = None
+        self._zero_bytes: bytes | None = None
+        self._stats: SeekableStats | None = None
+        self._failed = False
+
+        # Compressors are not thread-safe: one per thread.
+        self._per_thread = threading.local()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        if self._threads > 1:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self._threads, thread_name_prefix="vmcap-zstd"
+            )
+        self._max_in_flight = 2 * self._threads
+        # (future compressed bytes, decompressed size, frame buffer to recycle or None), in output order.
+        self._in_flight: collections.deque = collections.deque()
+        self._spare_frames: list[bytearray] = []
+
+    # -- public API --------------------------------------------------------
+
+    def write(self, data) -> None:
+        """Append bytes (bytes, bytearray, memoryview).
+
+        `data` may be a view of memory the caller reuses, such as an mmap
+        window: it is copied or compressed before write() returns.
+        """
+        self._check_open()
+        view = _byte_view(data)
+        size = len(view)
+        if size == 0:
+            return
+        self._uncompressed_bytes += size
+        # Fast path for the common small write (a page or a run of pages).
+        if size < self._frame_bytes - self._frame_filled:
+            self._frame[self._frame_filled : self._frame_filled + size] = view
+            self._frame_filled += size
+            return
+        self._guarded(self._write_view, view)
+
+    def write_zeros(self, n: int) -> None:
+        """Append n zero bytes without allocating n bytes."""
+        self._check_open()
+        if n < 0:
+            raise ValueError(f"cannot write {n} zero bytes")
+        self._uncompressed_bytes += n
+        self._guarded(self._write_zeros, n)
+
+    def close(self) -> SeekableStats:
+        """Flush the last frame and write the seek table. Does not close the sink.
+
+        Calling close() again returns the same stats.
+        """
+        if self._stats is not None:
+            return self._stats
+        self._check_open()
+        self._guarded(self._finish)
+        self._stats = SeekableStats(
+            frames=self._frames_written,
+            uncompressed_bytes=self._uncompressed_bytes,
+            compressed_bytes=self._compressed_bytes,
+        )
+        return self._stats
+
+    def __enter__(self) -> SeekableWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._stats is None:
+            # Leave the output without a seek table: a truncated stream must
+            # not look like a complete, valid seekable file.
+            self._failed = True
+            self._stop_threads(cancel=True)
+
+    # -- filling frames ----------------------------------------------------
+
+    def _write_view(self, view: memoryview) -> None:
+        position = 0
+        size = len(view)
+        while position < size:
+            if self._frame_filled == 0 and self._executor is None and size - position >= self._frame_bytes:
+                # Single-threaded: compress straight from the caller's memory,
+                # which is only needed until compress() returns.
+                plain = view[position : position + self._frame_bytes]
+                self._write_frame(self._compress(plain), len(plain))
+                position += self._frame_bytes
+                continue
+            take = min(size - position, self._frame_bytes - self._frame_filled)
+            self._frame[self._frame_filled : self._frame_filled + take] = view[position : position + take]
+            self._frame_filled += take
+            position += take
+            if self._frame_filled == self._frame_bytes:
+                self._end_frame()
+
+    def _write_zeros(self, n: int) -> None:
+        while n > 0:
+            if self._frame_filled == 0 and n >= self._frame_bytes:
+                # Whole zero frames compress to identical bytes: compress one, reuse it.
+                self._queue_compressed(self._zero_frame(), self._frame_bytes)
+                n -= self._frame_bytes
+                continue
+            take = min(n, self._frame_bytes - self._frame_filled)
+            self._frame[self._frame_filled : self._frame_filled + take] = self._zeros()[:take]
+            self._frame_filled += take
+            n -= take
+            if self._frame_filled == self._frame_bytes:
+                self._end_frame()
+
+    def _end_frame(self) -> None:
+        """Compress the filled part of the frame buffer as one frame."""
+        if self._frame_filled == 0:
+            return
+        plain = memoryview(self._frame)[: self._frame_filled]
+        if self._executor is None:
+            self._write_frame(self._compress(plain), len(plain))
+        else:
+            self._make_room_in_flight()
+            future = self._executor.submit(self._compress, plain)
+            self._in_flight.append((future, len(plain), self._frame))
+            # The old buffer now belongs to the worker until its frame is written.
+            self._frame = self._spare_frames.pop() if self._spare_frames else bytearray(self._frame_bytes)
+            self._write_finished_frames()
+        self._frame_filled = 0
+
+    def _queue_compressed(self, compressed: bytes, decompressed_size: int) -> None:
+        """Write an already-compressed frame, after any frames still being compressed."""
+        if self._executor is None:
+            self._write_frame(compressed, decompressed_size)
+            return
+        self._make_room_in_flight()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(compressed)
+        self._in_flight.append((done, decompressed_size, None))
+        self._write_finished_frames()
+
+    def _zero_frame(self) -> bytes:
+        if self._compressed_zero_frame is None:
+            self._compressed_zero_frame = self._compress(self._zeros())
+        return self._compressed_zero_frame
+
+    def _zeros(self) -> bytes:
+        if self._zero_bytes is None:
+            self._zero_bytes = bytes(self._frame_bytes)
+        return self._zero_bytes
+
+    # -- compressing and writing frames ------------------------------------
+
+    def _compress(self, plain) -> bytes:
+        """Compress one independent frame; runs on worker threads."""
+        compressor = getattr(self._per_thread, "compressor", None)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(level=self._level, write_checksum=True, write_content_size=True)
+            self._per_thread.compressor = compressor
+        return compressor.compress(plain)
+
+    def _make_room_in_flight(self) -> None:
+        while len(self._in_flight) >= self._max_in_flight:
+            self._write_oldest_in_flight()
+
+    def _write_finished_frames(self) -> None:
+        """Write frames at the head of the queue that are already compressed, keeping output flowing."""
+        while self._in_flight and self._in_flight[0][0].done():
+            self._write_oldest_in_flight()
+
+    def _write_oldest_in_flight(self) -> None:
+        future, decompressed_size, frame_buffer = self._in_flight.popleft()
+        compressed = future.result()
+        self._write_frame(compressed, decompressed_size)
+        if frame_buffer is not None:
+            self._spare_frames.append(frame_buffer)
+
+    def _write_frame(self, compressed: bytes, decompressed_size: int) -> None:
+        if self._frames_written >= MAX_FRAMES:
+            raise OutputError(
+                f"seekable zstd output would exceed {MAX_FRAMES} frames; use a larger frame size"
+            )
+        self._seek_table += SEEK_ENTRY.pack(len(compressed), decompressed_size)
+        self._frames_written += 1
+        self._write_to_sink(compressed)
+
+    def _finish(self) -> None:
+        self._end_frame()
+        while self._in_flight:
+            self._write_oldest_in_flight()
+        self._stop_threads(cancel=False)
+        # Empty input gives a file that is only the seek table. zstd 1.5.4
+        # `zstd -d` accepts a file holding only a skippable frame (0 bytes
+        # out, exit 0), so no empty zstd frame is needed.
+        footer = SEEK_TABLE_FOOTER.pack(self._frames_written, 0, SEEKABLE_MAGIC)
+        header = SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(self._seek_table) + len(footer))
+        self._write_to_sink(header + self._seek_table + footer)
+
+    def _write_to_sink(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = self._sink.write(view)
+                # Buffered files return len(data) or None; raw files may write less.
+                if written is None or written >= len(view):
+                    break
+                if written <= 0:
+                    raise OutputError(f"output accepted no bytes at offset {self._compressed_bytes}")
+                view = view[written:]
+        except OSError as error:
+            raise OutputError(
+                f"writing seekable zstd output at offset {self._compressed_bytes}: {error.strerror or error}"
+            ) from error
+        self._compressed_bytes += len(data)
+
+    # -- state ---------------------------------------------------------------
+
+    def _guarded(self, step, *args) -> None:
+        """Run a step; if it fails, stop the workers and refuse further use."""
+        try:
+            step(*args)
+        except zstandard.ZstdError as error:
+            self._abandon()
+            raise OutputError(f"zstd compression failed in frame {self._frames_written}: {error}") from error
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        self._failed = True
+        self._stop_threads(cancel=True)
+
+    def _stop_threads(self, *, cancel: bool) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=cancel)
+            self._executor = None
+        self._in_flight.clear()
+
+    def _check_open(self) -> None:
+        if self._failed:
+            raise OutputError("seekable zstd output is incomplete: an earlier write failed")
+        if self._stats is not None:
+            raise ValueError("write to a closed SeekableWriter")
+
+
+def _byte_view(data) -> memoryview:
+    """A flat byte view of any bytes-like object, whatever its item format."""
+    view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+class SeekableReader:
+    """Random access to a seekable zstd file.
+
+    Opening reads and validates the seek table; frames are decompressed only
+    when read. Not thread-safe (one decompressor, one small frame cache).
+    A path is opened and closed by the reader; a passed fd stays the caller's.
+    """
+
+    def __init__(self, fd_or_path):
+        self._fd, self._owns_fd = _open_for_reading(fd_or_path)
+        try:
+            self.frames: tuple[FrameEntry, ...] = _read_seek_table(self._fd)
+        except BaseException:
+            self.close()
+            raise
+        last = self.frames[-1] if self.frames else None
+        self.size: int = last.decompressed_offset + last.decompressed_size if last else 0
+        # End offset of each frame: the frame holding offset x is the first whose end exceeds x,
+        # which also steps over frames that decompress to nothing.
+        self._decompressed_ends = [frame.decompressed_offset + frame.decompressed_size for frame in self.frames]
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._cache: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes at decompressed `offset`; short only at the end of the data, like os.pread."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad read range: offset {offset}, length {length}")
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return b""
+        pieces = []
+        index = bisect.bisect_right(self._decompressed_ends, offset)
+        position = offset
+        while position < end:
+            frame = self.frames[index]
+            plain = self._cached_frame(frame)
+            piece_end = min(end, self._decompressed_ends[index])
+            if piece_end - position == len(plain):
+                pieces.append(plain)  # the whole frame: no copy
+            else:
+                pieces.append(plain[position - frame.decompressed_offset : piece_end - frame.decompressed_offset])
+            position = piece_end
+            index += 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def iter_frames(self) -> Iterator[tuple[FrameEntry, bytes]]:
+        """Decompress every frame in order, verifying each; for verify and decompress."""
+        for frame in self.frames:
+            yield frame, self._decompress_frame(frame)
+
+    def close(self) -> None:
+        if self._owns_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self._cache = collections.OrderedDict()
+
+    def __enter__(self) -> SeekableReader:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def _cached_frame(self, frame: FrameEntry) -> bytes:
+        plain = self._cache.get(frame.index)
+        if plain is not None:
+            self._cache.move_to_end(frame.index)
+            return plain
+        plain = self._decompress_frame(frame)
+        self._cache[frame.index] = plain
+        if len(self._cache) > CACHED_FRAMES:
+            self._cache.popitem(last=False)
+        return plain
+
+    def _decompress_frame(self, frame: FrameEntry) -> bytes:
+        """Decompress one frame, checking it is exactly one zstd frame of the size the seek table says."""
+        where = f"frame {frame.index} at offset {frame.compressed_offset}"
+        compressed = _pread_exact(self._fd, frame.compressed_offset, frame.compressed_size, where)
+        if _is_skippable_frame(compressed):
+            # Other writers may interleave skippable frames; they hold no data.
+            # Checked rather than trusted, so a damaged decompressed_size of 0
+            # cannot silently drop a frame of data.
+            if frame.decompressed_size != 0 or _skippable_frame_length(compressed) != len(compressed):
+                raise CorruptOutput(f"seekable zstd {where}: skippable frame does not match the seek table")
+            return b""
+        try:
+            declared_size = zstandard.frame_content_size(compressed)
+        except zstandard.ZstdError as error:
+            raise CorruptOutput(f"seekable zstd {where}: bad frame header: {error}") from error
+        if declared_size not in (frame.decompressed_size, UNKNOWN_CONTENT_SIZE):
+            raise CorruptOutput(
+                f"seekable zstd {where}: frame header says {declared_size} bytes, "
+                f"seek table says {frame.decompressed_size}"
+            )
+        try:
+            # max_output_size matters only when the header has no content size;
+            # 0 would mean "no limit", so an empty frame is allowed 1.
+            plain = self._decompressor.decompress(
+                compressed, max_output_size=max(frame.decompressed_size, 1), allow_extra_data=False
+            )
+        except zstandard.ZstdError as error:
+            raise CorruptOutput(f"seekable zstd {where}: {error}") from error
+        if len(plain) != frame.decompressed_size:
+            raise CorruptOutput(
+                f"seekable zstd {where}: decompressed to {len(plain)} bytes, "
+                f"seek table says {frame.decompressed_size}"
+            )
+        return plain
+
+
+def _is_skippable_frame(compressed: bytes) -> bool:
+    if len(compressed) < FRAME_MAGIC.size:
+        return False
+    (magic,) = FRAME_MAGIC.unpack_from(compressed)
+    return magic & SKIPPABLE_MAGIC_MASK == SKIPPABLE_MAGIC & SKIPPABLE_MAGIC_MASK
+
+
+def _skippable_frame_length(frame: bytes) -> int:
+    """Total bytes of a skippable frame according to its header; -1 if the header is cut short."""
+    if len(frame) < SKIPPABLE_HEADER.size:
+        return -1
+    _magic, content_bytes = SKIPPABLE_HEADER.unpack_from(frame)
+    return SKIPPABLE_HEADER.size + content_bytes
+
+
+def _open_for_reading(fd_or_path) -> tuple[int, bool]:
+    """(fd, whether we opened it)."""
+    if isinstance(fd_or_path, int):
+        return fd_or_path, False
+    return os.open(fd_or_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), True
+
+
+def _read_seek_table(fd: int) -> tuple[FrameEntry, ...]:
+    """Parse and cross-check the seek table at the end of the file."""
+    file_size = os.fstat(fd).st_size
+    if file_size < SMALLEST_SEEK_TABLE_BYTES:
+        raise CorruptOutput(f"not a seekable zstd file: {file_size} bytes is too short for a seek table")
+    footer_offset = file_size - SEEK_TABLE_FOOTER.size
+    footer = _pread_exact(fd, footer_offset, SEEK_TABLE_FOOTER.size, "seek table footer")
+    frame_count, descriptor, magic = SEEK_TABLE_FOOTER.unpack(footer)
+    if magic != SEEKABLE_MAGIC:
+        raise CorruptOutput(f"not a seekable zstd file: no seek table magic at offset {footer_offset + 5}")
+    if descriptor & RESERVED_DESCRIPTOR_BITS:
+        raise CorruptOutput(
+            f"seek table descriptor 0x{descriptor:02x} at offset {footer_offset + 4} sets reserved bits"
+        )
+    entry_format = SEEK_ENTRY_WITH_CHECKSUM if descriptor & CHECKSUM_FLAG else SEEK_ENTRY
+    table_bytes = frame_count * entry_format.size
+    seek_frame_bytes = SKIPPABLE_HEADER.size + table_bytes + SEEK_TABLE_FOOTER.size
+    if frame_count > MAX_FRAMES or seek_frame_bytes > file_size:
+        raise CorruptOutput(
+            f"seek table claims {frame_count} frames, impossible in a file of {file_size} bytes"
+        )
+    seek_frame_offset = file_size - seek_frame_bytes
+    header = _pread_exact(fd, seek_frame_offset, SKIPPABLE_HEADER.size, "seek table header")
+    skippable_magic, skippable_size = SKIPPABLE_HEADER.unpack(header)
+    if skippable_magic != SKIPPABLE_MAGIC or skippable_size != table_bytes + SEEK_TABLE_FOOTER.size:
+        raise CorruptOutput(
+            f"seek table skippable frame header at offset {seek_frame_offset} does not match its footer "
+            f"(magic 0x{skippable_magic:08x}, size {skippable_size})"
+        )
+    table = _pread_exact(fd, seek_frame_offset + SKIPPABLE_HEADER.size, table_bytes, "seek table")
+    frames = _frame_entries(table, entry_format)
+    compressed_total = frames[-1].compressed_offset + frames[-1].compressed_size if frames else 0
+    if compressed_total != seek_frame_offset:
+        raise CorruptOutput(
+            f"seek table frames add up to {compressed_total} compressed bytes, "
+            f"but the seek table starts at offset {seek_frame_offset}"
+        )
+    return frames
+
+
+def _frame_entries(table: bytes, entry_format: struct.Struct) -> tuple[FrameEntry, ...]:
+    frames = []
+    compressed_offset = 0
+    decompressed_offset = 0
+    for index, entry in enumerate(entry_format.iter_unpack(table)):
+        compressed_size, decompressed_size = entry[0], entry[1]
+        if decompressed_size > MAX_FRAME_DECOMPRESSED_BYTES or (compressed_size == 0 and decompressed_size != 0):
+            # Also refuses to allocate gigabytes on the word of a damaged table.
+            raise CorruptOutput(
+                f"seek table entry {index} claims {decompressed_size} decompressed bytes "
+                f"in a {compressed_size}-byte frame"
+            )
+        frames.append(
+            FrameEntry(index, compressed_offset, compressed_size, decompressed_offset, decompressed_size)
+        )
+        compressed_offset += compressed_size
+        decompressed_offset += decompressed_size
+    return tuple(frames)
+
+
+def _pread_exact(fd: int, offset: int, length: int, what: str) -> bytes:
+    pieces = []
+    position = offset
+    remaining = length
+    while remaining > 0:
+        piece = os.pread(fd, remaining, position)
+        if not piece:
+            raise CorruptOutput(
+                f"seekable zstd {what}: file ends at offset {position}, expected {length} bytes from {offset}"
+            )
+        pieces.append(piece)
+        position += len(piece)
+        remaining -= len(piece)
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def is_seekable_zstd(fd_or_path) -> bool:
+    """Cheap check: a zstd frame at offset 0 and the seekable magic in the last 4 bytes.
+
+    A file holding only a seek table (vmcap's output for empty input) starts
+    with the skippable-frame magic instead, and is also seekable zstd.
+    Errors opening a path propagate as OSError.
+    """
+    fd, owns_fd = _open_for_reading(fd_or_path)
+    try:
+        return _has_seekable_magics(fd)
+    finally:
+        if owns_fd:
+            os.close(fd)
+
+
+def _has_seekable_magics(fd: int) -> bool:
+    file_size = os.fstat(fd).st_size
+    if file_size < SMALLEST_SEEK_TABLE_BYTES:
+        return False
+    first = os.pread(fd, FRAME_MAGIC.size, 0)
+    last = os.pread(fd, FRAME_MAGIC.size, file_size - FRAME_MAGIC.size)
+    if len(first) != FRAME_MAGIC.size or len(last) != FRAME_MAGIC.size:
+        return False
+    (first_magic,) = FRAME_MAGIC.unpack(first)
+    (last_magic,) = FRAME_MAGIC.unpack(last)
+    starts_with_frame = first_magic == ZSTD_FRAME_MAGIC or _is_skippable_frame(first)
+    return starts_with_frame and last_magic == SEEKABLE_MAGIC
+
+
+# ---------------------------------------------------------------------------
+# Decompressing to a file
+
+
+def decompress_to_file(reader: SeekableReader, out_fd: int, *, sparse: bool = True) -> int:
+    """Write the plain bytes of `reader` to `out_fd` from its current position; return reader.size.
+
+    For a regular file, the file is first truncated at the current position
+    (so skipped pages read back as zeros, whatever was there before) and ends
+    exactly after the data, with the position there. With sparse=True,
+    all-zero pages are not written and become holes: most of a dump is free
+    memory. Pipes and other non-seekable outputs get every byte, zeros included.
+    """
+    try:
+        regular_file = stat.S_ISREG(os.fstat(out_fd).st_mode)
+    except OSError as error:
+        raise OutputError(f"cannot write decompressed output: {error.strerror or error}") from error
+    if regular_file:
+        _decompress_to_regular_file(reader, out_fd, sparse)
+    else:
+        _decompress_to_stream(reader, out_fd)
+    return reader.size
+
+
+def _decompress_to_regular_file(reader: SeekableReader, out_fd: int, sparse: bool) -> None:
+    output_offset = 0
+    try:
+        start = os.lseek(out_fd, 0, os.SEEK_CUR)
+        output_offset = start
+        os.ftruncate(out_fd, start)
+        for frame, plain in reader.iter_frames():
+            frame_start = start + frame.decompressed_offset
+            runs = _data_runs(plain, frame_start) if sparse else [(0, len(plain))]
+            for run_start, run_end in runs:
+                output_offset = frame_start + run_start
+                _pwrite_all(out_fd, memoryview(plain)[run_start:run_end], output_offset)
+        output_offset = start + reader.size
+        os.ftruncate(out_fd, output_offset)
+        os.lseek(out_fd, output_offset, os.SEEK_SET)
+    except OSError as error:
+        raise OutputError(
+            f"writing decompressed output at offset {output_offset}: {error.strerror or error}"
+        ) from error
+
+
+def _decompress_to_stream(reader: SeekableReader, out_fd: int) -> None:
+    for frame, plain in reader.iter_frames():
+        view = memoryview(plain)
+        try:
+            while view:
+                view = view[os.write(out_fd, view) :]
+        except OSError as error:
+            output_offset = frame.decompressed_offset + len(plain) - len(view)
+            raise OutputError(
+                f"writing decompressed output at offset {output_offset}: {error.strerror or error}"
+            ) from error
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _data_runs(plain: bytes, file_offset: int) -> list[tuple[int, int]]:
+    """(start, end) ranges of `plain` to write: everything except all-zero pages.
+
+    Pages follow the output file's page grid (file_offset is where plain[0]
+    lands), so each skipped range is a whole number of filesystem blocks.
+    """
+    size = len(plain)
+    head_end = min(size, -file_offset % PAGE_BYTES)
+    page_count = (size - head_end) // PAGE_BYTES
+    pages_end = head_end + page_count * PAGE_BYTES
+
+    runs = []
+    if head_end and not _is_zero(plain[:head_end]):
+        runs.append((0, head_end))
+    if page_count:
+        pages = np.frombuffer(plain, dtype=np.uint64, count=page_count * PAGE_BYTES // 8, offset=head_end)
+        page_has_data = pages.reshape(page_count, PAGE_BYTES // 8).any(axis=1)
+        # Edges of runs of data pages: +1 where a run starts, -1 one past where it ends.
+        edges = np.flatnonzero(np.diff(np.concatenate(([0], page_has_data.view(np.int8), [0]))))
+        for first_page, end_page in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            runs.append((head_end + first_page * PAGE_BYTES, head_end + end_page * PAGE_BYTES))
+    if pages_end < size and not _is_zero(plain[pages_end:]):
+        runs.append((pages_end, size))
+    return _merge_adjacent(runs)
+
+
+def _is_zero(data: bytes) -> bool:
+    """Whether a piece of at most one page is all zeros (a memcmp, not a loop over bytes)."""
+    return data == ZERO_PAGE[: len(data)]
+
+
+def _merge_adjacent(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in runs:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
