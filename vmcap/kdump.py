@@ -1,0 +1,1166 @@
+"""makedumpfile's kdump-compressed ("diskdump") format: a writer and a reader.
+
+File layout (makedumpfile IMPLEMENTATION, diskdump_mod.h, crash diskdump.c;
+every field in the dumped machine's byte order):
+
+    0                          disk_dump_header, padded to one block
+    block_size                 kdump_sub_header, then the ELF note bytes  (sub_hdr_size blocks)
+    (1 + sub_hdr_size) * bs    1st bitmap: pfn is RAM                     (bitmap_blocks / 2 blocks)
+                               2nd bitmap: pfn is dumped                  (bitmap_blocks / 2 blocks)
+    (1 + sub_hdr_size + bitmap_blocks) * bs
+                               page_desc[pages dumped], 24 bytes each, in pfn order
+    after the descriptors      page data, each page compressed on its own (or raw)
+
+block_size is the page size. Bitmaps are LSB-first (pfn n is bit n & 7 of
+byte n >> 3). Readers find a page's descriptor by counting the set bits of
+the 2nd bitmap below its pfn, so descriptors and 2nd-bitmap bits must match
+one for one.
+
+The writer keeps only the two bitmaps in memory (one bit per pfn); page
+descriptors and page data go to their final offsets as pages arrive, and the
+headers are written last, so a capture cut short leaves a file without the
+"KDUMP   " signature rather than one that looks whole.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import zstandard
+
+from vmcap.errors import BadSource, CorruptOutput, OutputError, Unsupported
+
+__all__ = [
+    "KdumpHeader",
+    "KdumpHeaderInfo",
+    "KdumpLayout",
+    "KdumpReader",
+    "KdumpStats",
+    "KdumpWriter",
+    "is_kdump",
+    "plan_layout",
+    "utsname_machine",
+]
+
+KDUMP_SIGNATURE = b"KDUMP   "
+LEGACY_DISKDUMP_SIGNATURE = b"DISKDUMP"
+FLATTENED_SIGNATURE = b"makedumpfile\0\0\0\0"
+HEADER_VERSION = 6
+DESCRIPTOR_BYTES = 24
+
+# Per-page descriptor flags (diskdump_mod.h); the header's `status` carries the
+# bit of the method used for the whole file.
+DUMP_DH_COMPRESSED_ZLIB = 0x1
+DUMP_DH_COMPRESSED_LZO = 0x2
+DUMP_DH_COMPRESSED_SNAPPY = 0x4
+DUMP_DH_COMPRESSED_INCOMPLETE = 0x8  # header status only
+DUMP_DH_EXCLUDED_VMEMMAP = 0x10  # header status only
+DUMP_DH_COMPRESSED_ZSTD = 0x20
+
+COMPRESSION_FLAG = {"none": 0, "zlib": DUMP_DH_COMPRESSED_ZLIB, "zstd": DUMP_DH_COMPRESSED_ZSTD}
+_COMPRESSION_NAMES = (
+    (DUMP_DH_COMPRESSED_ZLIB, "zlib"),
+    (DUMP_DH_COMPRESSED_LZO, "lzo"),
+    (DUMP_DH_COMPRESSED_SNAPPY, "snappy"),
+    (DUMP_DH_COMPRESSED_ZSTD, "zstd"),
+)
+_PAGE_COMPRESSION_FLAGS = (
+    DUMP_DH_COMPRESSED_ZLIB | DUMP_DH_COMPRESSED_LZO | DUMP_DH_COMPRESSED_SNAPPY | DUMP_DH_COMPRESSED_ZSTD
+)
+
+# makedumpfile compresses each page at the fastest setting (Z_BEST_SPEED,
+# ZSTD level 1): the capture kernel is short of CPU and time, not of disk.
+DEFAULT_LEVEL = {"zlib": 1, "zstd": 1}
+
+DUMP_LEVEL_EXCLUDE_ZERO = 1
+
+# One batch is what the compressor threads share out; 4 MiB keeps the
+# per-batch Python work small next to the compression itself.
+BATCH_BYTES = 4 << 20
+
+_DESCRIPTOR_FIELDS = [("offset", "i8"), ("size", "u4"), ("flags", "u4"), ("page_flags", "u8")]
+
+# ELF e_machine values, for the utsname machine string crash checks.
+EM_386 = 3
+EM_PPC = 20
+EM_PPC64 = 21
+EM_S390 = 22
+EM_ARM = 40
+EM_X86_64 = 62
+EM_AARCH64 = 183
+EM_RISCV = 243
+EM_LOONGARCH = 258
+
+_MIN_BLOCK_SIZE = 512
+_MAX_BLOCK_SIZE = 1 << 20
+
+
+def utsname_machine(e_machine: int, elf_class: int, byte_order: str) -> str:
+    """The `uname -m` string of the dumped kernel, from its ELF header.
+
+    crash compares utsname.machine with its own target (diskdump.c
+    read_dump_header: "x86_64", "i686", "ppc64" prefix, "aarch64", ...) and
+    refuses a dump for another machine, so this has to be the kernel's name,
+    not ELF's.
+    """
+    if e_machine == EM_X86_64:
+        return "x86_64"
+    if e_machine == EM_386:
+        return "i686"
+    if e_machine == EM_AARCH64:
+        return "aarch64"
+    if e_machine == EM_ARM:
+        return "arm"
+    if e_machine == EM_PPC64:
+        return "ppc64le" if byte_order == "little" else "ppc64"
+    if e_machine == EM_PPC:
+        return "ppc"
+    if e_machine == EM_S390:
+        return "s390x" if elf_class == 64 else "s390"
+    if e_machine == EM_RISCV and elf_class == 64:
+        return "riscv64"
+    if e_machine == EM_LOONGARCH and elf_class == 64:
+        return "loongarch64"
+    raise Unsupported(f"kdump format: no utsname machine known for ELF e_machine {e_machine} "
+                      f"(ELF{elf_class})")
+
+
+# --------------------------------------------------------------------------
+# Struct layouts, described once for both the writer and the reader.
+
+@dataclass(frozen=True)
+class _StructLayout:
+    """A C struct as (field name, struct format) pairs; pads have name None."""
+
+    fields: tuple[tuple[str | None, str], ...]
+    byte_order: str
+
+    @functools.cached_property
+    def _struct(self) -> struct.Struct:
+        prefix = "<" if self.byte_order == "little" else ">"
+        return struct.Struct(prefix + "".join(fmt for _, fmt in self.fields))
+
+    @property
+    def size(self) -> int:
+        return self._struct.size
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, fmt in self.fields if name is not None]
+
+    def pack(self, values: dict[str, object]) -> bytes:
+        """Pack values by field name; fields not given are zero (or empty strings)."""
+        return self._struct.pack(*(values.get(name, b"" if fmt.endswith("s") else 0)
+                                   for name, fmt in self.fields if name is not None))
+
+    def unpack(self, data: bytes) -> dict[str, object]:
+        return dict(zip(self.names, self._struct.unpack_from(data)))
+
+
+_UTSNAME_FIELDS = tuple((f"uts_{part}", "65s")
+                        for part in ("sysname", "nodename", "release", "version", "machine", "domainname"))
+_HEADER_COUNTERS = (
+    ("status", "I"), ("block_size", "i"), ("sub_hdr_size", "i"), ("bitmap_blocks", "I"),
+    ("max_mapnr", "I"), ("total_ram_blocks", "I"), ("device_blocks", "I"),
+    ("written_blocks", "I"), ("current_cpu", "I"), ("nr_cpus", "i"),
+)
+
+# struct disk_dump_header: struct timeval is two longs of the dumped machine,
+# aligned to a long, so the pad after utsname (which ends at byte 402) and
+# everything after it move with the ELF class.
+_DISK_DUMP_HEADER_FIELDS = {
+    64: (("signature", "8s"), ("header_version", "i"), *_UTSNAME_FIELDS, (None, "6x"),
+         ("tv_sec", "q"), ("tv_usec", "q"), *_HEADER_COUNTERS),  # 464 bytes
+    32: (("signature", "8s"), ("header_version", "i"), *_UTSNAME_FIELDS, (None, "2x"),
+         ("tv_sec", "i"), ("tv_usec", "i"), *_HEADER_COUNTERS),  # 452 bytes
+}
+
+# struct kdump_sub_header: `unsigned long` fields follow the dumped machine's
+# long, off_t is always 64-bit. i386 aligns 64-bit fields to 4 bytes
+# ("packed"), other 32-bit ABIs (ARM) to 8 ("padded"); crash diskdump.c and
+# libkdumpfile diskdump.c document the three variants.
+_SUB_HEADER_FIELDS = {
+    "lp64": (("phys_base", "Q"), ("dump_level", "i"), ("split", "i"),
+             ("start_pfn", "Q"), ("end_pfn", "Q"),
+             ("offset_vmcoreinfo", "q"), ("size_vmcoreinfo", "Q"),
+             ("offset_note", "q"), ("size_note", "Q"),
+             ("offset_eraseinfo", "q"), ("size_eraseinfo", "Q"),
+             ("start_pfn_64", "Q"), ("end_pfn_64", "Q"), ("max_mapnr_64", "Q")),  # 104 bytes
+    "ilp32_packed": (("phys_base", "I"), ("dump_level", "i"), ("split", "i"),
+                     ("start_pfn", "I"), ("end_pfn", "I"),
+                     ("offset_vmcoreinfo", "q"), ("size_vmcoreinfo", "I"),
+                     ("offset_note", "q"), ("size_note", "I"),
+                     ("offset_eraseinfo", "q"), ("size_eraseinfo", "I"),
+                     ("start_pfn_64", "Q"), ("end_pfn_64", "Q"), ("max_mapnr_64", "Q")),  # 80 bytes
+    "ilp32_padded": (("phys_base", "I"), ("dump_level", "i"), ("split", "i"),
+                     ("start_pfn", "I"), ("end_pfn", "I"), (None, "4x"),
+                     ("offset_vmcoreinfo", "q"), ("size_vmcoreinfo", "I"), (None, "4x"),
+                     ("offset_note", "q"), ("size_note", "I"), (None, "4x"),
+                     ("offset_eraseinfo", "q"), ("size_eraseinfo", "I"), (None, "4x"),
+                     ("start_pfn_64", "Q"), ("end_pfn_64", "Q"), ("max_mapnr_64", "Q")),  # 96 bytes
+}
+
+_64BIT_MACHINES = ("x86_64", "aarch64", "ppc64", "s390x", "riscv64", "loongarch64", "mips64",
+                   "ia64", "sparc64")
+
+
+def _sub_header_variant(elf_class: int, machine: str) -> str:
+    if elf_class == 64:
+        return "lp64"
+    if re.fullmatch(r"i[3-6]86", machine):
+        return "ilp32_packed"
+    return "ilp32_padded"
+
+
+def _header_layout(elf_class: int, byte_order: str) -> _StructLayout:
+    return _StructLayout(_DISK_DUMP_HEADER_FIELDS[elf_class], byte_order)
+
+
+def _sub_header_layout(elf_class: int, machine: str, byte_order: str) -> _StructLayout:
+    return _StructLayout(_SUB_HEADER_FIELDS[_sub_header_variant(elf_class, machine)], byte_order)
+
+
+# The 32-bit header is the shorter one; anything shorter cannot be a header.
+_HEADER_BYTES_MIN = min(_header_layout(c, "little").size for c in (32, 64))
+
+
+def _descriptor_dtype(byte_order: str) -> np.dtype:
+    prefix = "<" if byte_order == "little" else ">"
+    return np.dtype([(name, prefix + code) for name, code in _DESCRIPTOR_FIELDS])
+
+
+def _check_byte_order(byte_order: str) -> None:
+    if byte_order not in ("little", "big"):
+        raise ValueError(f"byte_order must be 'little' or 'big', not {byte_order!r}")
+
+
+# --------------------------------------------------------------------------
+# ELF notes and VMCOREINFO
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+@dataclass(frozen=True)
+class _NoteSpan:
+    """Where one ELF note's descriptor lies inside the note bytes."""
+
+    name: bytes
+    note_type: int
+    desc_offset: int
+    desc_size: int
+
+
+def _iter_notes(notes: bytes, byte_order: str) -> Iterator[_NoteSpan]:
+    """Walk Elf_Nhdr records (three 32-bit words in both ELF classes).
+
+    Stops quietly at a record that does not fit: the notes are copied
+    verbatim whatever they hold, this walk only looks for VMCOREINFO.
+    """
+    header = struct.Struct("<III" if byte_order == "little" else ">III")
+    offset = 0
+    while offset + header.size <= len(notes):
+        name_size, desc_size, note_type = header.unpack_from(notes, offset)
+        name_offset = offset + header.size
+        desc_offset = name_offset + _align4(name_size)
+        end = desc_offset + _align4(desc_size)
+        if desc_offset + desc_size > len(notes):
+            return
+        yield _NoteSpan(notes[name_offset:name_offset + name_size].rstrip(b"\0"),
+                        note_type, desc_offset, desc_size)
+        offset = end
+
+
+def _find_vmcoreinfo_note(notes: bytes, byte_order: str) -> _NoteSpan | None:
+    for note in _iter_notes(notes, byte_order):
+        if note.name == b"VMCOREINFO":
+            return note
+    return None
+
+
+def _vmcoreinfo_note(vmcoreinfo: bytes, byte_order: str) -> bytes:
+    """A "VMCOREINFO" note (type 0) as the kernel's crash_save_vmcoreinfo makes it."""
+    name = b"VMCOREINFO\0"
+    header = struct.pack("<III" if byte_order == "little" else ">III", len(name), len(vmcoreinfo), 0)
+    return (header + name.ljust(_align4(len(name)), b"\0")
+            + vmcoreinfo.ljust(_align4(len(vmcoreinfo)), b"\0"))
+
+
+def _vmcoreinfo_number(vmcoreinfo: bytes, key: str) -> int | None:
+    """An integer VMCOREINFO value such as NUMBER(phys_base)=%ld (a few arch lines use 0x%lx), or None."""
+    text = vmcoreinfo.split(b"\0", 1)[0].decode("ascii", errors="replace")
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name.strip() == key:
+            value = value.strip()
+            try:
+                return int(value, 16) if value.lower().lstrip("-").startswith("0x") else int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# --------------------------------------------------------------------------
+# Writer
+
+@dataclass(frozen=True)
+class KdumpHeaderInfo:
+    """What the kdump headers say about the dumped machine and kernel."""
+
+    machine: str  # utsname machine, e.g. "x86_64" (see utsname_machine)
+    elf_class: int  # 32 or 64: size of the dumped kernel's long, which shapes the headers
+    byte_order: str  # 'little' or 'big', of the dumped machine
+    page_size: int
+    release: str  # VMCOREINFO OSRELEASE, or ""
+    nr_cpus: int
+    vmcoreinfo: bytes  # raw VMCOREINFO note text, b"" if none
+    notes: bytes  # the source's PT_NOTE bytes, copied verbatim (crash finds NT_PRSTATUS there)
+    crash_time: int = 0  # seconds since the epoch, VMCOREINFO CRASHTIME
+    version: str = ""  # utsname version (init_uts_ns), if the caller read it; see _UNKNOWN_UTS_VERSION
+
+
+# libkdumpfile (and so drgn) ignores a header utsname whose release, version or
+# machine is empty (util.c uts_looks_sane), and then cannot tell the
+# architecture. VMCOREINFO has no version string, so stand in for it.
+_UNKNOWN_UTS_VERSION = "unknown"
+
+
+@dataclass(frozen=True)
+class KdumpStats:
+    pages_present: int  # pfns set in the 1st bitmap: every page given to write_pages
+    pages_dumped: int  # pfns set in the 2nd bitmap = page descriptors written
+    zero_pages_excluded: int  # all-zero pages left out of the 2nd bitmap (exclude_zero=True)
+    pages_stored_raw: int  # pages stored uncompressed (compression did not make them smaller, or "none")
+    data_bytes: int  # bytes of page data written, the shared zero page included
+    file_bytes: int
+    zero_pages_shared: int = 0  # all-zero pages pointing at the one stored zero page (exclude_zero=False)
+
+
+@dataclass(frozen=True)
+class KdumpLayout:
+    """Where each part of a kdump file goes; all offsets are absolute."""
+
+    block_size: int
+    sub_header_blocks: int
+    bitmap_bytes: int  # one bitmap, padded to whole blocks
+    descriptor_capacity: int  # page_desc slots reserved before the page data
+
+    @property
+    def sub_header_offset(self) -> int:
+        return self.block_size
+
+    @property
+    def bitmap_blocks(self) -> int:
+        return 2 * self.bitmap_bytes // self.block_size
+
+    @property
+    def present_bitmap_offset(self) -> int:
+        return (1 + self.sub_header_blocks) * self.block_size
+
+    @property
+    def dumped_bitmap_offset(self) -> int:
+        return self.present_bitmap_offset + self.bitmap_bytes
+
+    @property
+    def descriptor_offset(self) -> int:
+        return self.dumped_bitmap_offset + self.bitmap_bytes
+
+    @property
+    def data_offset(self) -> int:
+        return self.descriptor_offset + DESCRIPTOR_BYTES * self.descriptor_capacity
+
+
+def _bitmap_bytes(max_mapnr: int, block_size: int) -> int:
+    # makedumpfile's len_bitmap / 2: each bitmap is rounded up to whole
+    # blocks, and crash and libkdumpfile only see two bitmaps when
+    # bitmap_blocks >= 2 * ceil(ceil(max_mapnr / 8) / block_size).
+    return -(-(-(-max_mapnr // 8)) // block_size) * block_size
+
+
+def plan_layout(block_size: int, max_mapnr: int, sub_header_bytes: int,
+                descriptor_capacity: int) -> KdumpLayout:
+    """The layout for a dump of max_mapnr pfns with up to descriptor_capacity dumped pages.
+
+    sub_header_bytes is the kdump_sub_header plus the notes stored after it;
+    makedumpfile computes sub_hdr_size the same way, so many-CPU machines
+    push the bitmaps past the second block.
+    """
+    return KdumpLayout(block_size=block_size,
+                       sub_header_blocks=max(1, -(-sub_header_bytes // block_size)),
+                       bitmap_bytes=_bitmap_bytes(max_mapnr, block_size),
+                       descriptor_capacity=descriptor_capacity)
+
+
+def _pwrite_all(fd: int, data, offset: int, what: str) -> None:
+    if isinstance(data, np.ndarray):
+        # memoryview.cast refuses non-native formats such as '<u4' or a
+        # structured descriptor dtype; a byte view of the array does not.
+        view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    else:
+        view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        try:
+            written = os.pwrite(fd, view[done:], offset + done)
+        except OSError as e:
+            raise OutputError(f"writing kdump {what} at offset {offset + done:#x}: "
+                              f"{e.strerror or e}") from e
+        if written == 0:
+            raise OutputError(f"writing kdump {what} at offset {offset + done:#x}: no progress")
+        done += written
+
+
+def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
+    """Set LSB-first bits for strictly increasing pfns."""
+    if len(pfns) == 0:
+        return
+    byte_index = pfns >> 3
+    bits = np.left_shift(1, pfns & 7).astype(np.uint8)
+    # Several pfns can share a byte; pfns are sorted, so OR each group once.
+    group_starts = np.flatnonzero(np.r_[True, byte_index[1:] != byte_index[:-1]])
+    bitmap[byte_index[group_starts]] |= np.bitwise_or.reduceat(bits, group_starts)
+
+
+def _worker_count(threads: int) -> int:
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, not {threads}")
+    if threads:
+        return threads
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class _ZstdPages:
+    """One zstd frame per page, the batch shared out among threads by python-zstandard."""
+
+    def __init__(self, level: int, workers: int):
+        self._compressor = zstandard.ZstdCompressor(level=level)
+        self._threads = workers if workers > 1 else 0
+
+    def compress(self, pages: np.ndarray, indices: np.ndarray) -> list:
+        page_size = pages.shape[1]
+        segments = np.empty((len(indices), 2), dtype=np.uint64)
+        segments[:, 0] = indices.astype(np.uint64) * page_size
+        segments[:, 1] = page_size
+        batch = zstandard.BufferWithSegments(pages, segments)
+        frames = self._compressor.multi_compress_to_buffer(batch, threads=self._threads)
+        return [frames[i] for i in range(len(frames))]
+
+    def close(self) -> None:
+        pass
+
+
+class _ZlibPages:
+    """One zlib stream per page (crash reads them with uncompress()).
+
+    zlib releases the GIL while deflating, so a thread pool scales.
+    """
+
+    def __init__(self, level: int, workers: int):
+        self._level = level
+        self._workers = workers
+        self._pool = (concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdump-zlib")
+                      if workers > 1 else None)
+
+    def _compress_rows(self, pages: np.ndarray, indices: Sequence[int]) -> list[bytes]:
+        level = self._level
+        return [zlib.compress(pages[i], level) for i in indices]
+
+    def compress(self, pages: np.ndarray, indices: np.ndarray) -> list:
+        index_list = indices.tolist()
+        if self._pool is None or len(index_list) < 2 * self._workers:
+            return self._compress_rows(pages, index_list)
+        step = -(-len(index_list) // self._workers)
+        parts = [index_list[i:i + step] for i in range(0, len(index_list), step)]
+        out: list[bytes] = []
+        for part in self._pool.map(lambda p: self._compress_rows(pages, p), parts):
+            out.extend(part)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class KdumpWriter:
+    """Write a kdump-compressed file page by page, in pfn order, with bounded memory.
+
+    Memory: the two bitmaps (one bit per pfn each: 4 MiB apiece for 128 GiB
+    of 4 KiB pages) plus one batch of pages and its compressed form.
+
+    max_pages_present bounds how many pages write_pages will be given (the
+    pfns the source's PT_LOADs cover); it sizes the page-descriptor table that
+    precedes the page data, because descriptors are written as pages arrive
+    and the data cannot move afterwards. Left as None it is max_mapnr: always
+    enough, and the unused part of the table stays a hole in the file.
+
+    threads: 0 means one per usable CPU, 1 compresses in the calling thread.
+    exclude_zero=True (dump level bit 1) clears all-zero pages from the 2nd
+    bitmap; otherwise they are dumped as descriptors pointing at one stored
+    zero page, as makedumpfile stores them.
+    """
+
+    def __init__(self, fd: int, info: KdumpHeaderInfo, *, max_mapnr: int, compress: str = "zstd",
+                 level: int | None = None, threads: int = 0, exclude_zero: bool = False,
+                 max_pages_present: int | None = None):
+        if compress not in COMPRESSION_FLAG:
+            raise ValueError(f"compress must be one of {sorted(COMPRESSION_FLAG)}, not {compress!r}")
+        page_size = info.page_size
+        if page_size < _MIN_BLOCK_SIZE or page_size > _MAX_BLOCK_SIZE or page_size & (page_size - 1):
+            raise ValueError(f"page size {page_size} is not a power of two in "
+                             f"[{_MIN_BLOCK_SIZE}, {_MAX_BLOCK_SIZE}]")
+        if info.elf_class not in (32, 64):
+            raise ValueError(f"elf_class must be 32 or 64, not {info.elf_class}")
+        _check_byte_order(info.byte_order)
+        if max_mapnr <= 0:
+            raise ValueError(f"max_mapnr must be positive, not {max_mapnr}")
+        if max_pages_present is None:
+            max_pages_present = max_mapnr
+        if not 0 <= max_pages_present <= max_mapnr:
+            raise ValueError(f"max_pages_present {max_pages_present} is not in [0, max_mapnr={max_mapnr}]")
+
+        self._fd = fd
+        self._info = info
+        self._max_mapnr = max_mapnr
+        self._page_size = page_size
+        self._compress = compress
+        self._exclude_zero = exclude_zero
+        self._closed = False
+        self._sub_header = _sub_header_layout(info.elf_class, info.machine, info.byte_order)
+        self._stored_notes, self._vmcoreinfo_span = self._notes_to_store(info)
+        self._layout = plan_layout(page_size, max_mapnr,
+                                   self._sub_header.size + len(self._stored_notes), max_pages_present)
+        self._descriptor_dtype = _descriptor_dtype(info.byte_order)
+
+        self._present_bitmap = np.zeros(self._layout.bitmap_bytes, dtype=np.uint8)
+        self._dumped_bitmap = np.zeros(self._layout.bitmap_bytes, dtype=np.uint8)
+
+        workers = _worker_count(threads)
+        if compress == "zstd":
+            self._pages_compressor: _ZstdPages | _ZlibPages | None = _ZstdPages(
+                DEFAULT_LEVEL["zstd"] if level is None else level, workers)
+        elif compress == "zlib":
+            self._pages_compressor = _ZlibPages(DEFAULT_LEVEL["zlib"] if level is None else level, workers)
+        else:
+            self._pages_compressor = None
+
+        self._batch_pages = max(1, BATCH_BYTES // page_size)
+        self._staged_pages = np.empty((self._batch_pages, page_size), dtype=np.uint8)
+        self._staged_pfns = np.empty(self._batch_pages, dtype=np.int64)
+        self._staged_count = 0
+
+        self._next_pfn = 0
+        self._descriptors_written = 0
+        self._pages_present = 0
+        self._zero_pages_excluded = 0
+        self._zero_pages_shared = 0
+        self._pages_stored_raw = 0
+        self._data_end = self._layout.data_offset
+        self._zero_page_offset = -1
+        if not exclude_zero:
+            # Every zero page's descriptor points here (makedumpfile's pd_zero):
+            # one stored copy, always at the start of the page data.
+            self._zero_page_offset = self._data_end
+            _pwrite_all(fd, bytes(page_size), self._zero_page_offset, "shared zero page")
+            self._data_end += page_size
+
+    @staticmethod
+    def _notes_to_store(info: KdumpHeaderInfo) -> tuple[bytes, _NoteSpan | None]:
+        """The note bytes for the sub header, and where VMCOREINFO's text is in them.
+
+        libkdumpfile (so drgn) reads VMCOREINFO only from the notes when
+        header_version >= 4, crash from offset_vmcoreinfo; a VMCOREINFO given
+        apart from the notes is appended to them as a note so both find it.
+        """
+        notes = bytes(info.notes)
+        span = _find_vmcoreinfo_note(notes, info.byte_order)
+        if span is None and info.vmcoreinfo:
+            notes += _vmcoreinfo_note(bytes(info.vmcoreinfo), info.byte_order)
+            span = _find_vmcoreinfo_note(notes, info.byte_order)
+        return notes, span
+
+    @property
+    def layout(self) -> KdumpLayout:
+        return self._layout
+
+    def __enter__(self) -> "KdumpWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._release()
+
+    def write_pages(self, pfn: int, data) -> None:
+        """Store pages pfn .. pfn+n-1 (data is n whole pages), all present in memory.
+
+        Calls must come in increasing pfn order; skipped pfns are holes (not
+        in the 1st bitmap). The data is compressed before this returns, so
+        the caller may reuse or unmap its buffer.
+        """
+        if self._closed:
+            raise ValueError("write_pages after close")
+        pages = np.frombuffer(data, dtype=np.uint8)
+        if len(pages) % self._page_size:
+            raise ValueError(f"{len(pages)} bytes at pfn {pfn:#x} is not a whole number of "
+                             f"{self._page_size}-byte pages")
+        count = len(pages) // self._page_size
+        if pfn < self._next_pfn:
+            raise ValueError(f"pfn {pfn:#x} comes after pfn {self._next_pfn - 1:#x}: already written "
+                             f"or out of order")
+        if pfn + count > self._max_mapnr:
+            raise ValueError(f"pages {pfn:#x}..{pfn + count - 1:#x} go past max_mapnr {self._max_mapnr:#x}")
+        if count == 0:
+            return
+        pages = pages.reshape(count, self._page_size)
+        self._next_pfn = pfn + count
+
+        done = 0
+        if self._staged_count:
+            done = self._stage(pfn, pages)
+        # Whole batches go straight from the caller's buffer, without a copy.
+        while count - done >= self._batch_pages:
+            first = pfn + done
+            self._store_batch(np.arange(first, first + self._batch_pages, dtype=np.int64),
+                              pages[done:done + self._batch_pages])
+            done += self._batch_pages
+        if done < count:
+            self._stage(pfn + done, pages[done:])
+
+    def _stage(self, pfn: int, pages: np.ndarray) -> int:
+        take = min(len(pages), self._batch_pages - self._staged_count)
+        start = self._staged_count
+        self._staged_pages[start:start + take] = pages[:take]
+        self._staged_pfns[start:start + take] = np.arange(pfn, pfn + take, dtype=np.int64)
+        self._staged_count += take
+        if self._staged_count == self._batch_pages:
+            self._flush_staged()
+        return take
+
+    def _flush_staged(self) -> None:
+        count = self._staged_count
+        if count:
+            self._staged_count = 0
+            self._store_batch(self._staged_pfns[:count], self._staged_pages[:count])
+
+    def _store_batch(self, pfns: np.ndarray, pages: np.ndarray) -> None:
+        """Write one batch's page data and descriptors, and mark its bitmap bits."""
+        count = len(pfns)
+        nonzero = pages.view(np.uint64).any(axis=1)
+        stored = np.flatnonzero(nonzero)  # rows whose data is written; zero pages never are
+        dumped_mask = nonzero if self._exclude_zero else np.ones(count, dtype=bool)
+        dumped_count = int(dumped_mask.sum())
+        if self._descriptors_written + dumped_count > self._layout.descriptor_capacity:
+            raise ValueError(f"more than max_pages_present={self._layout.descriptor_capacity} pages "
+                             f"dumped (at pfn {int(pfns[0]):#x})")
+
+        page_data, sizes, flags = self._encode(pages, stored)
+        descriptors = np.zeros(dumped_count, dtype=self._descriptor_dtype)
+        if self._exclude_zero:
+            rows: slice | np.ndarray = slice(None)  # every dumped page has its own data
+        else:
+            rows = stored
+            descriptors["offset"] = self._zero_page_offset
+            descriptors["size"] = self._page_size
+        descriptors["offset"][rows] = self._data_end + np.cumsum(sizes) - sizes
+        descriptors["size"][rows] = sizes
+        descriptors["flags"][rows] = flags
+
+        if len(stored):
+            _pwrite_all(self._fd, page_data, self._data_end, "page data")
+            self._data_end += int(sizes.sum())
+        if dumped_count:
+            _pwrite_all(self._fd, descriptors,
+                        self._layout.descriptor_offset + DESCRIPTOR_BYTES * self._descriptors_written,
+                        "page descriptors")
+        self._descriptors_written += dumped_count
+
+        _set_bits(self._present_bitmap, pfns)
+        _set_bits(self._dumped_bitmap, pfns[dumped_mask])
+        zero_count = count - len(stored)
+        self._pages_present += count
+        self._pages_stored_raw += int((flags == 0).sum())
+        if self._exclude_zero:
+            self._zero_pages_excluded += zero_count
+        else:
+            self._zero_pages_shared += zero_count
+
+    def _encode(self, pages: np.ndarray, stored: np.ndarray):
+        """(data bytes, per-page stored sizes, per-page flags) for the rows in `stored`."""
+        page_size = self._page_size
+        sizes = np.full(len(stored), page_size, dtype=np.int64)
+        flags = np.zeros(len(stored), dtype=np.uint32)
+        if self._pages_compressor is None or not len(stored):
+            return (pages if len(stored) == len(pages) else pages[stored]), sizes, flags
+        frames = self._pages_compressor.compress(pages, stored)
+        frame_sizes = np.fromiter(map(len, frames), dtype=np.int64, count=len(frames))
+        # makedumpfile keeps a page raw when compression does not shrink it;
+        # readers insist a raw page is exactly one block.
+        compressed = frame_sizes < page_size
+        sizes[compressed] = frame_sizes[compressed]
+        flags[compressed] = COMPRESSION_FLAG[self._compress]
+        pieces = [frame if is_small else pages[row]
+                  for frame, row, is_small in zip(frames, stored.tolist(), compressed.tolist())]
+        return b"".join(pieces), sizes, flags
+
+    def _release(self) -> None:
+        if self._pages_compressor is not None:
+            self._pages_compressor.close()
+        self._closed = True
+
+    def close(self) -> KdumpStats:
+        """Write the bitmaps and headers; the fd stays open (the caller owns it)."""
+        if self._closed:
+            raise ValueError("KdumpWriter closed twice")
+        try:
+            self._flush_staged()
+        finally:
+            self._release()
+        layout = self._layout
+        info = self._info
+        _pwrite_all(self._fd, self._present_bitmap, layout.present_bitmap_offset, "1st bitmap")
+        _pwrite_all(self._fd, self._dumped_bitmap, layout.dumped_bitmap_offset, "2nd bitmap")
+
+        note_offset = layout.sub_header_offset + self._sub_header.size
+        sub_header = {
+            "phys_base": _vmcoreinfo_number(self._vmcoreinfo_text(), "NUMBER(phys_base)") or 0,
+            "dump_level": DUMP_LEVEL_EXCLUDE_ZERO if self._exclude_zero else 0,
+            "offset_note": note_offset if self._stored_notes else 0,
+            "size_note": len(self._stored_notes),
+            "max_mapnr_64": self._max_mapnr,
+        }
+        long_mask = (1 << info.elf_class) - 1
+        sub_header["phys_base"] &= long_mask  # %ld in VMCOREINFO may print a huge base as negative
+        # timeval.tv_sec is a signed long of the dumped machine.
+        crash_seconds = max(0, min(info.crash_time, (1 << (info.elf_class - 1)) - 1))
+        if self._vmcoreinfo_span is not None:
+            sub_header["offset_vmcoreinfo"] = note_offset + self._vmcoreinfo_span.desc_offset
+            sub_header["size_vmcoreinfo"] = self._vmcoreinfo_span.desc_size
+        _pwrite_all(self._fd, self._sub_header.pack(sub_header) + self._stored_notes,
+                    layout.sub_header_offset, "sub header and notes")
+
+        header = _header_layout(info.elf_class, info.byte_order).pack({
+            "signature": KDUMP_SIGNATURE,
+            "header_version": HEADER_VERSION,
+            "uts_sysname": b"Linux",
+            "uts_release": info.release.encode("utf-8", errors="replace")[:64],
+            "uts_version": (info.version or _UNKNOWN_UTS_VERSION).encode("utf-8", errors="replace")[:64],
+            "uts_machine": info.machine.encode("ascii")[:64],
+            "tv_sec": crash_seconds,
+            "status": COMPRESSION_FLAG[self._compress],
+            "block_size": self._page_size,
+            "sub_hdr_size": layout.sub_header_blocks,
+            "bitmap_blocks": layout.bitmap_blocks,
+            "max_mapnr": min(self._max_mapnr, 0xFFFFFFFF),  # obsolete 32-bit copy of max_mapnr_64
+            "nr_cpus": info.nr_cpus,
+        })
+        try:
+            os.ftruncate(self._fd, self._data_end)  # drop whatever an old file had past our data
+        except OSError as e:
+            raise OutputError(f"setting kdump file size to {self._data_end}: {e.strerror or e}") from e
+        # The header block goes last: until it is written, the file does not
+        # claim to be a kdump.
+        _pwrite_all(self._fd, header.ljust(self._page_size, b"\0"), 0, "header")
+        return KdumpStats(
+            pages_present=self._pages_present,
+            pages_dumped=self._descriptors_written,
+            zero_pages_excluded=self._zero_pages_excluded,
+            pages_stored_raw=self._pages_stored_raw,
+            data_bytes=self._data_end - layout.data_offset,
+            file_bytes=self._data_end,
+            zero_pages_shared=self._zero_pages_shared,
+        )
+
+    def _vmcoreinfo_text(self) -> bytes:
+        if self._info.vmcoreinfo:
+            return bytes(self._info.vmcoreinfo)
+        span = self._vmcoreinfo_span
+        if span is None:
+            return b""
+        return self._stored_notes[span.desc_offset:span.desc_offset + span.desc_size]
+
+
+# --------------------------------------------------------------------------
+# Reader
+
+@dataclass(frozen=True)
+class KdumpHeader:
+    """The main fields of a kdump file's two headers."""
+
+    header_version: int
+    machine: str
+    release: str
+    page_size: int  # block_size
+    max_mapnr: int  # max_mapnr_64 when header_version >= 6
+    nr_cpus: int
+    compression: str  # "zstd", "zlib", "lzo", "snappy" or "none", from the status bits
+    dump_level: int
+    status: int
+    phys_base: int
+    crash_time: int
+    elf_class: int
+    byte_order: str
+    sub_header_blocks: int
+    bitmap_blocks: int
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def _compression_name(status: int) -> str:
+    for flag, name in _COMPRESSION_NAMES:
+        if status & flag:
+            return name
+    return "none"
+
+
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+_RANK_SECTION_PFNS = 4096  # crash's BITMAP_SECT_LEN: one cumulative count per 512 bitmap bytes
+_DESCRIPTOR_CHUNK = 1024
+
+
+class KdumpReader:
+    """Random access to the pages of a kdump-compressed file.
+
+    Keeps both bitmaps in memory and one count of dumped pages per 4096 pfns,
+    which turns a pfn into its descriptor's index the way crash does.
+    """
+
+    def __init__(self, path_or_fd):
+        if isinstance(path_or_fd, int):
+            self._fd = path_or_fd
+            self._owns_fd = False
+            self._name = f"fd {path_or_fd}"
+        else:
+            self._name = os.fsdecode(path_or_fd)
+            try:
+                self._fd = os.open(path_or_fd, os.O_RDONLY)
+            except OSError as e:
+                raise BadSource(f"{self._name}: cannot open: {e.strerror or e}") from e
+            self._owns_fd = True
+        try:
+            self._file_bytes = os.fstat(self._fd).st_size
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ---------------------------------------------------------------
+
+    def _open(self) -> None:
+        first = self._pread(0, 4096, "header", exact=False)  # both header layouts fit
+        signature = first[:8]
+        if first[:16] == FLATTENED_SIGNATURE:
+            raise BadSource(f"{self._name}: a flattened makedumpfile stream (-F), not a kdump file; "
+                            f"rebuild it with `makedumpfile -R`")
+        if signature == LEGACY_DISKDUMP_SIGNATURE:
+            raise BadSource(f"{self._name}: a legacy DISKDUMP file, not kdump-compressed")
+        if signature != KDUMP_SIGNATURE:
+            raise BadSource(f"{self._name}: not a kdump-compressed file (no 'KDUMP   ' signature)")
+        if len(first) < _HEADER_BYTES_MIN:
+            raise CorruptOutput(f"{self._name}: kdump header truncated at {len(first)} bytes")
+
+        header, elf_class, byte_order = self._decode_header(first)
+        self._byte_order = byte_order
+        block_size = header["block_size"]
+        version = header["header_version"]
+        machine = _cstring(header["uts_machine"])
+        self._page_size = block_size
+
+        sub: dict[str, object] = {}
+        if version >= 1:
+            sub_layout = _sub_header_layout(elf_class, machine, byte_order)
+            raw = self._pread(block_size, sub_layout.size, "sub header")
+            sub = sub_layout.unpack(raw)
+        max_mapnr = header["max_mapnr"]
+        if version >= 6 and sub["max_mapnr_64"]:
+            max_mapnr = int(sub["max_mapnr_64"])
+        self._max_mapnr = max_mapnr
+
+        self.header = KdumpHeader(
+            header_version=version, machine=machine, release=_cstring(header["uts_release"]),
+            page_size=block_size, max_mapnr=max_mapnr, nr_cpus=header["nr_cpus"],
+            compression=_compression_name(header["status"]), dump_level=int(sub.get("dump_level", 0)),
+            status=header["status"], phys_base=int(sub.get("phys_base", 0)), crash_time=header["tv_sec"],
+            elf_class=elf_class, byte_order=byte_order, sub_header_blocks=header["sub_hdr_size"],
+            bitmap_blocks=header["bitmap_blocks"])
+
+        self.notes = b""
+        self.vmcoreinfo = b""
+        if version >= 4 and sub.get("offset_note") and sub.get("size_note"):
+            self.notes = self._pread(int(sub["offset_note"]), int(sub["size_note"]), "notes")
+        if version >= 3 and sub.get("offset_vmcoreinfo") and sub.get("size_vmcoreinfo"):
+            self.vmcoreinfo = self._pread(int(sub["offset_vmcoreinfo"]), int(sub["size_vmcoreinfo"]),
+                                          "vmcoreinfo")
+
+        self._read_bitmaps(header["sub_hdr_size"], header["bitmap_blocks"])
+
+    def _decode_header(self, first: bytes) -> tuple[dict, int, str]:
+        machine = _cstring(first[12 + 4 * 65:12 + 5 * 65])
+        likely_class = 64 if machine.startswith(_64BIT_MACHINES) else 32
+        classes = (likely_class, 96 - likely_class)
+        # libkdumpfile guesses byte order and class by trying layouts until the
+        # block size is sane; the machine name orders the guesses, because a
+        # 32-bit header read as 64-bit puts max_mapnr where block_size is.
+        for byte_order in ("little", "big"):
+            for elf_class in classes:
+                layout = _header_layout(elf_class, byte_order)
+                fields = layout.unpack(first)
+                block_size = fields["block_size"]
+                if (_MIN_BLOCK_SIZE <= block_size <= _MAX_BLOCK_SIZE and not block_size & (block_size - 1)
+                        and 0 < fields["header_version"] < 1000):
+                    return fields, elf_class, byte_order
+        raise CorruptOutput(f"{self._name}: kdump header has no sane block size / header version")
+
+    def _read_bitmaps(self, sub_header_blocks: int, bitmap_blocks: int) -> None:
+        bs = self._page_size
+        if sub_header_blocks < 0 or bitmap_blocks <= 0:
+            raise CorruptOutput(f"{self._name}: bad sub_hdr_size {sub_header_blocks} or bitmap_blocks "
+                                f"{bitmap_blocks}")
+        bitmap_offset = (1 + sub_header_blocks) * bs
+        bitmap_total = bitmap_blocks * bs
+        end = bitmap_offset + bitmap_total
+        if end > self._file_bytes:
+            raise CorruptOutput(f"{self._name}: bitmaps end at offset {end:#x}, past end of file "
+                                f"({self._file_bytes:#x})")
+        one_bitmap = _bitmap_bytes(self._max_mapnr, bs)
+        needed = -(-self._max_mapnr // 8)
+        raw = np.frombuffer(self._pread(bitmap_offset, bitmap_total, "bitmaps"), dtype=np.uint8)
+        if bitmap_total >= 2 * one_bitmap:
+            half = bitmap_total // 2
+            present, dumped = raw[:half], raw[half:]
+        elif bitmap_total >= needed:
+            # crash's dump_is_partial() test: too small for two bitmaps means
+            # one bitmap, used for both RAM and dumped.
+            present = dumped = raw
+        else:
+            raise CorruptOutput(f"{self._name}: bitmap of {bitmap_total} bytes cannot hold "
+                                f"max_mapnr {self._max_mapnr} pfns")
+        self._present_bitmap = self._clip_bitmap(present)
+        self._dumped_bitmap = self._clip_bitmap(dumped)
+        if (self._dumped_bitmap & ~self._present_bitmap).any():
+            first_bad = int(np.flatnonzero(self._dumped_bitmap & ~self._present_bitmap)[0]) * 8
+            raise CorruptOutput(f"{self._name}: pfn near {first_bad:#x} is dumped but not present "
+                                f"(2nd bitmap not within 1st)")
+
+        section_bytes = _RANK_SECTION_PFNS // 8
+        padded = np.zeros(-(-len(self._dumped_bitmap) // section_bytes) * section_bytes, dtype=np.uint8)
+        padded[:len(self._dumped_bitmap)] = self._dumped_bitmap
+        per_section = _POPCOUNT[padded].reshape(-1, section_bytes).sum(axis=1, dtype=np.int64)
+        self._rank_before_section = np.concatenate(([0], np.cumsum(per_section)))
+        self._pages_dumped = int(self._rank_before_section[-1])
+        self._pages_present = int(_POPCOUNT[self._present_bitmap].sum(dtype=np.int64))
+
+        self._descriptor_offset = end
+        table_end = end + DESCRIPTOR_BYTES * self._pages_dumped
+        if table_end > self._file_bytes:
+            raise CorruptOutput(f"{self._name}: {self._pages_dumped} page descriptors end at offset "
+                                f"{table_end:#x}, past end of file ({self._file_bytes:#x})")
+        self._descriptor_dtype = _descriptor_dtype(self._byte_order)
+        self._descriptor_cache: dict[int, np.ndarray] = {}
+        self._zstd = zstandard.ZstdDecompressor()
+
+    def _clip_bitmap(self, bitmap: np.ndarray) -> np.ndarray:
+        """Bits for pfns < max_mapnr only: padding bits beyond it are ignored."""
+        clipped = np.array(bitmap[:-(-self._max_mapnr // 8)], dtype=np.uint8)
+        if self._max_mapnr % 8 and len(clipped):
+            clipped[-1] &= (1 << (self._max_mapnr % 8)) - 1
+        return clipped
+
+    def _pread(self, offset: int, length: int, what: str, exact: bool = True) -> bytes:
+        if offset < 0 or (exact and offset + length > self._file_bytes):
+            raise CorruptOutput(f"{self._name}: {what} at offset {offset:#x} (+{length}) lies past end of "
+                                f"file ({self._file_bytes:#x})")
+        chunks = []
+        done = 0
+        while done < length:
+            try:
+                chunk = os.pread(self._fd, length - done, offset + done)
+            except OSError as e:
+                raise CorruptOutput(f"{self._name}: reading {what} at offset {offset + done:#x}: "
+                                    f"{e.strerror or e}") from e
+            if not chunk:
+                if exact:
+                    raise CorruptOutput(f"{self._name}: {what} at offset {offset + done:#x} "
+                                        f"truncated")
+                break
+            chunks.append(chunk)
+            done += len(chunk)
+        return b"".join(chunks)
+
+    # -- queries -------------------------------------------------------------
+
+    @property
+    def page_size(self) -> int:
+        return self._page_size
+
+    @property
+    def max_mapnr(self) -> int:
+        return self._max_mapnr
+
+    @property
+    def file_bytes(self) -> int:
+        return self._file_bytes
+
+    def page_counts(self) -> tuple[int, int]:
+        """(pages present in memory, pages dumped)."""
+        return self._pages_present, self._pages_dumped
+
+    @staticmethod
+    def _bit(bitmap: np.ndarray, pfn: int) -> bool:
+        byte = pfn >> 3
+        return 0 <= byte < len(bitmap) and bool(bitmap[byte] >> (pfn & 7) & 1)
+
+    def is_present(self, pfn: int) -> bool:
+        return pfn >= 0 and self._bit(self._present_bitmap, pfn)
+
+    def is_dumped(self, pfn: int) -> bool:
+        return pfn >= 0 and self._bit(self._dumped_bitmap, pfn)
+
+    def _descriptor_index(self, pfn: int) -> int:
+        """How many dumped pfns come before pfn (crash's pfn_to_pos)."""
+        section = pfn // _RANK_SECTION_PFNS
+        section_byte = section * (_RANK_SECTION_PFNS // 8)
+        byte = pfn >> 3
+        below = int(_POPCOUNT[self._dumped_bitmap[section_byte:byte]].sum(dtype=np.int64))
+        below += bin(int(self._dumped_bitmap[byte]) & ((1 << (pfn & 7)) - 1)).count("1")
+        return int(self._rank_before_section[section]) + below
+
+    def _descriptor(self, index: int) -> np.void:
+        chunk = index // _DESCRIPTOR_CHUNK
+        table = self._descriptor_cache.get(chunk)
+        if table is None:
+            first = chunk * _DESCRIPTOR_CHUNK
+            count = min(_DESCRIPTOR_CHUNK, self._pages_dumped - first)
+            raw = self._pread(self._descriptor_offset + DESCRIPTOR_BYTES * first, DESCRIPTOR_BYTES * count,
+                              "page descriptors")
+            table = np.frombuffer(raw, dtype=self._descriptor_dtype)
+            if len(self._descriptor_cache) >= 8:
+                self._descriptor_cache.pop(next(iter(self._descriptor_cache)))
+            self._descriptor_cache[chunk] = table
+        return table[index % _DESCRIPTOR_CHUNK]
+
+    def read_page(self, pfn: int) -> bytes | None:
+        """The page's contents, or None if the pfn is not dumped (hole or excluded)."""
+        if not self.is_dumped(pfn):
+            return None
+        index = self._descriptor_index(pfn)
+        descriptor = self._descriptor(index)
+        offset, size, flags = int(descriptor["offset"]), int(descriptor["size"]), int(descriptor["flags"])
+        where = f"{self._name}: pfn {pfn:#x} (descriptor {index} at offset " \
+                f"{self._descriptor_offset + DESCRIPTOR_BYTES * index:#x})"
+        page_size = self._page_size
+        if offset == 0:
+            # makedumpfile leaves offset 0 for pages lost to ENOSPC.
+            raise CorruptOutput(f"{where}: page missing (incomplete dump)")
+        if offset < self._descriptor_offset or size <= 0 or offset + size > self._file_bytes:
+            raise CorruptOutput(f"{where}: bad page data range offset {offset:#x} size {size}")
+        compression = flags & _PAGE_COMPRESSION_FLAGS
+        if compression == 0:
+            if size != page_size:
+                raise CorruptOutput(f"{where}: raw page of {size} bytes, not {page_size}")
+            return self._pread(offset, size, "page data")
+        if size > 2 * page_size:
+            raise CorruptOutput(f"{where}: compressed page of {size} bytes")
+        stored = self._pread(offset, size, "page data")
+        try:
+            if compression == DUMP_DH_COMPRESSED_ZSTD:
+                # A frame may declare any content size; refuse a wrong one
+                # before python-zstandard allocates it.
+                content_size = zstandard.frame_content_size(stored)
+                if content_size not in (-1, page_size):
+                    raise CorruptOutput(f"{where}: zstd frame holds {content_size} bytes, not {page_size}")
+                page = self._zstd.decompress(stored, max_output_size=page_size)
+            elif compression == DUMP_DH_COMPRESSED_ZLIB:
+                inflater = zlib.decompressobj()
+                page = inflater.decompress(stored, page_size + 1)
+            elif compression in (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY):
+                raise Unsupported(f"{where}: {_compression_name(compression)} pages are not supported")
+            else:
+                raise CorruptOutput(f"{where}: unknown page flags {flags:#x}")
+        except (zstandard.ZstdError, zlib.error) as e:
+            raise CorruptOutput(f"{where}: {_compression_name(compression)} data does not "
+                                f"decompress: {e}") from e
+        if len(page) != page_size:
+            raise CorruptOutput(f"{where}: page decompresses to {len(page)} bytes, not {page_size}")
+        return page
+
+    def pread_physical(self, paddr: int, length: int) -> bytes:
+        """length bytes of physical memory at paddr; pages not dumped read as zeros."""
+        if paddr < 0 or length < 0:
+            raise ValueError(f"bad physical range {paddr:#x} (+{length})")
+        page_size = self._page_size
+        out = bytearray(length)
+        done = 0
+        while done < length:
+            address = paddr + done
+            pfn, in_page = divmod(address, page_size)
+            take = min(page_size - in_page, length - done)
+            page = self.read_page(pfn)
+            if page is not None:
+                out[done:done + take] = page[in_page:in_page + take]
+            done += take
+        return bytes(out)
+
+    def iter_dumped_runs(self) -> Iterator[tuple[int, int]]:
+        """(first pfn, count) for each run of consecutive dumped pfns, in order."""
+        return _iter_runs(self._dumped_bitmap)
+
+    def iter_present_runs(self) -> Iterator[tuple[int, int]]:
+        """(first pfn, count) for each run of consecutive present pfns, in order."""
+        return _iter_runs(self._present_bitmap)
+
+    def close(self) -> None:
+        if getattr(self, "_owns_fd", False) and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def __enter__(self) -> "KdumpReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _iter_runs(bitmap: np.ndarray, chunk_bytes: int = 1 << 20) -> Iterator[tuple[int, int]]:
+    """Runs of set bits, unpacking the bitmap a chunk at a time to bound memory."""
+    run_start = run_end = -1
+    for base in range(0, len(bitmap), chunk_bytes):
+        bits = np.unpackbits(bitmap[base:base + chunk_bytes], bitorder="little").astype(np.int8)
+        edges = np.diff(np.concatenate(([0], bits, [0])))
+        first_pfn = base * 8
+        for start, end in zip((np.flatnonzero(edges == 1) + first_pfn).tolist(),
+                              (np.flatnonzero(edges == -1) + first_pfn).tolist()):
+            if start == run_end:
+                run_end = end  # the run continues across a chunk boundary
+                continue
+            if run_end > run_start >= 0:
+                yield run_start, run_end - run_start
+            run_start, run_end = start, end
+    if run_end > run_start >= 0:
+        yield run_start, run_end - run_start
+
+
+def is_kdump(path_or_fd) -> bool:
+    """True if the file starts with the kdump-compressed signature."""
+    try:
+        if isinstance(path_or_fd, int):
+            head = os.pread(path_or_fd, len(KDUMP_SIGNATURE), 0)
+        else:
+            with open(path_or_fd, "rb") as f:
+                head = f.read(len(KDUMP_SIGNATURE))
+    except OSError:
+        return False
+    return head == KDUMP_SIGNATURE
