@@ -579,3 +579,32 @@ def test_decompress_to_unwritable_fd_raises_output_error(tmp_path):
             decompress_to_file(reader, fd)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("size", [0, 1, 128 << 10, (128 << 10) + 1, 500_000])
+def test_raw_frame_is_a_valid_zstd_frame_whose_size_depends_only_on_length(size):
+    from vmcap.seekable import raw_frame
+
+    data = os.urandom(size)
+    frame = raw_frame(data)
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+    assert len(raw_frame(bytes(size))) == len(frame)
+
+
+def test_write_raw_frame_between_compressed_frames(tmp_path):
+    path = tmp_path / "mixed.zst"
+    head = b"H" * 1000
+    with open(path, "wb") as f:
+        writer = SeekableWriter(f, threads=2, frame_bytes=4096)
+        writer.write_raw_frame(head)
+        writer.write(b"A" * 10000)
+        writer.write_raw_frame(b"middle")
+        writer.write(b"B" * 5000)
+        writer.close()
+    expected = head + b"A" * 10000 + b"middle" + b"B" * 5000
+    with SeekableReader(str(path)) as reader:
+        assert reader.size == len(expected)
+        assert reader.pread(0, reader.size) == expected
+    if shutil.which("zstd"):
+        out = subprocess.run(["zstd", "-d", "-c", str(path)], capture_output=True, check=True)
+        assert out.stdout == expected

@@ -129,33 +129,40 @@ class PlanCopier:
         view = memoryview(self._buffer)[:length]
         try:
             self.source.pread_into(view, offset)
-        except SourceIOError as error:
-            if self.on_error == "fail":
-                bad_offset = error.offset if error.offset is not None else offset
-                bad_paddr = paddr + bad_offset - offset
+        except SourceIOError:
+            # Find the unreadable pages: the error names where the big read
+            # started, the user needs the physical address that failed.
+            bad = self._read_page_by_page(view, paddr, offset)
+            if self.on_error == "fail" and bad:
+                bad_paddr, _, reason = bad[0]
+                bad_offset = offset + (bad_paddr - paddr)
                 raise SourceIOError(
                     f"{self.source.name}: cannot read physical address {bad_paddr:#x} "
-                    f"(file offset {bad_offset:#x}): {_reason(error)}",
+                    f"(file offset {bad_offset:#x}): {reason}",
                     offset=bad_offset, paddr=bad_paddr) from None
-            self._read_page_by_page(view, paddr, offset)
+            for bad_paddr, bad_length, reason in bad:
+                self.stats.record_error(bad_paddr, bad_length, reason)
         if self.progress:
             self.progress(length)
         return DataChunk(segment, paddr, length, view)
 
-    def _read_page_by_page(self, view: memoryview, paddr: int, offset: int) -> None:
-        """Salvage what can be read; zero and record each unreadable page."""
+    def _read_page_by_page(self, view: memoryview, paddr: int, offset: int
+                           ) -> list[tuple[int, int, str]]:
+        """Salvage what can be read; zero each unreadable page and return them."""
         page = self.plan.page_size
+        bad = []
         pos = 0
         while pos < len(view):
-            # Stay on the physical page grid so recorded ranges are page-sized.
+            # Stay on the physical page grid so reported ranges are page-sized.
             step = min(len(view) - pos, page - (paddr + pos) % page)
             part = view[pos:pos + step]
             try:
                 self.source.pread_into(part, offset + pos)
             except SourceIOError as error:
                 part[:] = bytes(step)
-                self.stats.record_error(paddr + pos, step, _reason(error))
+                bad.append((paddr + pos, step, _reason(error)))
             pos += step
+        return bad
 
 
 def _reason(error: SourceIOError) -> str:

@@ -15,7 +15,7 @@ from .elfwriter import ElfStreamWriter, OutputSegment, plan_elf_image, vmcap_not
 from .errors import OutputError
 from .fraction import CopyPlan, plan_copy
 from .layout import Layout, read_layout
-from .mmapio import FileSource
+from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink
 
 FORMATS = ("zelf", "elf", "kdump")
@@ -118,15 +118,18 @@ def write_elf(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFil
 
 
 def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
-         progress: Callable[[int, int], None] | None = None) -> SaveSummary:
+         progress: Callable[[int, int], None] | None = None,
+         source: Source | None = None) -> SaveSummary:
     """Capture ``source_path`` into ``output_path`` ("-" for stdout).
 
     ``progress(done_bytes_increment, total_bytes)`` is called as bytes are read.
+    ``source`` replaces the file source (tests pass an instrumented one).
     """
     started = time.monotonic()
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
-    source = FileSource(source_path, allow_mmap=options.allow_mmap)
+    if source is None:
+        source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
         layout = read_layout(source, page_size=options.page_size)
         plan = plan_copy(layout.segments, layout.page_size)

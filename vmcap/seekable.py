@@ -109,6 +109,32 @@ class FrameEntry:
 # Writing
 
 
+RAW_BLOCK_BYTES = 128 << 10  # the largest block zstd allows
+
+
+def raw_frame(data) -> bytes:
+    """A zstd frame that stores ``data`` uncompressed, in raw blocks.
+
+    Its size depends only on len(data), so a writer can later replace it in
+    place with another frame of the same content length (vmcap rewrites the
+    ELF notes this way once the copy's read errors are known). The frame
+    declares its content size and, being single-segment, needs no window
+    descriptor; it carries no content checksum.
+    """
+    view = memoryview(data).cast("B")
+    # Frame header descriptor: 8-byte content size (0b11 << 6), single segment (1 << 5).
+    parts = [FRAME_MAGIC.pack(ZSTD_FRAME_MAGIC), bytes([0xE0]),
+             struct.pack("<Q", len(view))]
+    starts = range(0, len(view), RAW_BLOCK_BYTES) if len(view) else [0]
+    for start in starts:
+        block = view[start:start + RAW_BLOCK_BYTES]
+        last = start + RAW_BLOCK_BYTES >= len(view)
+        # Block header: last-block bit, type 0 (raw) in bits 1-2, size in bits 3-23.
+        parts.append((int(last) | (len(block) << 3)).to_bytes(3, "little"))
+        parts.append(bytes(block))
+    return b"".join(parts)
+
+
 class SeekableWriter:
     """Compresses a byte stream into independent zstd frames + seek table, written to `sink`.
 
@@ -182,6 +208,18 @@ class SeekableWriter:
             raise ValueError(f"cannot write {n} zero bytes")
         self._uncompressed_bytes += n
         self._guarded(self._write_zeros, n)
+
+    def write_raw_frame(self, data) -> None:
+        """End the current frame and store ``data`` as one uncompressed frame (see raw_frame)."""
+        self._check_open()
+        view = _byte_view(data)
+        self._uncompressed_bytes += len(view)
+
+        def store() -> None:
+            self._end_frame()
+            self._queue_compressed(raw_frame(view), len(view))
+
+        self._guarded(store)
 
     def close(self) -> SeekableStats:
         """Flush the last frame and write the seek table. Does not close the sink.

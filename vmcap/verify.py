@@ -60,12 +60,22 @@ def compare_with_source(view, source_path: str) -> dict:
     compared = 0
     try:
         src_layout = read_layout(source)
+        # When the output keeps the source's segments one for one, compare
+        # each with its own twin: overlapping PT_LOADs (kernel text over RAM)
+        # are each copied whole.
+        out_segments = getattr(getattr(view, "layout", None), "segments", ())
+        twins = (len(out_segments) == len(src_layout.segments) and all(
+            (a.paddr, a.filesz, a.memsz) == (b.paddr, b.filesz, b.memsz)
+            for a, b in zip(out_segments, src_layout.segments)))
         for seg in src_layout.segments:
             done = 0
             while done < seg.filesz:
                 n = min(COMPARE_BYTES, seg.filesz - done)
                 expected = source.pread(seg.offset + done, n)
-                actual = view.read(seg.paddr + done, n)
+                if twins:
+                    actual = view.read(seg.paddr + done, n, segment=out_segments[seg.index])
+                else:
+                    actual = view.read_physical(seg.paddr + done, n)
                 if expected != actual:
                     at = _first_difference(expected, actual)
                     paddr = seg.paddr + done + at

@@ -1,0 +1,195 @@
+"""The command line, through click's CliRunner and as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import env_without_debug, spec
+from vmcap.cli import main
+from vmcap.errors import SourceIOError
+
+INSPECT_KEYS = {"page_size", "elf_class", "byte_order", "machine", "cpus", "osrelease",
+                "segments", "fractional_pages", "totals"}
+
+
+def run(*args, **kwargs):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, **kwargs)
+
+
+def run_subprocess(*args):
+    return subprocess.run([sys.executable, "-m", "vmcap", *map(str, args)],
+                          capture_output=True, text=True, env=env_without_debug())
+
+
+def test_inspect_json_schema(make_vmcore):
+    path, info = make_vmcore(spec())
+    result = run("inspect", "--json", path)
+    assert result.exit_code == 0
+    report = json.loads(result.output)
+    assert INSPECT_KEYS <= report.keys()
+    assert report["elf_class"] == 64 and report["byte_order"] == "little"
+    assert report["machine"] == "EM_X86_64" and report["cpus"] == 2
+    assert set(report["totals"]) == {"memory", "mapped_bytes", "buffered_bytes",
+                                     "zero_fill_bytes"}
+    assert [s["paddr"] for s in report["segments"]] == [s.paddr for s in info.segments]
+    assert set(report["segments"][0]) == {"index", "paddr", "vaddr", "offset", "filesz", "memsz"}
+    page = report["fractional_pages"][0]
+    assert {"paddr", "pieces"} <= page.keys()
+    assert set(page["pieces"][0]) == {"segment", "paddr", "size", "offset"}
+
+
+def test_inspect_fractional_lists_exactly_the_fractional_pages(make_vmcore):
+    # Head/tail fractional segments, a sub-page segment, two RAM ranges in one page.
+    path, _ = make_vmcore(spec())
+    report = json.loads(run("inspect", "--json", path).output)
+    assert [p["paddr"] for p in report["fractional_pages"]] == [
+        0x9f000,    # 0x1000-0x9fbff ends mid-page
+        0x300000,   # 0x300400-... starts mid-page
+        0x400000,   # 0x400100-0x4002ff sub-page
+        0x502000,   # ...-0x5027ff and 0x502800-... share a page
+    ]
+    shared = report["fractional_pages"][3]["pieces"]
+    assert [(p["segment"], p["paddr"], p["size"]) for p in shared] == \
+        [(4, 0x502000, 0x800), (5, 0x502800, 0x800)]
+    text = run("inspect", "--fractional", path).output
+    for paddr in ("0x9f000", "0x300000", "0x400000", "0x502000"):
+        assert paddr in text
+    assert "seg 4 0x502000-0x502800 (2048 B); seg 5 0x502800-0x503000 (2048 B)" in text
+
+
+def test_inspect_segments_and_vmcoreinfo(make_vmcore):
+    path, _ = make_vmcore(spec())
+    result = run("inspect", "--segments", "--vmcoreinfo", path)
+    assert result.exit_code == 0
+    assert "0x300400" in result.output
+    assert "OSRELEASE=6.1.0-vmcap-sample" in result.output
+
+
+def test_save_verify_decompress(make_vmcore, tmp_path):
+    path, _ = make_vmcore(spec(content="mixed"))
+    out = tmp_path / "out.zelf"
+    result = run("save", "--json", path, out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    for key in ("source", "output", "format", "bytes_read", "bytes_written", "ratio", "seconds",
+                "mb_per_s", "mapped_bytes", "buffered_bytes", "fractional_pages",
+                "mmap_fallbacks", "error_ranges"):
+        assert key in summary
+    assert summary["fractional_pages"] == 4
+    result = run("verify", "--json", "--source", path, out)
+    assert result.exit_code == 0
+    assert json.loads(result.output)["status"] == "ok"
+    plain = tmp_path / "plain.elf"
+    assert run("decompress", out, plain).exit_code == 0
+    report = json.loads(run("inspect", "--json", plain).output)
+    assert len(report["segments"]) == 6
+    # And the compressed output inspects the same.
+    assert json.loads(run("inspect", "--json", out).output)["segments"] == report["segments"]
+
+
+def test_quiet_prints_nothing(make_vmcore, tmp_path):
+    path, _ = make_vmcore(spec())
+    result = run_subprocess("save", "--quiet", path, tmp_path / "out")
+    assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_no_progress_when_stderr_is_not_a_terminal(make_vmcore, tmp_path):
+    path, _ = make_vmcore(spec())
+    result = run_subprocess("save", path, tmp_path / "out")
+    assert result.returncode == 0 and result.stderr == ""
+    assert "saved" in result.stdout
+
+
+def test_verify_detects_a_difference(make_vmcore, tmp_path):
+    path, info = make_vmcore(spec())
+    out = tmp_path / "out.elf"
+    assert run("save", "--format", "elf", path, out).exit_code == 0
+    other, _ = make_vmcore(spec(seed=1, content="mixed"))
+    result = run_subprocess("verify", "--source", other, out)
+    assert result.returncode == 7
+    assert "differs" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("case,code,message", [
+    ("not elf", 3, "not an ELF file"),
+    ("missing", 3, "cannot open"),
+    ("directory", 3, "is a directory"),
+    ("output exists", 5, "already exists"),
+    ("output dir missing", 5, "does not exist"),
+    ("usage", 2, "Usage"),
+])
+def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, case, code,
+                                                        message):
+    path, _ = make_vmcore(spec())
+    out = tmp_path / "out"
+    if case == "not elf":
+        bad = tmp_path / "bad"
+        bad.write_bytes(b"garbage" * 100)
+        args = ["save", bad, out]
+    elif case == "missing":
+        args = ["inspect", tmp_path / "nope"]
+    elif case == "directory":
+        args = ["save", tmp_path, out]
+    elif case == "output exists":
+        out.write_bytes(b"x")
+        args = ["save", path, out]
+    elif case == "output dir missing":
+        args = ["save", path, tmp_path / "no" / "out"]
+    else:
+        args = ["save", "a", "b", "c"]
+    result = run_subprocess(*args)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    if code != 2:
+        assert result.stderr.count("\n") == 1
+        assert not (tmp_path / "out.part").exists()
+
+
+def test_read_error_exit_code_and_on_error_zero(make_vmcore, tmp_path, monkeypatch):
+    from vmcap.mmapio import FileSource, MmapRefused
+
+    path, info = make_vmcore(spec())
+    bad = info.segments[1].offset + 0x2000
+    real = FileSource.pread_into
+
+    def failing(self, buffer, offset):
+        if offset <= bad < offset + len(buffer):
+            raise SourceIOError(f"{self.name}: read error at file offset {offset:#x}: "
+                                "Input/output error", offset=offset)
+        return real(self, buffer, offset)
+
+    def refuse(self, offset, length):
+        raise MmapRefused("no")
+
+    monkeypatch.setattr(FileSource, "pread_into", failing)
+    monkeypatch.setattr(FileSource, "map", refuse)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["save", path, str(out)])
+    assert result.exit_code == 4
+    assert "cannot read physical address 0x102000" in result.output
+    assert not out.exists() and not (tmp_path / "out.part").exists()
+    result = CliRunner().invoke(main, ["save", "--on-error=zero", "--json", path, str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["error_ranges"] == [
+        {"paddr": 0x102000, "length": 4096, "reason": "Input/output error"}]
+
+
+def test_help_lists_every_command():
+    result = run("--help")
+    for command in ("inspect", "save", "verify", "decompress", "demo"):
+        assert command in result.output
+
+
+def test_demo_runs(tmp_path):
+    result = run_subprocess("demo", "--dir", tmp_path / "demo")
+    assert result.returncode == 0, result.stderr
+    assert "fractional pages" in result.stdout
+    assert "status" in result.stdout and "ok" in result.stdout
+    assert os.path.exists(tmp_path / "demo" / "demo-vmcore.zelf")
