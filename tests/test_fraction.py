@@ -184,3 +184,26 @@ def test_hundred_thousand_segments_plan_is_complete():
     assert len(plan.fractional_pages) == 200_000
     assert plan.memory_bytes == 100_000 * 2 * page
     assert plan.buffered_bytes == 100_000 * page
+
+
+@settings(max_examples=300, deadline=None)
+@given(segment_sets())
+def test_disjoint_segments_cover_the_same_memory_once(case):
+    from vmcap.fraction import disjoint_segments, present_page_count
+
+    page, segments = case
+    disjoint = disjoint_segments(segments)
+    union = set()
+    for s in segments:
+        union.update(range(s.paddr, s.paddr + s.memsz))
+    seen = []
+    for d in disjoint:
+        src = segments[d.index]
+        # Inside the source segment, same paddr->offset relation, file data kept.
+        assert src.paddr <= d.paddr and d.paddr + d.memsz <= src.paddr + src.memsz
+        assert d.offset - d.paddr == src.offset - src.paddr or d.filesz == 0
+        assert d.paddr + d.filesz == min(src.paddr + src.filesz, d.paddr + d.memsz) or \
+            d.filesz == 0
+        seen.extend(range(d.paddr, d.paddr + d.memsz))
+    assert sorted(seen) == seen and set(seen) == union and len(seen) == len(union)
+    assert present_page_count(disjoint, page) == len({a // page for a in union})

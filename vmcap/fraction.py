@@ -220,3 +220,43 @@ def plan_copy(segments: Iterable[Segment], page_size: int) -> CopyPlan:
             zero += step.length
     return CopyPlan(page_size, tuple(steps), find_fractional_pages(segments, page_size),
                     mapped, buffered, zero)
+
+
+def disjoint_segments(segments: Iterable[Segment]) -> tuple[Segment, ...]:
+    """Segments sorted by paddr and trimmed so that none overlaps another.
+
+    Page-based formats (kdump) store each physical page once, in pfn order;
+    where PT_LOADs overlap (kernel text over RAM) the bytes are the same
+    memory, so the part already covered by an earlier segment is dropped.
+    The trimmed segments keep their source index and stay inside their
+    source segment's file data, so planning them is as safe as planning the
+    originals.
+    """
+    ordered = sorted(segments, key=lambda s: (s.paddr, -s.memsz, s.index))
+    result = []
+    covered = -1
+    for s in ordered:
+        start = max(s.paddr, covered)
+        end = s.paddr + s.memsz
+        if end <= start:
+            continue
+        skip = start - s.paddr
+        in_file = min(skip, s.filesz)
+        result.append(Segment(s.index, start, s.vaddr + skip, s.offset + in_file,
+                              s.filesz - in_file, end - start, s.flags))
+        covered = end
+    return tuple(result)
+
+
+def present_page_count(segments: Iterable[Segment], page_size: int) -> int:
+    """Distinct physical pages touched by disjoint, sorted segments."""
+    count = 0
+    previous_last = -1
+    for s in segments:
+        if not s.memsz:
+            continue
+        first = s.paddr // page_size
+        last = (s.paddr + s.memsz - 1) // page_size
+        count += last - max(first, previous_last + 1) + 1 if last > previous_last else 0
+        previous_last = max(previous_last, last)
+    return count

@@ -30,7 +30,7 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -512,7 +512,7 @@ class KdumpWriter:
 
     def __init__(self, fd: int, info: KdumpHeaderInfo, *, max_mapnr: int, compress: str = "zstd",
                  level: int | None = None, threads: int = 0, exclude_zero: bool = False,
-                 max_pages_present: int | None = None):
+                 max_pages_present: int | None = None, dump_level: int | None = None):
         if compress not in COMPRESSION_FLAG:
             raise ValueError(f"compress must be one of {sorted(COMPRESSION_FLAG)}, not {compress!r}")
         page_size = info.page_size
@@ -535,6 +535,10 @@ class KdumpWriter:
         self._page_size = page_size
         self._compress = compress
         self._exclude_zero = exclude_zero
+        # The dump level recorded in the sub header: what the caller excluded
+        # (zero pages here, kernel page classes upstream).
+        self._dump_level = (dump_level if dump_level is not None
+                            else DUMP_LEVEL_EXCLUDE_ZERO if exclude_zero else 0)
         self._closed = False
         self._sub_header = _sub_header_layout(info.elf_class, info.machine, info.byte_order)
         self._stored_notes, self._vmcoreinfo_span = self._notes_to_store(info)
@@ -602,6 +606,18 @@ class KdumpWriter:
         else:
             self._release()
 
+    def replace_notes(self, notes: bytes) -> None:
+        """Swap the stored notes for others of the same length before close().
+
+        vmcap's own note records read errors, known only once every page
+        has been written; its size is fixed so the layout does not move.
+        """
+        stored, span = self._notes_to_store(replace(self._info, notes=notes))
+        if len(stored) != len(self._stored_notes):
+            raise ValueError(f"replacement notes are {len(stored)} bytes, "
+                             f"not {len(self._stored_notes)}")
+        self._stored_notes, self._vmcoreinfo_span = stored, span
+
     def write_pages(self, pfn: int, data) -> None:
         """Store pages pfn .. pfn+n-1 (data is n whole pages), all present in memory.
 
@@ -637,6 +653,25 @@ class KdumpWriter:
             done += self._batch_pages
         if done < count:
             self._stage(pfn + done, pages[done:])
+
+    def mark_present(self, pfn: int, count: int) -> None:
+        """Pages pfn .. pfn+count-1 exist but are not dumped (a dump level excluded them).
+
+        They are set in the 1st bitmap only; readers report them as excluded.
+        Same ordering rules as write_pages.
+        """
+        if self._closed:
+            raise ValueError("mark_present after close")
+        if pfn < self._next_pfn:
+            raise ValueError(f"pfn {pfn:#x} comes after pfn {self._next_pfn - 1:#x}: already written "
+                             f"or out of order")
+        if pfn + count > self._max_mapnr:
+            raise ValueError(f"pages {pfn:#x}..{pfn + count - 1:#x} go past max_mapnr {self._max_mapnr:#x}")
+        if count <= 0:
+            return
+        _set_bits(self._present_bitmap, np.arange(pfn, pfn + count, dtype=np.int64))
+        self._pages_present += count
+        self._next_pfn = pfn + count
 
     def _stage(self, pfn: int, pages: np.ndarray) -> int:
         take = min(len(pages), self._batch_pages - self._staged_count)
@@ -735,7 +770,7 @@ class KdumpWriter:
         note_offset = layout.sub_header_offset + self._sub_header.size
         sub_header = {
             "phys_base": _vmcoreinfo_number(self._vmcoreinfo_text(), "NUMBER(phys_base)") or 0,
-            "dump_level": DUMP_LEVEL_EXCLUDE_ZERO if self._exclude_zero else 0,
+            "dump_level": self._dump_level,
             "offset_note": note_offset if self._stored_notes else 0,
             "size_note": len(self._stored_notes),
             "max_mapnr_64": self._max_mapnr,

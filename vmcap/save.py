@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
+from .exclude import scan_excluded_runs, split_segments
 from .elfwriter import ElfStreamWriter, OutputSegment, plan_elf_image, vmcap_note
-from .errors import OutputError
-from .fraction import CopyPlan, plan_copy
+from .errors import OutputError, Unsupported
+from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout
 from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink
@@ -67,22 +68,76 @@ def _aligned_notes(layout: Layout) -> bytes:
     return notes + b"\0" * (-len(notes) % 4)
 
 
-def write_elf(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFile,
-              options: SaveOptions) -> list[str]:
-    """Stream an ELF core (compressed or sparse plain) into ``out``; returns warnings."""
-    warnings = []
+class Capture:
+    """What one run shares: the source, its layout, the options, the copiers made."""
+
+    def __init__(self, source: Source, layout: Layout, options: SaveOptions,
+                 progress: Callable[[int, int], None] | None):
+        self.source = source
+        self.layout = layout
+        self.options = options
+        self.progress = progress
+        self.copiers: list[PlanCopier] = []
+        self.total_bytes = 0
+
+    def copier(self, plan: CopyPlan) -> PlanCopier:
+        """A copier over ``plan``; its bytes are added to the progress total."""
+        self.total_bytes += plan.file_bytes
+        report = (lambda n: self.progress(n, self.total_bytes)) if self.progress else None
+        copier = PlanCopier(self.source, plan, window_bytes=self.options.window_bytes,
+                            on_error=self.options.on_error, progress=report)
+        self.copiers.append(copier)
+        return copier
+
+    def stats(self) -> CopyStats:
+        """All passes added up; read errors are those of the last (copy) pass."""
+        total = CopyStats()
+        for copier in self.copiers:
+            total.mapped_bytes += copier.stats.mapped_bytes
+            total.buffered_bytes += copier.stats.buffered_bytes
+            total.zero_fill_bytes = copier.stats.zero_fill_bytes
+            total.mmap_fallbacks += copier.stats.mmap_fallbacks
+        if self.copiers:
+            total.error_ranges = list(self.copiers[-1].stats.error_ranges)
+        return total
+
+
+def _excluding(options: SaveOptions) -> bool:
+    return options.dump_level != 0
+
+
+def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
+    """Stream an ELF core (compressed or sparse plain) into ``out``.
+
+    Returns (warnings, pages excluded per reason).
+    """
+    layout, options = capture.layout, capture.options
+    page = layout.page_size
+    warnings: list[str] = []
+    excluded_counts: dict = {}
+    segments = layout.segments
+    plan = plan_copy(segments, page)
+    if _excluding(options):
+        # The headers come first, so exclusions must be known before writing.
+        runs = scan_excluded_runs(capture.copier, plan, {s.index: s for s in segments}, page,
+                                  exclude_zero=bool(options.dump_level & 1))
+        excluded_counts["zero"] = sum(run.length for run in runs) // page
+        segments = tuple(split_segments(segments, runs))
+        plan = plan_copy(segments, page)
+    copier = capture.copier(plan)
+
     source_notes = _aligned_notes(layout)
-    note_args = dict(source=layout.source_name, page_size=layout.page_size,
-                     output_format=options.output_format)
+    note_args = dict(source=layout.source_name, page_size=page,
+                     output_format=options.output_format,
+                     extra=[f"DUMP_LEVEL={options.dump_level}"])
     # Errors are only known at the end; a stream we cannot rewrite must not
     # claim there were none.
     may_fail_over = options.on_error == "zero"
     first_note = vmcap_note(layout.byte_order, **note_args,
                             error_ranges=None if may_fail_over and not out.seekable else ())
-    segments = [OutputSegment(s.paddr, s.vaddr, 0, s.filesz, s.memsz, s.flags)
-                for s in layout.segments]
-    image = plan_elf_image(layout, segments, len(source_notes) + len(first_note),
-                           layout.page_size)
+    image = plan_elf_image(layout, [OutputSegment(s.paddr, s.vaddr, 0, s.filesz, s.memsz,
+                                                  s.flags) for s in segments],
+                           len(source_notes) + len(first_note), page)
     if options.output_format == "zelf":
         from .seekable import SeekableWriter
 
@@ -114,7 +169,7 @@ def write_elf(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFil
             out.pwrite(raw_frame(image.header + source_notes + final_note), head_offset)
         else:
             out.pwrite(final_note, image.vmcap_note_offset)
-    return warnings
+    return warnings, excluded_counts
 
 
 def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
@@ -128,27 +183,28 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     started = time.monotonic()
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
+    if options.output_format == "kdump" and output_path == "-":
+        raise OutputError("--format kdump needs a seekable output file, not stdout")
+    if options.dump_level & ~1:
+        raise Unsupported(f"dump level {options.dump_level}: only bit 1 (exclude zero "
+                          "pages) is implemented so far")
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
         layout = read_layout(source, page_size=options.page_size)
-        plan = plan_copy(layout.segments, layout.page_size)
-        total = plan.file_bytes
-        report = (lambda n: progress(n, total)) if progress else None
-        copier = PlanCopier(source, plan, window_bytes=options.window_bytes,
-                            on_error=options.on_error, progress=report)
-        if options.output_format == "kdump" and output_path == "-":
-            raise OutputError("--format kdump needs a seekable output file, not stdout")
+        capture = Capture(source, layout, options, progress)
+        fractional = len(find_fractional_pages(layout.segments, layout.page_size))
         out = OutputFile(output_path, force=options.force)
         try:
-            pages_excluded: dict = {}
             warnings: list[str] = []
             if options.output_format == "kdump":
                 from .kdumpsave import write_kdump
 
-                pages_excluded = write_kdump(layout, plan, copier, out, options)
+                # Page formats store each physical page once, in pfn order.
+                plan = plan_copy(disjoint_segments(layout.segments), layout.page_size)
+                pages_excluded = write_kdump(layout, plan, capture.copier(plan), out, options)
             else:
-                warnings = write_elf(layout, plan, copier, out, options)
+                warnings, pages_excluded = write_elf(capture, out)
             out.commit()
         except BaseException:
             out.abort()
@@ -156,19 +212,18 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     finally:
         source.close()
 
-    stats: CopyStats = copier.stats
+    stats = capture.stats()
     seconds = max(time.monotonic() - started, 1e-9)
     written = out.position
     return SaveSummary(
         source=source_path, output=output_path, format=options.output_format,
         page_size=layout.page_size, segments=len(layout.segments),
-        memory_bytes=plan.memory_bytes, bytes_read=stats.bytes_read, bytes_written=written,
+        memory_bytes=layout.memory_bytes, bytes_read=stats.bytes_read, bytes_written=written,
         ratio=round(stats.bytes_read / written, 3) if written else 0.0,
         seconds=round(seconds, 3), mb_per_s=round(stats.bytes_read / seconds / 1e6, 1),
         mapped_bytes=stats.mapped_bytes, buffered_bytes=stats.buffered_bytes,
-        zero_fill_bytes=stats.zero_fill_bytes, fractional_pages=len(plan.fractional_pages),
+        zero_fill_bytes=stats.zero_fill_bytes, fractional_pages=fractional,
         mmap_fallbacks=stats.mmap_fallbacks,
         error_ranges=tuple({"paddr": e.paddr, "length": e.length, "reason": e.reason}
                            for e in stats.error_ranges),
         pages_excluded=pages_excluded, warnings=layout.warnings + tuple(warnings))
-

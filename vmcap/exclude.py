@@ -1,0 +1,165 @@
+"""Dump levels for the ELF formats: find excluded pages, split PT_LOADs around them.
+
+An ELF header comes before the data, so which pages are left out must be
+known before the first byte is written: a scan pass reads the whole pages
+once (mmap windows; fractional pieces are never part of it, they are read
+once, in the copy pass) and records runs of excluded pages. The output then
+follows makedumpfile -E: a run of at least ``MIN_EXCLUDED_RUN`` pages ends a
+PT_LOAD (it goes into p_memsz, not p_filesz) and the next one starts after
+it; shorter runs are written with their real contents (zeros, for zero
+pages), because another program header costs more than it saves; a run at
+the very end of a segment's data always becomes zero fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .copy import PlanCopier
+from .fraction import CopyPlan, MappedRange
+from .layout import Segment
+
+MIN_EXCLUDED_RUN = 256  # makedumpfile's PFN_EXCLUDED
+
+
+@dataclass(frozen=True, slots=True)
+class ExcludedRun:
+    segment: int
+    paddr: int
+    length: int
+
+
+class RunTracker:
+    """Accumulates runs of excluded pages of one segment across chunks."""
+
+    def __init__(self, segment: Segment, page_size: int):
+        self.segment = segment
+        self.page_size = page_size
+        self.runs: list[ExcludedRun] = []
+        self._start: int | None = None
+        self._end = 0
+
+    def add(self, paddr: int, excluded: np.ndarray) -> None:
+        """``excluded[i]`` tells whether page paddr + i*page_size is excluded."""
+        if not len(excluded):
+            return
+        page = self.page_size
+        # Runs of equal flags in this block.
+        edges = np.flatnonzero(np.diff(excluded.astype(np.int8))) + 1
+        starts = np.concatenate(([0], edges)).tolist()
+        ends = np.concatenate((edges, [len(excluded)])).tolist()
+        for first, last in zip(starts, ends):
+            run_paddr = paddr + first * page
+            run_end = paddr + last * page
+            if excluded[first]:
+                if self._start is not None and self._end == run_paddr:
+                    self._end = run_end
+                else:
+                    self._close()
+                    self._start, self._end = run_paddr, run_end
+            else:
+                self._close()
+
+    def _close(self) -> None:
+        if self._start is None:
+            return
+        length = self._end - self._start
+        trailing = self._end == self.segment.paddr + self.segment.filesz
+        if trailing or length >= MIN_EXCLUDED_RUN * self.page_size:
+            self.runs.append(ExcludedRun(self.segment.index, self._start, length))
+        self._start = None
+
+    def finish(self) -> list[ExcludedRun]:
+        self._close()
+        return self.runs
+
+
+def page_flags_of_chunk(paddr: int, data, page_size: int) -> tuple[int, np.ndarray]:
+    """(paddr of first whole physical page, all-zero flag per whole page) of a chunk."""
+    skip = -paddr % page_size
+    count = max(0, (len(data) - skip) // page_size)
+    if not count:
+        return paddr + skip, np.zeros(0, dtype=bool)
+    body = np.frombuffer(data, dtype=np.uint8, count=count * page_size, offset=skip)
+    if page_size % 8 == 0 and (body.ctypes.data % 8 == 0):
+        rows = body.view(np.uint64).reshape(count, page_size // 8)
+    else:
+        rows = body.reshape(count, page_size)
+    return paddr + skip, ~rows.any(axis=1)
+
+
+def scan_excluded_runs(copier_factory, plan: CopyPlan, segments: dict[int, Segment],
+                       page_size: int, *, exclude_zero: bool,
+                       class_excluded: np.ndarray | None = None) -> list[ExcludedRun]:
+    """Read the plan's mapped ranges once and find the runs to exclude.
+
+    ``copier_factory(plan)`` returns a PlanCopier over the source;
+    ``class_excluded`` is a per-pfn bool array from page classification.
+    """
+    scan_plan = CopyPlan(plan.page_size, tuple(s for s in plan.steps if type(s) is MappedRange),
+                         (), plan.mapped_bytes, 0, 0)
+    trackers: dict[int, RunTracker] = {}
+    copier: PlanCopier = copier_factory(scan_plan)
+    for chunk in copier:
+        if chunk.data is None:
+            continue
+        tracker = trackers.get(chunk.segment)
+        if tracker is None:
+            tracker = trackers[chunk.segment] = RunTracker(segments[chunk.segment], page_size)
+        first, zero = page_flags_of_chunk(chunk.paddr, chunk.data, page_size)
+        excluded = zero if exclude_zero else np.zeros(len(zero), dtype=bool)
+        if class_excluded is not None and len(zero):
+            pfn = first // page_size
+            known = class_excluded[pfn:pfn + len(zero)]
+            excluded = excluded.copy()
+            excluded[:len(known)] |= known
+        # A page that could not be read (zero-filled under --on-error=zero)
+        # is kept, so the copy pass meets the error again and records it.
+        for error in copier.stats.error_ranges:
+            lo = max(0, (error.paddr - first) // page_size)
+            hi = min(len(excluded), -(-(error.paddr + error.length - first) // page_size))
+            if lo < hi:
+                excluded = excluded.copy()
+                excluded[lo:hi] = False
+        # Pages cut by a window edge (only in packed cores) are not in the
+        # flags at all: never exclude what was not seen whole.
+        tracker.add(first, excluded)
+    runs = []
+    for tracker in trackers.values():
+        runs.extend(tracker.finish())
+    return runs
+
+
+def split_segments(segments, runs: list[ExcludedRun]) -> list[Segment]:
+    """Output segments: each source segment cut around its excluded runs.
+
+    The results reference the *source* file offsets (so they can be planned
+    and copied like source segments) and are numbered in output order.
+    """
+    by_segment: dict[int, list[ExcludedRun]] = {}
+    for run in runs:
+        by_segment.setdefault(run.segment, []).append(run)
+    out: list[Segment] = []
+
+    def emit(src: Segment, start: int, filesz: int, memsz: int) -> None:
+        delta = start - src.paddr
+        out.append(Segment(len(out), start, src.vaddr + delta, src.offset + min(delta, src.filesz),
+                           filesz, memsz, src.flags))
+
+    for src in segments:
+        start = src.paddr
+        data_end = src.paddr + src.filesz
+        mem_end = src.paddr + src.memsz
+        for run in sorted(by_segment.get(src.index, ()), key=lambda r: r.paddr):
+            run_end = run.paddr + run.length
+            if run_end == data_end:
+                break  # trailing: the rest of the segment is zero fill
+            emit(src, start, run.paddr - start, run_end - start)
+            start = run_end
+        else:
+            emit(src, start, data_end - start, mem_end - start)
+            continue
+        emit(src, start, run.paddr - start, mem_end - start)
+    return out
