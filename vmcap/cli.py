@@ -298,12 +298,14 @@ def _progress_reporter(enabled: bool):
               help="makedumpfile dump level (bit 1: exclude zero pages).")
 @click.option("--compress", type=click.Choice(["zstd", "zlib", "none"]), default="zstd",
               show_default=True, help="Page compression for --format kdump.")
-@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--dmesg", "dmesg_path", default=None, metavar="FILE",
+              help="Also write the crashed kernel's log to FILE (before copying memory).")
+@click.option("--force", is_flag=True, help="Overwrite OUT (and FILE) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in README).")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_page_size_option
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
-         dump_level, compress, force, as_json, quiet, page_size):
+         dump_level, compress, dmesg_path, force, as_json, quiet, page_size):
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
@@ -320,7 +322,7 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
-                          dump_level=dump_level, compress=compress)
+                          dump_level=dump_level, compress=compress, dmesg_path=dmesg_path)
     show_progress = not quiet and _is_terminal(sys.stderr)
     with _errors_to_exit_codes():
         with _progress_reporter(show_progress) as progress:
@@ -349,6 +351,8 @@ def _render_save(s, err: bool) -> None:
     if s.pages_excluded:
         pairs.append(("pages excluded", ", ".join(f"{k}: {v}" for k, v in
                                                   s.pages_excluded.items())))
+    if s.dmesg:
+        pairs.append(("kernel log", f"{s.dmesg_records} records -> {s.dmesg}"))
     if s.error_ranges:
         pairs.append(("read errors", f"{len(s.error_ranges)} range(s) zero-filled"))
     _print_fields(pairs, err=err)
@@ -385,6 +389,42 @@ def decompress(dump, plain, force):
 
     with _errors_to_exit_codes():
         run_decompress(dump, plain, force=force)
+
+
+@main.command()
+@click.argument("src", required=False, default=DEFAULT_SOURCE)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the records as JSON (seq, ts_nsec, level, facility, caller, text).")
+@click.option("--caller-id", is_flag=True,
+              help="Add the [T<pid>]/[C<cpu>] caller column, as makedumpfile 1.7.5+ prints it.")
+@_page_size_option
+def dmesg(src, as_json, caller_id, page_size):
+    """Print the crashed kernel's log (like makedumpfile --dump-dmesg).
+
+    Works on /proc/vmcore, saved ELF dumps, zelf and kdump files; needs
+    VMCOREINFO and an x86_64 dump. SRC defaults to /proc/vmcore.
+    """
+    from .dmesg import format_makedumpfile
+    from .dumpfile import kernel_log, open_dump
+
+    with _errors_to_exit_codes():
+        with open_dump(src, page_size=page_size) as dump:
+            records = kernel_log(dump)
+        if as_json:
+            click.echo(json.dumps([_record_json(r) for r in records], indent=2))
+        else:
+            sys.stdout.write(format_makedumpfile(records, caller_ids=caller_id))
+
+
+def _record_json(record) -> dict:
+    caller = None
+    if record.caller_id is not None:
+        # Bit 31 set: a CPU number (not in task context), else a PID.
+        cid = record.caller_id
+        caller = f"C{cid & 0x7fffffff}" if cid & 0x80000000 else f"T{cid}"
+    return {"seq": record.seq, "ts_nsec": record.ts_nsec, "level": record.level,
+            "facility": record.facility, "caller": caller,
+            "text": record.text.decode("utf-8", "backslashreplace")}
 
 
 @main.command()

@@ -143,3 +143,70 @@ class ElfPhysicalView:
             paddr += n
             length -= n
         return b"".join(parts)
+
+
+@dataclass
+class OpenDump:
+    """Any dump as physical memory plus what the kernel said about itself."""
+
+    path: str
+    container: str
+    machine: str  # "EM_X86_64" (ELF) or "x86_64" (kdump header)
+    page_size: int
+    vmcoreinfo: dict
+    read_physical: object  # (paddr, length) -> bytes
+    phys_base_hint: int | None  # from the kernel-text PT_LOAD, when there is one
+    max_pfn: int
+    _closer: object = None
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
+    """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory."""
+    from .kernel import phys_base_from_segments
+    from .layout import read_layout
+    from .vmcoreinfo import parse_vmcoreinfo
+
+    container = detect_container(path) if os.path.isfile(path) else "elf"
+    if container == "kdump":
+        from .kdump import KdumpReader
+
+        try:
+            reader = KdumpReader(path)
+        except OSError as e:
+            raise BadSource(f"{path}: cannot open: {e.strerror}") from None
+        header = reader.header
+        return OpenDump(path, container, header.machine, header.page_size,
+                        parse_vmcoreinfo(reader.vmcoreinfo), reader.pread_physical,
+                        header.phys_base or None, header.max_mapnr, reader.close)
+    source = open_elf_source(path)
+    try:
+        layout = read_layout(source, page_size=page_size)
+    except BaseException:
+        source.close()
+        raise
+    view = ElfPhysicalView(layout, source)
+    max_end = max((s.paddr + s.memsz for s in layout.segments), default=0)
+    return OpenDump(path, container, layout.machine, layout.page_size, layout.vmcoreinfo,
+                    view.read_physical,
+                    phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments),
+                    -(-max_end // layout.page_size), source.close)
+
+
+def kernel_log(dump: OpenDump):
+    """The crashed kernel's log records (lockless ringbuffer or log_buf)."""
+    from .dmesg import read_kernel_log
+    from .kernel import make_translator
+
+    translator = make_translator(dump.read_physical, dump.vmcoreinfo, dump.machine,
+                                 fallback_phys_base=dump.phys_base_hint)
+    return read_kernel_log(translator, dump.vmcoreinfo)

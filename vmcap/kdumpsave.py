@@ -17,7 +17,8 @@ from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note, vmcap
 from .errors import BadSource
 from .fraction import CopyPlan, disjoint_segments, present_page_count
 from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
-from .layout import Layout, _parse_notes, parse_vmcoreinfo
+from .layout import Layout, _parse_notes
+from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
 
 ZERO_CHUNK_BYTES = 4 << 20

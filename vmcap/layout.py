@@ -22,6 +22,7 @@ from elftools.elf.elffile import ELFFile
 
 from .errors import BadSource
 from .mmapio import Source
+from .vmcoreinfo import parse_vmcoreinfo
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -172,16 +173,6 @@ class ExactReader(io.RawIOBase):
         data = self.read(len(buffer))
         buffer[: len(data)] = data
         return len(data)
-
-
-def parse_vmcoreinfo(text: bytes) -> dict[str, str]:
-    """VMCOREINFO is KEY=VALUE lines; the first occurrence of a key wins."""
-    info: dict[str, str] = {}
-    for line in text.decode("utf-8", "replace").splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key and key not in info:
-            info[key.strip()] = value.strip()
-    return info
 
 
 def _parse_notes(data: bytes, byte_order: str, where: int,

@@ -13,7 +13,7 @@ from typing import Callable
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
 from .exclude import scan_excluded_runs, split_segments
 from .elfwriter import ElfStreamWriter, OutputSegment, plan_elf_image, vmcap_note
-from .errors import OutputError, Unsupported
+from .errors import BadSource, OutputError, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout
 from .mmapio import FileSource, Source
@@ -35,6 +35,7 @@ class SaveOptions:
     allow_mmap: bool = True
     dump_level: int = 0
     compress: str = "zstd"  # kdump page compression
+    dmesg_path: str | None = None  # also write the kernel log here
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class SaveSummary:
     mmap_fallbacks: int
     error_ranges: tuple[dict, ...]
     pages_excluded: dict = field(default_factory=dict)
+    dmesg: str | None = None
+    dmesg_records: int = 0
     warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
@@ -172,6 +175,31 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     return warnings, excluded_counts
 
 
+def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int:
+    """Write the crashed kernel's log beside the dump; returns the record count.
+
+    Read first, before the long copy: if the capture is cut short, the log
+    (often all a bug report needs) is already safe.
+    """
+    from .dmesg import format_makedumpfile
+    from .dumpfile import ElfPhysicalView, OpenDump, kernel_log
+    from .kernel import phys_base_from_segments
+
+    view = ElfPhysicalView(layout, source)
+    dump = OpenDump(layout.source_name, "elf", layout.machine, layout.page_size,
+                    layout.vmcoreinfo, view.read_physical,
+                    phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments), 0)
+    records = kernel_log(dump)
+    out = OutputFile(options.dmesg_path, force=options.force, mode=0o600)
+    try:
+        out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return len(records)
+
+
 def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
          progress: Callable[[int, int], None] | None = None,
          source: Source | None = None) -> SaveSummary:
@@ -193,6 +221,14 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     try:
         layout = read_layout(source, page_size=options.page_size)
         capture = Capture(source, layout, options, progress)
+        dmesg_records = 0
+        log_warning: list[str] = []
+        if options.dmesg_path:
+            try:
+                dmesg_records = save_kernel_log(layout, source, options)
+            except (BadSource, Unsupported, SourceIOError) as error:
+                # The dump matters more than the log: say why, and go on.
+                log_warning.append(f"kernel log not saved: {error}")
         fractional = len(find_fractional_pages(layout.segments, layout.page_size))
         out = OutputFile(output_path, force=options.force)
         try:
@@ -226,4 +262,7 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         mmap_fallbacks=stats.mmap_fallbacks,
         error_ranges=tuple({"paddr": e.paddr, "length": e.length, "reason": e.reason}
                            for e in stats.error_ranges),
-        pages_excluded=pages_excluded, warnings=layout.warnings + tuple(warnings))
+        pages_excluded=pages_excluded,
+        dmesg=options.dmesg_path if options.dmesg_path and not log_warning else None,
+        dmesg_records=dmesg_records,
+        warnings=layout.warnings + tuple(log_warning) + tuple(warnings))

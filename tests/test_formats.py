@@ -1,0 +1,229 @@
+"""kdump output, zero-page exclusion (-d 1) in every format, the kernel log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import env_without_debug, spec
+from vmcap.exclude import MIN_EXCLUDED_RUN, ExcludedRun, split_segments
+from vmcap.fraction import find_fractional_pages
+from vmcap.kdump import KdumpReader
+from vmcap.layout import Segment, read_layout
+from vmcap.mmapio import FileSource
+from vmcap.sample import RamRange, expected_bytes
+from vmcap.save import SaveOptions, save
+from vmcap.verify import verify
+
+PAGE = 4096
+
+
+def layout_of(path):
+    with FileSource(path) as source:
+        return read_layout(source)
+
+
+# ------------------------------------------------------------- split_segments
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_split_segments_keep_every_byte_that_is_not_excluded(data):
+    page = 16
+    filesz = data.draw(st.integers(1, 40)) * page + data.draw(st.integers(0, page - 1))
+    memsz = filesz + data.draw(st.sampled_from([0, 0, 5, 3 * page]))
+    seg = Segment(0, 8 * page, 0xff00 + 8 * page, 3 * page, filesz, memsz)
+    # Runs on the page grid inside the file data, sorted, not touching.
+    cursor, runs = seg.paddr, []
+    while True:
+        gap = data.draw(st.integers(0, 6)) * page
+        length = data.draw(st.integers(1, 8)) * page
+        start = cursor + gap
+        if start + length > seg.paddr + filesz or data.draw(st.booleans()):
+            break
+        runs.append(ExcludedRun(0, start, length))
+        cursor = start + length + page
+    pieces = split_segments([seg], runs)
+    excluded = {a for r in runs for a in range(r.paddr, r.paddr + r.length)}
+    in_file, in_memory = [], []
+    for piece in pieces:
+        assert piece.vaddr - piece.paddr == seg.vaddr - seg.paddr
+        assert piece.offset - piece.paddr == seg.offset - seg.paddr or piece.filesz == 0
+        in_file.extend(range(piece.paddr, piece.paddr + piece.filesz))
+        in_memory.extend(range(piece.paddr, piece.paddr + piece.memsz))
+    # Memory is covered exactly once; file data is everything but the runs.
+    assert in_memory == list(range(seg.paddr, seg.paddr + seg.memsz))
+    assert set(in_file) == set(range(seg.paddr, seg.paddr + filesz)) - excluded
+    assert [p.index for p in pieces] == list(range(len(pieces)))
+
+
+def test_short_zero_runs_are_written_long_runs_split_trailing_runs_zero_filled(make_vmcore,
+                                                                                tmp_path):
+    # 300 zero pages between data, 10 zero pages between data, zero tail.
+    long_run = MIN_EXCLUDED_RUN + 44
+    ranges = [RamRange(0x100000, (1 + long_run + 1 + 10 + 1 + 20) * PAGE)]
+    sample_spec = spec(ranges, content="zero")
+    src, info = make_vmcore(sample_spec)
+    # Put data pages where the test wants them.
+    with open(src, "r+b") as f:
+        base = info.segments[0].offset
+        for page_index in (0, 1 + long_run, 1 + long_run + 1 + 10):
+            f.seek(base + page_index * PAGE)
+            f.write(b"\x42" * PAGE)
+    out = str(tmp_path / "out.elf")
+    summary = save(src, out, SaveOptions(output_format="elf", dump_level=1))
+    loads = [(s.paddr - 0x100000) // PAGE for s in layout_of(out).segments]
+    files = [s.filesz // PAGE for s in layout_of(out).segments]
+    mems = [s.memsz // PAGE for s in layout_of(out).segments]
+    # First PT_LOAD: the data page + the long run as zero fill; second: the
+    # data page, 10 zero pages written as they are, the data page, then the
+    # 20-page zero tail as zero fill.
+    assert loads == [0, 1 + long_run]
+    assert files == [1, 12] and mems == [1 + long_run, 12 + 20]
+    assert summary.pages_excluded == {"zero": long_run + 20}
+    assert verify(out, src)["status"] == "ok"
+
+
+@pytest.mark.parametrize("fmt", ["zelf", "elf", "kdump"])
+def test_dump_level_1_round_trip_verifies_against_source(make_vmcore, tmp_path, fmt):
+    src, _ = make_vmcore(spec(content="mixed"))
+    out = str(tmp_path / f"out.{fmt}")
+    summary = save(src, out, SaveOptions(output_format=fmt, dump_level=1))
+    assert summary.pages_excluded["zero"] > 0
+    result = verify(out, src)
+    assert result["status"] == "ok" and result["compared_bytes"] == summary.memory_bytes
+
+
+def test_dump_levels_beyond_zero_pages_are_refused_clearly(make_vmcore, tmp_path):
+    src, _ = make_vmcore(spec())
+    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "-d", "31", src,
+                             str(tmp_path / "out")], capture_output=True, text=True,
+                            env=env_without_debug())
+    assert result.returncode in (0, 8), result.stderr
+    if result.returncode == 8:
+        assert result.stderr.count("\n") == 1 and "dump level" in result.stderr
+
+
+# ------------------------------------------------------------------ kdump
+
+@pytest.mark.parametrize("compress", ["zstd", "zlib", "none"])
+def test_kdump_keeps_every_ram_byte_of_fractional_pages(make_vmcore, tmp_path, compress):
+    sample_spec = spec()
+    src, _ = make_vmcore(sample_spec)
+    out = str(tmp_path / "out.kdump")
+    save(src, out, SaveOptions(output_format="kdump", compress=compress))
+    layout = layout_of(src)
+    fractional = find_fractional_pages(layout.segments, PAGE)
+    assert len(fractional) == 4
+    with KdumpReader(out) as reader:
+        for frac in fractional:
+            page = reader.read_page(frac.paddr // PAGE)
+            assert page is not None, f"fractional page {frac.paddr:#x} missing"
+            ram = bytearray(PAGE)
+            for piece in frac.pieces:
+                at = piece.paddr - frac.paddr
+                ram[at:at + piece.size] = expected_bytes(sample_spec, piece.paddr, piece.size)
+            # RAM bytes kept, the non-RAM part zero (never the poison).
+            assert page == bytes(ram)
+        present, dumped = reader.page_counts()
+        assert present == dumped
+    assert verify(out, src)["status"] == "ok"
+
+
+def test_kdump_overlapping_segments_store_each_page_once(make_vmcore, tmp_path):
+    ranges = [RamRange(0x100000, 0x400000),
+              RamRange(0x200000, 0x1800, vaddr=0xffffffff81000000)]
+    src, _ = make_vmcore(spec(ranges))
+    out = str(tmp_path / "out.kdump")
+    save(src, out, SaveOptions(output_format="kdump"))
+    with KdumpReader(out) as reader:
+        assert reader.page_counts() == (0x400, 0x400)
+    assert verify(out, src)["status"] == "ok"
+
+
+def test_kdump_to_stdout_is_refused(make_vmcore):
+    src, _ = make_vmcore(spec())
+    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--format", "kdump", src,
+                             "-"], capture_output=True, text=True, env=env_without_debug())
+    assert result.returncode == 5 and "seekable" in result.stderr
+
+
+def test_inspect_and_verify_a_kdump_file_through_the_cli(make_vmcore, tmp_path):
+    src, _ = make_vmcore(spec(content="mixed"))
+    out = str(tmp_path / "out.kdump")
+    subprocess.run([sys.executable, "-m", "vmcap", "save", "-q", "--format", "kdump", "-d", "1",
+                    src, out], check=True)
+    report = json.loads(subprocess.run([sys.executable, "-m", "vmcap", "inspect", "--json", out],
+                                       capture_output=True, text=True, check=True).stdout)
+    assert report["container"] == "kdump"
+    assert report["kdump"]["dump_level"] == 1
+    assert report["kdump"]["pages_dumped"] < report["kdump"]["pages_present"]
+    assert report["osrelease"] == "6.1.0-vmcap-sample"
+    assert report["vmcap"]["SOURCE"] == src
+    result = subprocess.run([sys.executable, "-m", "vmcap", "verify", "--json", "--source", src,
+                             out], capture_output=True, text=True)
+    assert result.returncode == 0 and json.loads(result.stdout)["status"] == "ok"
+
+
+def test_corrupt_kdump_page_is_reported_by_verify(make_vmcore, tmp_path):
+    src, _ = make_vmcore(spec(content="mixed"))
+    out = tmp_path / "out.kdump"
+    save(src, str(out), SaveOptions(output_format="kdump"))
+    data = bytearray(out.read_bytes())
+    # Flip bytes in the middle of the page data.
+    for i in range(len(data) - 200_000, len(data) - 199_000):
+        data[i] ^= 0xff
+    out.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "vmcap", "verify", "--source", src, str(out)],
+                            capture_output=True, text=True, env=env_without_debug())
+    assert result.returncode in (6, 7), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------- kernel log
+
+def test_dmesg_on_every_format_of_the_real_dump(real_vmcore, tmp_path):
+    outputs = {}
+    for fmt in ("zelf", "kdump"):
+        outputs[fmt] = str(tmp_path / f"real.{fmt}")
+        save(real_vmcore, outputs[fmt], SaveOptions(output_format=fmt, dump_level=1))
+    texts = [subprocess.run([sys.executable, "-m", "vmcap", "dmesg", path], capture_output=True,
+                            text=True, check=True).stdout
+             for path in (real_vmcore, *outputs.values())]
+    assert texts[0] == texts[1] == texts[2]
+    assert texts[0].count("\n") == 427
+    assert "Kernel panic - not syncing: sysrq triggered crash" in texts[0]
+    records = json.loads(subprocess.run([sys.executable, "-m", "vmcap", "dmesg", "--json",
+                                         real_vmcore], capture_output=True, text=True,
+                                        check=True).stdout)
+    assert len(records) == 423 and records[0]["text"].startswith("Linux version 6.1.0-56")
+    assert set(records[0]) == {"seq", "ts_nsec", "level", "facility", "caller", "text"}
+
+
+def test_save_writes_the_kernel_log_beside_the_dump(real_vmcore, tmp_path):
+    log = tmp_path / "dmesg.txt"
+    summary = save(real_vmcore, str(tmp_path / "out"), SaveOptions(dmesg_path=str(log)))
+    assert summary.dmesg == str(log) and summary.dmesg_records == 423
+    assert "sysrq triggered crash" in log.read_text()
+
+
+def test_save_goes_on_when_the_kernel_log_cannot_be_read(make_vmcore, tmp_path):
+    # The sample's VMCOREINFO has no printk symbols: the dump still gets saved.
+    src, _ = make_vmcore(spec())
+    log = tmp_path / "dmesg.txt"
+    summary = save(src, str(tmp_path / "out"), SaveOptions(dmesg_path=str(log)))
+    assert summary.dmesg is None and not log.exists()
+    assert any("kernel log not saved" in w for w in summary.warnings)
+    assert verify(str(tmp_path / "out"), src)["status"] == "ok"
+
+
+def test_dmesg_without_vmcoreinfo_is_a_clear_error(make_vmcore):
+    src, _ = make_vmcore(spec(vmcoreinfo={}))
+    result = subprocess.run([sys.executable, "-m", "vmcap", "dmesg", src], capture_output=True,
+                            text=True, env=env_without_debug())
+    assert result.returncode == 8, result.stderr
+    assert result.stderr.count("\n") == 1 and "VMCOREINFO" in result.stderr

@@ -1,0 +1,704 @@
+"""Which pages a dump level leaves out: makedumpfile's -d 2/4/8/16, from VMCOREINFO alone.
+
+makedumpfile (makedumpfile.c __exclude_unnecessary_pages) walks the crashed
+kernel's struct pages in pfn order and, for each page that is not a compound
+tail, tests in this order:
+
+    FREE           buddy page (page type PAGE_BUDDY_MAPCOUNT_VALUE, not slab):
+                   excludes 1 << page.private pfns                      (-d 16)
+                   unaccepted page (6.16+): 1 << MAX_PAGE_ORDER pfns    (-d 16)
+    CACHE          LRU or swap cache, not PG_private, not anonymous     (-d 2)
+    CACHE_PRIVATE  LRU or swap cache, not anonymous                     (-d 4)
+    USER           anonymous (mapping & 1, not slab) or hugetlbfs      (-d 8)
+    HWPOISON       PG_hwpoison                                          (always)
+    OFFLINE        page type PAGE_OFFLINE_MAPCOUNT_VALUE (balloon, virtio-mem)
+                                                                        (always)
+
+A compound head excludes its whole compound page (1 << order pfns, the order
+read from the first tail page); the walk then jumps past the excluded range,
+so pages inside it are never looked at. Here the same rules run on numpy
+arrays, one chunk of struct pages at a time, and the jump is reproduced by
+dropping every claim that starts inside an earlier accepted range.
+
+Where the order and the hugetlb mark live changed several times; the variant
+is chosen once from the VMCOREINFO keys the kernel wrote (page_rules):
+
+    6.9+       order = low byte of the first tail's flags (folio._flags_1);
+               hugetlb = head page type PAGE_HUGETLB_MAPCOUNT_VALUE
+    6.6-6.8    order likewise; hugetlb = NUMBER(PG_hugetlb) bit in _flags_1
+    6.3-6.5    OFFSET(folio._folio_order/_folio_dtor) - SIZE(page) in the first tail;
+               hugetlb = dtor == NUMBER(HUGETLB_PAGE_DTOR)
+    4.4-6.2    OFFSET(page.compound_order/compound_dtor) in the first tail
+               (one byte from 4.16, two before); hugetlb likewise by dtor
+    6.10+      slab is the page type PAGE_SLAB_MAPCOUNT_VALUE, before it PG_slab
+    6.12+      page types are PGTY_x << 24; compared for equality like the
+               older ~PG_x values (makedumpfile 72c3414)
+    7.1+       OFFSET(page.compound_info) replaces OFFSET(page.compound_head)
+
+A key the chosen rules need but the kernel did not write raises Unsupported
+naming it, rather than quietly keeping or dropping the wrong pages.
+
+Only x86_64 with SPARSEMEM (the mem_section tree; vmemmap or not) is handled.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import vmcoreinfo as vi
+from .errors import BadSource, SourceIOError, Unsupported
+from .kernel import make_translator
+
+ReadPhysical = Callable[[int, int], bytes]
+ReadVirtual = Callable[[int, int], bytes]
+
+# Dump level bits (makedumpfile.h DL_EXCLUDE_*).
+DL_ZERO, DL_CACHE, DL_CACHE_PRIVATE, DL_USER, DL_FREE = 1, 2, 4, 8, 16
+MAX_DUMP_LEVEL = 31
+
+# Page classes, in makedumpfile's test order; 0 means "dumped".
+KEPT, FREE, CACHE, CACHE_PRIVATE, USER, HWPOISON, OFFLINE = range(7)
+CLASS_NAMES = ("kept", "free", "cache", "cache_private", "user", "hwpoison", "offline")
+
+# makedumpfile reads struct pages PGMM_CACHED at a time and only looks for a
+# compound head's order in the same batch: a head in the last slot gets order 0.
+PGMM_CACHED = 512
+PAGE_MAPPING_ANON = 0x1
+TAIL_PAGE_MARK = 0x1  # compound_head & 1: this is a tail page
+# section_mem_map low bits are flags (SECTION_MARKED_PRESENT, ...); makedumpfile
+# masks the kernel's largest SECTION_MAP_LAST_BIT (1 << 5) on every version.
+SECTION_MARKED_PRESENT = 0x1
+SECTION_MAP_MASK = ~0x1F & 0xFFFF_FFFF_FFFF_FFFF
+POINTER_BYTES = 8
+KERNEL_HALF = 1 << 63  # x86_64 kernel addresses have the top bit set
+X86_64_DEFAULT_MAX_PHYSMEM_BITS = {False: 46, True: 52}  # by 5-level paging
+# Orders beyond this exceed any pfn range; capping keeps 1 << order in int64.
+ORDER_CAP = 40
+
+
+# --- rules: what VMCOREINFO says about struct page ----------------------------------
+
+
+@dataclass(frozen=True)
+class CompoundLayout:
+    """Where a compound head's order and hugetlb mark are, in the first tail page.
+
+    order_offset/order_bytes locate the order inside the tail's struct page
+    (on 6.6+ that is the low byte of its flags, folio._flags_1). At most one
+    hugetlb test is set; none means the kernel has no hugetlb pages
+    (CONFIG_HUGETLB_PAGE off).
+    """
+
+    order_offset: int
+    order_bytes: int
+    hugetlb_head_type: int | None = None       # 6.9+: head page type
+    hugetlb_tail_flag_bit: int | None = None   # 6.6-6.8: PG_hugetlb in _flags_1
+    dtor_offset: int | None = None             # 4.4-6.5: compound destructor id
+    dtor_bytes: int = 1
+    hugetlb_dtor: int | None = None
+
+
+@dataclass(frozen=True)
+class PageRules:
+    """Everything the classifier needs, looked up from VMCOREINFO once.
+
+    Offsets are within struct page; page-type values are the 32-bit pattern
+    of page._mapcount (page_type) for that type. None: the kernel does not
+    have that flag or type.
+    """
+
+    dump_level: int
+    struct_page_size: int
+    flags_offset: int
+    mapping_offset: int
+    mapcount_offset: int
+    private_offset: int
+    compound_head_offset: int
+    head_mask: int
+    lru_bit: int | None = None
+    private_bit: int | None = None
+    swapcache_bit: int | None = None
+    swapbacked_bit: int | None = None
+    hwpoison_bit: int | None = None
+    slab_bit: int | None = None
+    slab_type: int | None = None
+    buddy_type: int | None = None
+    offline_type: int | None = None
+    unaccepted_type: int | None = None
+    free_area_orders: int | None = None  # LENGTH(zone.free_area) = NR_PAGE_ORDERS
+    compound: CompoundLayout | None = None
+
+
+def kernel_version(osrelease: str | None) -> tuple[int, int, int] | None:
+    """(major, minor, patch) from OSRELEASE such as "6.1.0-56-amd64"."""
+    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", osrelease or "")
+    if not found:
+        return None
+    return int(found[1]), int(found[2]), int(found[3] or 0)
+
+
+def _type_value(info: vi.VmcoreInfo, name: str) -> int | None:
+    # Printed with %ld: ~PG_x is negative, PGTY_x << 24 may be either sign;
+    # page_type is a 32-bit field, so compare the low 32 bits.
+    value = vi.number(info, name)
+    return None if value is None else value & 0xFFFF_FFFF
+
+
+def _first_offset(info: vi.VmcoreInfo, *names: str) -> int:
+    for name in names:
+        value = vi.offset(info, name)
+        if value is not None:
+            return value
+    return vi.offset(info, names[0], required=True)
+
+
+def compound_layout(info: vi.VmcoreInfo) -> CompoundLayout:
+    """Where this kernel keeps a compound page's order and hugetlb mark (see the module doc)."""
+    flags_offset = vi.offset(info, "page.flags", required=True)
+    hugetlb_type = _type_value(info, "PAGE_HUGETLB_MAPCOUNT_VALUE")
+    if hugetlb_type is not None:
+        return CompoundLayout(flags_offset, 1, hugetlb_head_type=hugetlb_type)
+    pg_hugetlb = vi.number(info, "PG_hugetlb")
+    if pg_hugetlb is not None:
+        return CompoundLayout(flags_offset, 1, hugetlb_tail_flag_bit=pg_hugetlb)
+    hugetlb_dtor = vi.number(info, "HUGETLB_PAGE_DTOR")  # absent without CONFIG_HUGETLB_PAGE
+    folio_order = vi.offset(info, "folio._folio_order")
+    if folio_order is not None:
+        page_size = vi.size(info, "page", required=True)
+        folio_dtor = vi.offset(info, "folio._folio_dtor")
+        return CompoundLayout(
+            folio_order - page_size, 1,
+            dtor_offset=None if folio_dtor is None else folio_dtor - page_size,
+            hugetlb_dtor=hugetlb_dtor if folio_dtor is not None else None,
+        )
+    version = kernel_version(info.get("OSRELEASE"))
+    compound_order = vi.offset(info, "page.compound_order")
+    if compound_order is not None:
+        if version is None:
+            raise Unsupported("VMCOREINFO lacks OSRELEASE (needed for the width of page.compound_order)")
+        if version < (4, 4, 0):
+            raise Unsupported(f"kernel {info.get('OSRELEASE')}: compound pages before 4.4 are not supported")
+        width = 1 if version >= (4, 16, 0) else 2
+        compound_dtor = vi.offset(info, "page.compound_dtor")
+        return CompoundLayout(
+            compound_order, width,
+            dtor_offset=compound_dtor, dtor_bytes=width,
+            hugetlb_dtor=hugetlb_dtor if compound_dtor is not None else None,
+        )
+    if version is not None and version >= (6, 6, 0):
+        # 6.6-6.8 without CONFIG_HUGETLB_PAGE export neither PG_hugetlb nor
+        # an order offset: the order is in _flags_1 and there is no hugetlb.
+        return CompoundLayout(flags_offset, 1)
+    raise Unsupported("VMCOREINFO lacks OFFSET(page.compound_order) (and folio._folio_order, "
+                      "PG_hugetlb, PAGE_HUGETLB_MAPCOUNT_VALUE): cannot size compound pages")
+
+
+def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
+    """The classification rules for this kernel and dump level; Unsupported names a missing key.
+
+    Only what the requested bits need is required: -d 16 alone does not need
+    the compound layout, -d 2 does not need the buddy page type.
+    """
+    if not 0 <= dump_level <= MAX_DUMP_LEVEL:
+        raise ValueError(f"dump level {dump_level} is not in 0..{MAX_DUMP_LEVEL}")
+    wants_cache = bool(dump_level & (DL_CACHE | DL_CACHE_PRIVATE))
+    wants_user = bool(dump_level & DL_USER)
+    wants_free = bool(dump_level & DL_FREE)
+
+    slab_type = _type_value(info, "PAGE_SLAB_MAPCOUNT_VALUE")  # 6.10+
+    slab_bit = vi.number(info, "PG_slab")                       # before 6.10
+    if (wants_cache or wants_user or wants_free) and slab_type is None and slab_bit is None:
+        raise Unsupported("VMCOREINFO lacks NUMBER(PG_slab) and NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)")
+    buddy_type = _type_value(info, "PAGE_BUDDY_MAPCOUNT_VALUE")
+    if wants_free and buddy_type is None:
+        # makedumpfile would walk the zones' free lists instead; not done here.
+        raise Unsupported("VMCOREINFO lacks NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)")
+    needs_mapping = wants_cache or wants_user
+    if needs_mapping:
+        compound = compound_layout(info)
+    else:
+        # Not needed for buddy pages, but a hwpoison or offline compound head
+        # still takes its whole compound page with it, as in makedumpfile.
+        try:
+            compound = compound_layout(info)
+        except Unsupported:
+            compound = None
+    head_mask = vi.number(info, "PG_head_mask", required=needs_mapping)
+    return PageRules(
+        dump_level=dump_level,
+        struct_page_size=vi.size(info, "page", required=True),
+        flags_offset=vi.offset(info, "page.flags", required=True),
+        mapping_offset=vi.offset(info, "page.mapping", required=needs_mapping) or 0,
+        mapcount_offset=vi.offset(info, "page._mapcount", required=True),
+        private_offset=vi.offset(info, "page.private", required=wants_free) or 0,
+        compound_head_offset=_first_offset(info, "page.compound_head", "page.compound_info"),
+        head_mask=head_mask or 0,
+        lru_bit=vi.number(info, "PG_lru", required=wants_cache),
+        private_bit=vi.number(info, "PG_private", required=wants_cache),
+        swapcache_bit=vi.number(info, "PG_swapcache", required=wants_cache),
+        swapbacked_bit=vi.number(info, "PG_swapbacked"),  # before 4.10 swap cache had no PG_swapbacked
+        hwpoison_bit=vi.number(info, "PG_hwpoison"),      # only with CONFIG_MEMORY_FAILURE
+        slab_bit=slab_bit if slab_type is None else None,
+        slab_type=slab_type,
+        buddy_type=buddy_type,
+        offline_type=_type_value(info, "PAGE_OFFLINE_MAPCOUNT_VALUE"),
+        unaccepted_type=_type_value(info, "PAGE_UNACCEPTED_MAPCOUNT_VALUE"),
+        free_area_orders=vi.length(info, "zone.free_area"),
+        compound=compound if head_mask else None,
+    )
+
+
+def walks_mem_map(rules: PageRules) -> bool:
+    """Whether makedumpfile walks struct pages at this level: any of 2/4/8/16, or hwpoison known."""
+    return bool(rules.dump_level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE)) \
+        or rules.hwpoison_bit is not None
+
+
+# --- decoding struct pages ----------------------------------------------------------------
+
+
+def struct_page_dtype(rules: PageRules) -> np.dtype:
+    """A numpy view of struct page with the fields the rules read (fields may overlap)."""
+    fields = {
+        "flags": (rules.flags_offset, "<u8"),
+        "mapping": (rules.mapping_offset, "<u8"),
+        "mapcount": (rules.mapcount_offset, "<u4"),
+        "private": (rules.private_offset, "<u8"),
+        "compound_head": (rules.compound_head_offset, "<u8"),
+    }
+    compound = rules.compound
+    if compound is not None:
+        fields["tail_order"] = (compound.order_offset, f"<u{compound.order_bytes}")
+        if compound.dtor_offset is not None:
+            fields["tail_dtor"] = (compound.dtor_offset, f"<u{compound.dtor_bytes}")
+    for name, (at, fmt) in fields.items():
+        if at < 0 or at + np.dtype(fmt).itemsize > rules.struct_page_size:
+            raise BadSource(f"struct page field {name} at offset {at} is outside SIZE(page)="
+                            f"{rules.struct_page_size}")
+    return np.dtype({
+        "names": list(fields),
+        "formats": [fmt for _, fmt in fields.values()],
+        "offsets": [at for at, _ in fields.values()],
+        "itemsize": rules.struct_page_size,
+    })
+
+
+def _bit(values: np.ndarray, bit: int | None) -> np.ndarray:
+    if bit is None:
+        return np.zeros(values.shape, dtype=bool)
+    return (values >> np.uint64(bit)) & np.uint64(1) != 0
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Per struct page: the class makedumpfile would give it (KEPT..OFFLINE) and log2 of the pfns it excludes."""
+
+    page_class: np.ndarray  # uint8
+    order: np.ndarray       # int64, 0 for single pages
+
+
+def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
+                visit: np.ndarray | None = None) -> Claims:
+    """Classify struct pages pages[i] = struct page of pfn first_pfn + i, each on its own.
+
+    visit: pages makedumpfile looks at (its is_in_segs); others are KEPT here
+    but can still fall inside an excluded range (see accept_claims). A head
+    page's order is in the next struct page, so the last page of pages gets
+    order 0: end pages on a 512-pfn boundary, where makedumpfile does the same.
+    """
+    count = len(pages)
+    flags = pages["flags"]
+    mapcount = pages["mapcount"]
+    pfns = np.arange(first_pfn, first_pfn + count, dtype=np.int64)
+    looked_at = (pages["compound_head"] & np.uint64(TAIL_PAGE_MARK)) == 0
+    if visit is not None:
+        looked_at &= visit
+
+    if rules.slab_type is not None:
+        slab = mapcount == np.uint32(rules.slab_type)
+    else:
+        slab = _bit(flags, rules.slab_bit)
+
+    order = np.zeros(count, dtype=np.int64)
+    hugetlb = np.zeros(count, dtype=bool)
+    compound = rules.compound
+    if compound is not None:
+        # The order is in the next struct page, which makedumpfile has only
+        # within the same 512-page batch.
+        head = (flags & np.uint64(rules.head_mask)) != 0
+        head &= (pfns % PGMM_CACHED) != PGMM_CACHED - 1
+        heads = np.flatnonzero(head[:-1])
+        tails = pages[heads + 1]
+        order[heads] = tails["tail_order"].astype(np.int64)
+        if compound.hugetlb_head_type is not None:
+            hugetlb[heads] = mapcount[heads] == np.uint32(compound.hugetlb_head_type)
+        elif compound.hugetlb_tail_flag_bit is not None:
+            hugetlb[heads] = _bit(tails["flags"], compound.hugetlb_tail_flag_bit)
+        elif compound.hugetlb_dtor is not None:
+            hugetlb[heads] = tails["tail_dtor"].astype(np.int64) == compound.hugetlb_dtor
+        # An order that is absurd or that the head's pfn is not aligned to is
+        # garbage (makedumpfile: "Invalid order"); the destructor still counts.
+        bad = (order >= 64) | ((pfns & ((np.int64(1) << np.minimum(order, 62)) - 1)) != 0)
+        order[bad] = 0
+
+    page_class = np.zeros(count, dtype=np.uint8)
+    undecided = looked_at.copy()
+
+    def claim(selected: np.ndarray, page_class_value: int) -> None:
+        page_class[selected] = page_class_value
+        undecided[selected] = False
+
+    level = rules.dump_level
+    if level & DL_FREE:
+        buddy = undecided & (mapcount == np.uint32(rules.buddy_type)) & ~slab
+        free_order = pages["private"]
+        if rules.free_area_orders is not None:
+            # makedumpfile warns "Invalid free page order" and keeps the page.
+            undecided[buddy & (free_order >= np.uint64(rules.free_area_orders))] = False
+            buddy &= free_order < np.uint64(rules.free_area_orders)
+        order[buddy] = np.minimum(free_order[buddy], ORDER_CAP).astype(np.int64)
+        claim(buddy, FREE)
+        if rules.unaccepted_type is not None and rules.free_area_orders is not None:
+            # Unaccepted memory is listed only in MAX_PAGE_ORDER blocks.
+            unaccepted = undecided & (mapcount == np.uint32(rules.unaccepted_type))
+            order[unaccepted] = rules.free_area_orders - 1
+            claim(unaccepted, FREE)
+
+    if level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER):
+        anonymous = ((pages["mapping"] & np.uint64(PAGE_MAPPING_ANON)) != 0) & ~slab
+    if level & (DL_CACHE | DL_CACHE_PRIVATE):
+        swapcache = _bit(flags, rules.swapcache_bit)
+        if rules.swapbacked_bit is not None:
+            # PG_swapcache shares its bit with PG_owner_priv_1 unless swap-backed.
+            swapcache &= _bit(flags, rules.swapbacked_bit)
+        cache = (_bit(flags, rules.lru_bit) | swapcache) & ~anonymous
+        private = _bit(flags, rules.private_bit)
+        if level & DL_CACHE:
+            claim(undecided & cache & ~private, CACHE)
+        if level & DL_CACHE_PRIVATE:
+            claim(undecided & cache & private, CACHE_PRIVATE)
+            claim(undecided & cache, CACHE)
+    if level & DL_USER:
+        claim(undecided & (anonymous | hugetlb), USER)
+    claim(undecided & _bit(flags, rules.hwpoison_bit), HWPOISON)
+    if rules.offline_type is not None:
+        claim(undecided & (mapcount == np.uint32(rules.offline_type)) & ~slab, OFFLINE)
+
+    order[page_class == KEPT] = 0
+    return Claims(page_class, order)
+
+
+def accept_claims(starts: np.ndarray, spans: np.ndarray, walked_to: int) -> np.ndarray:
+    """Which claims makedumpfile's walk reaches, given it already walked to pfn walked_to.
+
+    Claim i excludes [starts[i], starts[i] + spans[i]); starts ascend. After
+    excluding a range the walk continues at its end, so a claim that starts
+    inside an accepted range is never made. Buddy blocks and compound pages
+    are aligned to their size, so ranges nest and "inside any earlier range"
+    is the same as "inside an accepted one"; that is checked, and a dump
+    whose ranges do not nest is walked one claim at a time.
+    """
+    if len(starts) == 0:
+        return np.zeros(0, dtype=bool)
+    ends = starts + spans
+    reach = np.maximum.accumulate(np.concatenate(([walked_to], ends[:-1])))
+    accepted = starts >= reach
+    accepted_reach = np.maximum.accumulate(np.concatenate(([walked_to], np.where(accepted, ends, 0)[:-1])))
+    if np.array_equal(reach, accepted_reach):
+        return accepted
+    accepted = np.zeros(len(starts), dtype=bool)
+    position = walked_to
+    for i, (start, end) in enumerate(zip(starts.tolist(), ends.tolist())):
+        if start >= position:
+            accepted[i] = True
+            position = end
+    return accepted
+
+
+# --- where the struct pages are: SPARSEMEM mem_section --------------------------------------
+
+
+@dataclass(frozen=True)
+class MemMapRun:
+    """pfns [start_pfn, end_pfn) whose struct pages are contiguous from kernel vaddr mem_map."""
+
+    start_pfn: int
+    end_pfn: int
+    mem_map: int
+
+    def struct_page_vaddr(self, pfn: int, struct_page_size: int) -> int:
+        return self.mem_map + (pfn - self.start_pfn) * struct_page_size
+
+
+@dataclass(frozen=True)
+class SparseMemLayout:
+    """The mem_section tree as VMCOREINFO describes it (include/linux/mmzone.h)."""
+
+    root_vaddr: int              # SYMBOL(mem_section): the root array (4.15+: its pointer's value)
+    extreme: bool                # SPARSEMEM_EXTREME: roots are pointers to pages of sections
+    mem_section_size: int
+    section_mem_map_offset: int
+    pages_per_section: int
+    sections_per_root: int
+    nr_mem_sections: int
+    struct_page_size: int
+
+
+def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
+    """Read the SPARSEMEM description from VMCOREINFO (makedumpfile get_mem_type)."""
+    if vi.symbol(info, "mem_section") is None and vi.symbol(info, "mem_map") is not None:
+        raise Unsupported("FLATMEM (SYMBOL(mem_map) without SYMBOL(mem_section)) is not supported")
+    page_size = vi.page_size(info, required=True)
+    page_shift = page_size.bit_length() - 1
+    section_size_bits = vi.number(info, "SECTION_SIZE_BITS", required=True)
+    max_physmem_bits = vi.number(info, "MAX_PHYSMEM_BITS")
+    if max_physmem_bits is None:  # before 5.x; x86_64's defaults
+        max_physmem_bits = X86_64_DEFAULT_MAX_PHYSMEM_BITS[bool(vi.number(info, "pgtable_l5_enabled"))]
+    mem_section_size = vi.size(info, "mem_section", required=True)
+    nr_mem_sections = 1 << (max_physmem_bits - section_size_bits)
+    per_root_extreme = page_size // mem_section_size
+    roots = vi.length(info, "mem_section")
+    extreme = roots is None or roots == -(-nr_mem_sections // per_root_extreme)
+    return SparseMemLayout(
+        root_vaddr=vi.symbol(info, "mem_section", required=True),
+        extreme=extreme,
+        mem_section_size=mem_section_size,
+        section_mem_map_offset=vi.offset(info, "mem_section.section_mem_map", required=True),
+        pages_per_section=1 << (section_size_bits - page_shift),
+        sections_per_root=per_root_extreme if extreme else 1,
+        nr_mem_sections=nr_mem_sections,
+        struct_page_size=vi.size(info, "page", required=True),
+    )
+
+
+def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_vaddr: int,
+                      sections: int) -> list[int | None] | None:
+    """Each section's mem_map (already decoded to the section's first pfn), None if absent.
+
+    Returns None when the tree at root_vaddr does not validate (no present
+    section, or a mem_map that is not a kernel address), as makedumpfile's
+    validate_mem_section does.
+    """
+    per_root = layout.sections_per_root
+    roots = -(-sections // per_root)
+    try:
+        if layout.extreme:
+            raw_roots = read_virtual(root_vaddr, roots * POINTER_BYTES)
+            root_addrs = np.frombuffer(raw_roots, dtype="<u8").tolist()
+        else:
+            root_addrs = [root_vaddr + i * layout.mem_section_size for i in range(roots)]
+        mem_maps: list[int | None] = []
+        for root_index, root_addr in enumerate(root_addrs):
+            in_root = min(per_root, sections - root_index * per_root)
+            if root_addr == 0:
+                mem_maps.extend([None] * in_root)
+                continue
+            if root_addr < KERNEL_HALF:
+                return None
+            raw = read_virtual(root_addr, in_root * layout.mem_section_size)
+            for i in range(in_root):
+                at = i * layout.mem_section_size + layout.section_mem_map_offset
+                coded = int.from_bytes(raw[at:at + POINTER_BYTES], "little")
+                if not coded & SECTION_MARKED_PRESENT:
+                    mem_maps.append(None)
+                    continue
+                # The kernel stores mem_map minus the section's first pfn
+                # (sparse_encode_mem_map) so that mem_map + pfn works.
+                section_nr = root_index * per_root + i
+                mem_map = ((coded & SECTION_MAP_MASK)
+                           + section_nr * layout.pages_per_section * layout.struct_page_size) \
+                    & 0xFFFF_FFFF_FFFF_FFFF
+                if mem_map < KERNEL_HALF:
+                    return None
+                mem_maps.append(mem_map)
+    except (BadSource, SourceIOError):
+        return None
+    return mem_maps if any(m is not None for m in mem_maps) else None
+
+
+def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int) -> tuple[MemMapRun, ...]:
+    """The struct pages of pfns below max_pfn, as runs of contiguous mem_map (makedumpfile get_mm_sparsemem).
+
+    SYMBOL(mem_section) is the root array's address from VMCOREINFO; if that
+    does not validate, it is read as a pointer to the root array (the
+    4.15-era VMCOREINFO that printed the pointer variable's address).
+    """
+    layout = sparsemem_layout(info)
+    sections = min(-(-max_pfn // layout.pages_per_section), layout.nr_mem_sections)
+    if sections <= 0:
+        return ()
+    mem_maps = _section_mem_maps(read_virtual, layout, layout.root_vaddr, sections)
+    if mem_maps is None and layout.extreme:
+        try:
+            pointer = int.from_bytes(read_virtual(layout.root_vaddr, POINTER_BYTES), "little")
+        except (BadSource, SourceIOError):
+            pointer = 0
+        if pointer >= KERNEL_HALF:
+            mem_maps = _section_mem_maps(read_virtual, layout, pointer, sections)
+    if mem_maps is None:
+        raise BadSource(f"mem_section tree at SYMBOL(mem_section)={layout.root_vaddr:#x} "
+                        "has no valid section (nor as a pointer to one)")
+    runs: list[MemMapRun] = []
+    for section_nr, mem_map in enumerate(mem_maps):
+        if mem_map is None:
+            continue
+        start = section_nr * layout.pages_per_section
+        end = min(start + layout.pages_per_section, max_pfn)
+        last = runs[-1] if runs else None
+        if last and last.end_pfn == start and last.struct_page_vaddr(start, layout.struct_page_size) == mem_map:
+            runs[-1] = MemMapRun(last.start_pfn, end, last.mem_map)
+        else:
+            runs.append(MemMapRun(start, end, mem_map))
+    return tuple(runs)
+
+
+# --- the walk --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExclusionResult:
+    """Pages a dump level leaves out.
+
+    excluded[pfn] is True for pages not to dump because of dump level bits
+    2/4/8/16, and for hwpoison and offline pages, which makedumpfile leaves
+    out at every level whenever it walks struct pages (reading a poisoned
+    page can machine-check the capture kernel). Zero pages (bit 1) are not
+    decided here. counts: pfns excluded per class ("cache", "cache_private",
+    "user", "free", "hwpoison", "offline") and "total_pages", the pfns whose
+    struct page was looked at.
+    """
+
+    max_pfn: int
+    excluded: np.ndarray  # bool per pfn, length max_pfn
+    counts: dict[str, int]
+    dump_level: int
+
+
+def _visit_mask(first_pfn: int, count: int, ram_pfn_ranges: Sequence[tuple[int, int]] | None) -> np.ndarray | None:
+    if ram_pfn_ranges is None:
+        return None
+    visit = np.zeros(count, dtype=bool)
+    for start, end in ram_pfn_ranges:
+        lo, hi = max(start, first_pfn) - first_pfn, min(end, first_pfn + count) - first_pfn
+        if lo < hi:
+            visit[lo:hi] = True
+    return visit
+
+
+def _chunks(start_pfn: int, end_pfn: int, chunk_pages: int):
+    """[first, end) pieces of [start_pfn, end_pfn) that end on multiples of chunk_pages."""
+    first = start_pfn
+    while first < end_pfn:
+        end = min((first // chunk_pages + 1) * chunk_pages, end_pfn)
+        yield first, end
+        first = end
+
+
+def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules, *,
+                     max_pfn: int, chunk_pages: int = 1 << 16,
+                     ram_pfn_ranges: Sequence[tuple[int, int]] | None = None) -> ExclusionResult:
+    """Walk the struct pages of runs in pfn order, chunk_pages at a time, and apply the rules.
+
+    One read_virtual call per chunk (chunk_pages * SIZE(page) bytes); chunks
+    are aligned to makedumpfile's 512-page batches so a head page's order is
+    found where makedumpfile finds it.
+    """
+    chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
+    excluded = np.zeros(max_pfn, dtype=bool)
+    class_pages = np.zeros(len(CLASS_NAMES), dtype=np.int64)
+    looked_at = 0
+    walked_to = 0  # the walk resumes here: everything before it is decided
+    dtype = struct_page_dtype(rules)
+    for run in sorted(runs, key=lambda r: r.start_pfn):
+        for first_pfn, end_pfn in _chunks(run.start_pfn, min(run.end_pfn, max_pfn), chunk_pages):
+            count = end_pfn - first_pfn
+            visit = _visit_mask(first_pfn, count, ram_pfn_ranges)
+            if visit is not None and not visit.any():
+                continue
+            raw = read_virtual(run.struct_page_vaddr(first_pfn, rules.struct_page_size),
+                               count * rules.struct_page_size)
+            pages = np.frombuffer(raw, dtype=dtype, count=count)
+            looked_at += count if visit is None else int(np.count_nonzero(visit))
+            claims = page_claims(pages, first_pfn, rules, visit)
+            index = np.flatnonzero(claims.page_class)
+            starts = index + first_pfn
+            spans = np.int64(1) << claims.order[index]
+            accepted = accept_claims(starts, spans, walked_to)
+            if not accepted.any():
+                continue
+            starts, spans = starts[accepted], spans[accepted]
+            page_class = claims.page_class[index][accepted]
+            walked_to = max(walked_to, int((starts + spans).max()))
+            # A range may run past this chunk, this run, or max_pfn.
+            ends = np.minimum(starts + spans, max_pfn)
+            single = spans == 1
+            excluded[starts[single]] = True
+            for start, end in zip(starts[~single].tolist(), ends[~single].tolist()):
+                excluded[start:end] = True
+            class_pages += np.bincount(page_class, weights=ends - starts,
+                                       minlength=len(CLASS_NAMES)).astype(np.int64)
+    counts = {name: int(class_pages[i]) for i, name in enumerate(CLASS_NAMES) if i != KEPT}
+    counts["total_pages"] = looked_at
+    return ExclusionResult(max_pfn=max_pfn, excluded=excluded, counts=counts, dump_level=rules.dump_level)
+
+
+def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, dump_level: int, *,
+                   max_pfn: int, chunk_pages: int = 1 << 16,
+                   ram_pfn_ranges: Sequence[tuple[int, int]] | None = None) -> ExclusionResult:
+    """Pages that makedumpfile -d dump_level would leave out (bits 2/4/8/16; bit 1 is ignored).
+
+    read_physical(paddr, size) reads the dump; struct pages are found through
+    the kernel's page tables (vmemmap) and the mem_section tree. max_pfn
+    bounds the walk and sizes the result. ram_pfn_ranges, [start, end) pfn
+    pairs of the dump's RAM, limits which struct pages are looked at, as
+    makedumpfile's is_in_segs does; None looks at every pfn with a struct page.
+    Raises Unsupported naming the missing VMCOREINFO key, or the architecture.
+    """
+    rules = page_rules(vmcoreinfo, dump_level)
+    if not walks_mem_map(rules):
+        counts = {name: 0 for name in CLASS_NAMES[1:]}
+        return ExclusionResult(max_pfn, np.zeros(max_pfn, dtype=bool), {**counts, "total_pages": 0}, dump_level)
+    translator = make_translator(read_physical, vmcoreinfo, machine)
+    runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn)
+    return classify_mem_map(translator.read_virtual, runs, rules, max_pfn=max_pfn,
+                            chunk_pages=chunk_pages, ram_pfn_ranges=ram_pfn_ranges)
+
+
+# --- --mem-usage ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemUsageRow:
+    """One row of makedumpfile --mem-usage's table."""
+
+    type: str
+    pages: int
+    excludable: bool
+    description: str
+
+
+def mem_usage(result: ExclusionResult) -> dict[str, MemUsageRow]:
+    """The --mem-usage table (TYPE -> row) from a classification at a level with bits 2, 4, 8, 16.
+
+    Zero pages cannot be told from struct pages, so there is no ZERO row and
+    KERN_DATA (the rest of the pages looked at) includes them.
+    """
+    wanted = DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE
+    if result.dump_level & wanted != wanted:
+        raise ValueError(f"mem_usage needs a classification at dump level 30 or 31, not {result.dump_level}")
+    counts = result.counts
+    rows = [
+        MemUsageRow("NON_PRI_CACHE", counts["cache"], True, "Cache pages without private flag"),
+        MemUsageRow("PRI_CACHE", counts["cache_private"], True, "Cache pages with private flag"),
+        MemUsageRow("USER", counts["user"], True, "User process pages"),
+        MemUsageRow("FREE", counts["free"], True, "Free pages"),
+        MemUsageRow("HWPOISON", counts["hwpoison"], True, "Hardware-poisoned pages (always excluded)"),
+        MemUsageRow("OFFLINE", counts["offline"], True, "Logically offline pages (always excluded)"),
+    ]
+    kernel_data = counts["total_pages"] - sum(row.pages for row in rows)
+    rows.append(MemUsageRow("KERN_DATA", kernel_data, False, "Dumpable kernel data (and zero pages)"))
+    return {row.type: row for row in rows}
