@@ -252,10 +252,10 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
     )
 
 
-def walks_mem_map(rules: PageRules) -> bool:
-    """Whether makedumpfile walks struct pages at this level: any of 2/4/8/16, or hwpoison known."""
-    return bool(rules.dump_level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE)) \
-        or rules.hwpoison_bit is not None
+def walks_mem_map(info: vi.VmcoreInfo, dump_level: int) -> bool:
+    """Whether makedumpfile walks struct pages at this level: any of 2/4/8/16, or PG_hwpoison known."""
+    return bool(dump_level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE)) \
+        or vi.number(info, "PG_hwpoison") is not None
 
 
 # --- decoding struct pages ----------------------------------------------------------------
@@ -360,7 +360,7 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
             # makedumpfile warns "Invalid free page order" and keeps the page.
             undecided[buddy & (free_order >= np.uint64(rules.free_area_orders))] = False
             buddy &= free_order < np.uint64(rules.free_area_orders)
-        order[buddy] = np.minimum(free_order[buddy], ORDER_CAP).astype(np.int64)
+        order[buddy] = np.minimum(free_order[buddy], np.uint64(ORDER_CAP)).astype(np.int64)
         claim(buddy, FREE)
         if rules.unaccepted_type is not None and rules.free_area_orders is not None:
             # Unaccepted memory is listed only in MAX_PAGE_ORDER blocks.
@@ -568,8 +568,9 @@ class ExclusionResult:
     out at every level whenever it walks struct pages (reading a poisoned
     page can machine-check the capture kernel). Zero pages (bit 1) are not
     decided here. counts: pfns excluded per class ("cache", "cache_private",
-    "user", "free", "hwpoison", "offline") and "total_pages", the pfns whose
-    struct page was looked at.
+    "user", "free", "hwpoison", "offline") and "total_pages", the pfns that
+    have a struct page and are RAM in the dump (makedumpfile's "Original
+    pages"). dump_level is the level classified for.
     """
 
     max_pfn: int
@@ -587,6 +588,13 @@ def _visit_mask(first_pfn: int, count: int, ram_pfn_ranges: Sequence[tuple[int, 
         if lo < hi:
             visit[lo:hi] = True
     return visit
+
+
+def _range_pfns(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """All pfns of the disjoint ranges [starts[i], ends[i]), concatenated."""
+    lengths = ends - starts
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 def _chunks(start_pfn: int, end_pfn: int, chunk_pages: int):
@@ -619,14 +627,18 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
             visit = _visit_mask(first_pfn, count, ram_pfn_ranges)
             if visit is not None and not visit.any():
                 continue
-            raw = read_virtual(run.struct_page_vaddr(first_pfn, rules.struct_page_size),
-                               count * rules.struct_page_size)
+            vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
+            try:
+                raw = read_virtual(vaddr, count * rules.struct_page_size)
+            except BadSource as error:
+                raise BadSource(f"struct pages of pfns {first_pfn:#x}-{end_pfn:#x} at vaddr {vaddr:#x}: "
+                                f"{error}") from error
             pages = np.frombuffer(raw, dtype=dtype, count=count)
             looked_at += count if visit is None else int(np.count_nonzero(visit))
             claims = page_claims(pages, first_pfn, rules, visit)
             index = np.flatnonzero(claims.page_class)
             starts = index + first_pfn
-            spans = np.int64(1) << claims.order[index]
+            spans = np.int64(1) << np.minimum(claims.order[index], ORDER_CAP)
             accepted = accept_claims(starts, spans, walked_to)
             if not accepted.any():
                 continue
@@ -635,10 +647,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
             walked_to = max(walked_to, int((starts + spans).max()))
             # A range may run past this chunk, this run, or max_pfn.
             ends = np.minimum(starts + spans, max_pfn)
-            single = spans == 1
-            excluded[starts[single]] = True
-            for start, end in zip(starts[~single].tolist(), ends[~single].tolist()):
-                excluded[start:end] = True
+            excluded[_range_pfns(starts, ends)] = True
             class_pages += np.bincount(page_class, weights=ends - starts,
                                        minlength=len(CLASS_NAMES)).astype(np.int64)
     counts = {name: int(class_pages[i]) for i, name in enumerate(CLASS_NAMES) if i != KEPT}
@@ -658,10 +667,10 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     makedumpfile's is_in_segs does; None looks at every pfn with a struct page.
     Raises Unsupported naming the missing VMCOREINFO key, or the architecture.
     """
-    rules = page_rules(vmcoreinfo, dump_level)
-    if not walks_mem_map(rules):
+    if not walks_mem_map(vmcoreinfo, dump_level):
         counts = {name: 0 for name in CLASS_NAMES[1:]}
         return ExclusionResult(max_pfn, np.zeros(max_pfn, dtype=bool), {**counts, "total_pages": 0}, dump_level)
+    rules = page_rules(vmcoreinfo, dump_level)
     translator = make_translator(read_physical, vmcoreinfo, machine)
     runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn)
     return classify_mem_map(translator.read_virtual, runs, rules, max_pfn=max_pfn,
