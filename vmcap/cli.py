@@ -182,9 +182,13 @@ def main():
 @click.option("--fractional", "show_fractional", is_flag=True,
               help="List every fractional page and its RAM pieces.")
 @click.option("--vmcoreinfo", "show_vmcoreinfo", is_flag=True, help="Print the VMCOREINFO text.")
+@click.option("--mem-usage", "show_mem_usage", is_flag=True,
+              help="Count pages per class (cache, user, free, kernel) like makedumpfile "
+                   "--mem-usage; reads the kernel's struct pages (x86_64, needs VMCOREINFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
 @_page_size_option
-def inspect(src, show_segments, show_fractional, show_vmcoreinfo, as_json, page_size):
+def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage, as_json,
+            page_size):
     """Describe a vmcore: /proc/vmcore, a saved dump, or a vmcap output.
 
     SRC defaults to /proc/vmcore.
@@ -192,11 +196,20 @@ def inspect(src, show_segments, show_fractional, show_vmcoreinfo, as_json, page_
     from .inspect import describe
 
     with _errors_to_exit_codes():
-        report = describe(src, page_size=page_size)
+        report = describe(src, page_size=page_size, mem_usage=show_mem_usage)
         if as_json:
             click.echo(json.dumps(report, indent=2))
             return
         _render_inspect(report, show_segments, show_fractional, show_vmcoreinfo)
+        if show_mem_usage:
+            click.echo()
+            page = report["page_size"]
+            _print_table("memory usage (dump level 31 classes)",
+                         ["TYPE", "PAGES", "EXCLUDABLE", "DESCRIPTION"],
+                         [[row["type"], str(row["pages"]), "yes" if row["excludable"] else "no",
+                           row["description"]] for row in report["mem_usage"]])
+            total = sum(row["pages"] for row in report["mem_usage"])
+            click.echo(f"page size: {page}; total pages: {total}")
 
 
 def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,

@@ -126,6 +126,10 @@ class ElfPhysicalView:
         data = self.source.pread(seg.offset + start, in_file) if in_file else b""
         return data + bytes(length - in_file)
 
+    def stored_ranges(self):
+        """(paddr, length) of the memory whose bytes are in the file."""
+        return [(s.paddr, s.filesz) for s in self.layout.segments if s.filesz]
+
     def read_physical(self, paddr: int, length: int) -> bytes:
         """Bytes at [paddr, paddr+length), which may span back-to-back segments.
 
@@ -157,6 +161,7 @@ class OpenDump:
     read_physical: object  # (paddr, length) -> bytes
     phys_base_hint: int | None  # from the kernel-text PT_LOAD, when there is one
     max_pfn: int
+    ram_pfn_ranges: list = None  # [start, end) pfns that are RAM in the dump
     _closer: object = None
 
     def close(self) -> None:
@@ -172,6 +177,7 @@ class OpenDump:
 
 def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
     """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory."""
+    from .fraction import disjoint_segments
     from .kernel import phys_base_from_segments
     from .layout import read_layout
     from .vmcoreinfo import parse_vmcoreinfo
@@ -185,9 +191,10 @@ def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
         except OSError as e:
             raise BadSource(f"{path}: cannot open: {e.strerror}") from None
         header = reader.header
+        runs = [(first, first + count) for first, count in reader.iter_present_runs()]
         return OpenDump(path, container, header.machine, header.page_size,
                         parse_vmcoreinfo(reader.vmcoreinfo), reader.pread_physical,
-                        header.phys_base or None, header.max_mapnr, reader.close)
+                        header.phys_base or None, header.max_mapnr, runs, reader.close)
     source = open_elf_source(path)
     try:
         layout = read_layout(source, page_size=page_size)
@@ -195,11 +202,14 @@ def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
         source.close()
         raise
     view = ElfPhysicalView(layout, source)
+    page = layout.page_size
     max_end = max((s.paddr + s.memsz for s in layout.segments), default=0)
-    return OpenDump(path, container, layout.machine, layout.page_size, layout.vmcoreinfo,
+    ram = [(s.paddr // page, -(-(s.paddr + s.memsz) // page))
+           for s in disjoint_segments(layout.segments) if s.memsz]
+    return OpenDump(path, container, layout.machine, page, layout.vmcoreinfo,
                     view.read_physical,
                     phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments),
-                    -(-max_end // layout.page_size), source.close)
+                    -(-max_end // page), ram, source.close)
 
 
 def kernel_log(dump: OpenDump):

@@ -132,6 +132,23 @@ def scan_excluded_runs(copier_factory, plan: CopyPlan, segments: dict[int, Segme
     return runs
 
 
+def runs_from_mask(segments, excluded: np.ndarray, page_size: int) -> list[ExcludedRun]:
+    """Runs to exclude when the per-pfn mask is known without reading (no zero-page bit)."""
+    runs: list[ExcludedRun] = []
+    for seg in segments:
+        first = -(-seg.paddr // page_size)
+        last = (seg.paddr + seg.filesz) // page_size
+        if last <= first:
+            continue
+        tracker = RunTracker(seg, page_size)
+        mask = np.zeros(last - first, dtype=bool)
+        known = excluded[first:last]
+        mask[:len(known)] = known
+        tracker.add(first * page_size, mask)
+        runs.extend(tracker.finish())
+    return runs
+
+
 def split_segments(segments, runs: list[ExcludedRun]) -> list[Segment]:
     """Output segments: each source segment cut around its excluded runs.
 

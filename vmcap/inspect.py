@@ -8,8 +8,27 @@ from .fraction import plan_copy
 from .layout import read_layout
 
 
-def describe(path: str, *, page_size: int | None = None) -> dict:
+def memory_usage(path: str, *, page_size: int | None = None) -> list[dict]:
+    """Pages per class, like makedumpfile --mem-usage (classified at dump level 31)."""
+    from .dumpfile import open_dump
+    from .pageclass import classify_pages, mem_usage
+
+    with open_dump(path, page_size=page_size) as dump:
+        result = classify_pages(dump.read_physical, dump.vmcoreinfo, dump.machine, 31,
+                                max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges)
+    return [{"type": row.type, "pages": row.pages, "excludable": row.excludable,
+             "description": row.description} for row in mem_usage(result).values()]
+
+
+def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False) -> dict:
     """Everything `vmcap inspect` shows, as one JSON-ready dict."""
+    report = _describe(path, page_size)
+    if mem_usage:
+        report["mem_usage"] = memory_usage(path, page_size=page_size)
+    return report
+
+
+def _describe(path: str, page_size: int | None) -> dict:
     container = detect_container(path) if _is_file(path) else "elf"
     if container == "kdump":
         from .kdumpsave import describe_kdump

@@ -133,10 +133,16 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     level = options.level
     if options.compress == "zlib":
         level = min(max(level, 1), 9)
+    # Page descriptors are reserved before the data: one per page that may
+    # be dumped. Pages a kernel class excludes need none; zero pages are only
+    # known while copying, so their share stays reserved (a sparse hole).
+    may_dump = present_page_count(segments, page)
+    if excluded is not None:
+        may_dump -= int(np.count_nonzero(excluded))
     writer = KdumpWriter(out.fd, info, max_mapnr=max_mapnr, compress=options.compress,
                          level=level, threads=options.threads,
                          exclude_zero=bool(options.dump_level & 1),
-                         max_pages_present=present_page_count(segments, page),
+                         max_pages_present=max(may_dump, 0),
                          dump_level=options.dump_level)
     try:
         stream = PageStream(writer, page, excluded)
@@ -214,6 +220,10 @@ class KdumpPhysicalView:
     def read_physical(self, paddr: int, length: int) -> bytes:
         return self.reader.pread_physical(paddr, length)
 
+    def stored_ranges(self):
+        page = self.reader.header.page_size
+        return [(first * page, count * page) for first, count in self.reader.iter_dumped_runs()]
+
 
 def verify_kdump(path: str, source_path: str | None) -> dict:
     """Decompress every dumped page; with a source, compare every segment byte."""
@@ -228,6 +238,8 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
             pages += count
         result["pages_checked"] = pages
         if source_path is not None:
-            result.update(compare_with_source(KdumpPhysicalView(reader), source_path))
+            result.update(compare_with_source(
+                KdumpPhysicalView(reader), source_path,
+                stored_only=bool(reader.header.dump_level & ~1)))
     result["status"] = "ok"
     return result

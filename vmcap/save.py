@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
-from .exclude import scan_excluded_runs, split_segments
+from .exclude import runs_from_mask, scan_excluded_runs, split_segments
 from .elfwriter import ElfStreamWriter, OutputSegment, plan_elf_image, vmcap_note
 from .errors import BadSource, OutputError, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
@@ -82,6 +82,7 @@ class Capture:
         self.progress = progress
         self.copiers: list[PlanCopier] = []
         self.total_bytes = 0
+        self.classification = None  # pageclass.ExclusionResult for dump level bits 2-16
 
     def copier(self, plan: CopyPlan) -> PlanCopier:
         """A copier over ``plan``; its bytes are added to the progress total."""
@@ -105,8 +106,26 @@ class Capture:
         return total
 
 
-def _excluding(options: SaveOptions) -> bool:
-    return options.dump_level != 0
+def classify_source(layout: Layout, source: Source, dump_level: int):
+    """makedumpfile's page classes (dump level bits 2-16) for the source, or None."""
+    if not dump_level & ~1:
+        return None
+    from .dumpfile import ElfPhysicalView
+    from .pageclass import classify_pages
+
+    page = layout.page_size
+    segments = disjoint_segments(layout.segments)
+    max_end = max((s.paddr + s.memsz for s in segments), default=0)
+    ram = [(s.paddr // page, -(-(s.paddr + s.memsz) // page)) for s in segments if s.memsz]
+    return classify_pages(ElfPhysicalView(layout, source).read_physical, layout.vmcoreinfo,
+                          layout.machine, dump_level, max_pfn=-(-max_end // page),
+                          ram_pfn_ranges=ram)
+
+
+def class_counts(classification) -> dict:
+    if classification is None:
+        return {}
+    return {k: v for k, v in classification.counts.items() if k != "total_pages"}
 
 
 def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
@@ -120,11 +139,26 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     excluded_counts: dict = {}
     segments = layout.segments
     plan = plan_copy(segments, page)
-    if _excluding(options):
+    classification = capture.classification
+    if options.dump_level:
         # The headers come first, so exclusions must be known before writing.
-        runs = scan_excluded_runs(capture.copier, plan, {s.index: s for s in segments}, page,
-                                  exclude_zero=bool(options.dump_level & 1))
-        excluded_counts["zero"] = sum(run.length for run in runs) // page
+        mask = classification.excluded if classification is not None else None
+        if options.dump_level & 1:
+            runs = scan_excluded_runs(capture.copier, plan, {s.index: s for s in segments},
+                                      page, exclude_zero=True, class_excluded=mask)
+        else:
+            runs = runs_from_mask(segments, mask, page)
+        run_pages = sum(run.length for run in runs) // page
+        excluded_counts.update(class_counts(classification))
+        if mask is not None:
+            in_runs = sum(int(mask[r.paddr // page:(r.paddr + r.length) // page].sum())
+                          for r in runs)
+            # makedumpfile -E writes runs shorter than 256 pages as they are.
+            excluded_counts["kept_in_short_runs"] = int(mask.sum()) - in_runs
+        else:
+            in_runs = 0
+        if options.dump_level & 1:
+            excluded_counts["zero"] = run_pages - in_runs
         segments = tuple(split_segments(segments, runs))
         plan = plan_copy(segments, page)
     copier = capture.copier(plan)
@@ -188,7 +222,7 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     view = ElfPhysicalView(layout, source)
     dump = OpenDump(layout.source_name, "elf", layout.machine, layout.page_size,
                     layout.vmcoreinfo, view.read_physical,
-                    phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments), 0)
+                    phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments), 0, [])
     records = kernel_log(dump)
     out = OutputFile(options.dmesg_path, force=options.force, mode=0o600)
     try:
@@ -213,14 +247,13 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
         raise OutputError("--format kdump needs a seekable output file, not stdout")
-    if options.dump_level & ~1:
-        raise Unsupported(f"dump level {options.dump_level}: only bit 1 (exclude zero "
-                          "pages) is implemented so far")
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
         layout = read_layout(source, page_size=options.page_size)
         capture = Capture(source, layout, options, progress)
+        # Kernel page classes come from a few MiB of struct pages, read first.
+        capture.classification = classify_source(layout, source, options.dump_level)
         dmesg_records = 0
         log_warning: list[str] = []
         if options.dmesg_path:
@@ -238,7 +271,11 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
 
                 # Page formats store each physical page once, in pfn order.
                 plan = plan_copy(disjoint_segments(layout.segments), layout.page_size)
-                pages_excluded = write_kdump(layout, plan, capture.copier(plan), out, options)
+                classification = capture.classification
+                pages_excluded = write_kdump(
+                    layout, plan, capture.copier(plan), out, options,
+                    excluded=classification.excluded if classification is not None else None,
+                    counts=class_counts(classification))
             else:
                 warnings, pages_excluded = write_elf(capture, out)
             out.commit()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import numpy as np
 
 from .dumpfile import ElfPhysicalView, detect_container, open_elf_source
 from .errors import BadSource, OutputError, VerifyMismatch
+from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note
 from .layout import read_layout
 from .mmapio import FileSource
 from .output import OutputFile
@@ -41,20 +44,37 @@ def verify(dump_path: str, source_path: str | None = None) -> dict:
         layout = read_layout(out_source)
         result["segments"] = len(layout.segments)
         if source_path is not None:
-            result.update(compare_with_source(ElfPhysicalView(layout, out_source),
-                                              source_path))
+            dump_level = 0
+            for note in layout.notes:
+                if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
+                    dump_level = int(parse_vmcap_note(note.desc).get("DUMP_LEVEL", "0") or 0)
+            result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
+                                              stored_only=bool(dump_level & ~1)))
     finally:
         out_source.close()
     result["status"] = "ok"
     return result
 
 
-def compare_with_source(view, source_path: str) -> dict:
-    """Compare every byte of every source segment with ``view.read(paddr, n)``.
+def _intersect(start: int, end: int, ranges: list[tuple[int, int]]):
+    """Parts of [start, end) inside the sorted, disjoint (paddr, length) ranges."""
+    i = bisect_right(ranges, (start, float("inf"))) - 1
+    i = max(i, 0)
+    while i < len(ranges) and ranges[i][0] < end:
+        lo = max(start, ranges[i][0])
+        hi = min(end, ranges[i][0] + ranges[i][1])
+        if lo < hi:
+            yield lo, hi
+        i += 1
 
-    ``view`` is the output's physical memory (an ELF view, or a kdump reader
-    adapter); zero-filled (excluded) ranges in the output must be zero in
-    the source too, so exclusions are checked as well.
+
+def compare_with_source(view, source_path: str, *, stored_only: bool = False) -> dict:
+    """Compare every byte of every source segment with the output's physical memory.
+
+    Excluded pages read as zeros from the output. At dump levels that only
+    drop zero pages (0, 1) that is checked too: the source must be zero
+    there. When kernel page classes were excluded (``stored_only``), only
+    the bytes the output stored are compared, and the rest is counted.
     """
     source = FileSource(source_path)
     compared = 0
@@ -67,26 +87,33 @@ def compare_with_source(view, source_path: str) -> dict:
         twins = (len(out_segments) == len(src_layout.segments) and all(
             (a.paddr, a.filesz, a.memsz) == (b.paddr, b.filesz, b.memsz)
             for a, b in zip(out_segments, src_layout.segments)))
+        stored = sorted(view.stored_ranges()) if stored_only else None
+        total = 0
         for seg in src_layout.segments:
-            done = 0
-            while done < seg.filesz:
-                n = min(COMPARE_BYTES, seg.filesz - done)
-                expected = source.pread(seg.offset + done, n)
-                if twins:
-                    actual = view.read(seg.paddr + done, n, segment=out_segments[seg.index])
-                else:
-                    actual = view.read_physical(seg.paddr + done, n)
-                if expected != actual:
-                    at = _first_difference(expected, actual)
-                    paddr = seg.paddr + done + at
-                    raise VerifyMismatch(
-                        f"{source_path} segment {seg.index}: physical address {paddr:#x} "
-                        f"differs (source {expected[at]:#04x}, output {actual[at]:#04x})")
-                done += n
-                compared += n
+            total += seg.filesz
+            parts = ([(seg.paddr, seg.end)] if stored is None
+                     else list(_intersect(seg.paddr, seg.end, stored)))
+            for lo, hi in parts:
+                done = lo
+                while done < hi:
+                    n = min(COMPARE_BYTES, hi - done)
+                    expected = source.pread(seg.offset + (done - seg.paddr), n)
+                    if twins:
+                        actual = view.read(done, n, segment=out_segments[seg.index])
+                    else:
+                        actual = view.read_physical(done, n)
+                    if expected != actual:
+                        at = _first_difference(expected, actual)
+                        raise VerifyMismatch(
+                            f"{source_path} segment {seg.index}: physical address "
+                            f"{done + at:#x} differs (source {expected[at]:#04x}, output "
+                            f"{actual[at]:#04x})")
+                    done += n
+                    compared += n
     finally:
         source.close()
-    return {"source": source_path, "compared_bytes": compared}
+    return {"source": source_path, "compared_bytes": compared,
+            "excluded_bytes_not_compared": total - compared}
 
 
 def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
