@@ -193,3 +193,32 @@ def test_demo_runs(tmp_path):
     assert "fractional pages" in result.stdout
     assert "status" in result.stdout and "ok" in result.stdout
     assert os.path.exists(tmp_path / "demo" / "demo-vmcore.zelf")
+
+
+def test_progress_is_shown_when_stderr_is_a_terminal(make_vmcore, tmp_path):
+    import pty
+
+    from vmcap.sample import RamRange
+
+    path, _ = make_vmcore(spec([RamRange(0x100000, 64 << 20)], content="mixed"))
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "vmcap", "save", "--threads", "1", path,
+                                    str(tmp_path / "out")], stdout=subprocess.PIPE,
+                                   stderr=slave, env={**env_without_debug(), "COLUMNS": "100"})
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        stdout = process.communicate()[0]
+    finally:
+        os.close(master)
+    assert process.returncode == 0
+    assert b"saving" in seen and b"MB" in seen  # bar with bytes and rate
+    assert b"saving" not in stdout  # progress never on stdout

@@ -280,3 +280,27 @@ def test_real_dump_round_trip(real_vmcore, tmp_path):
     assert result["compared_bytes"] == 553779200 and result["status"] == "ok"
     layout, _ = read_output(out)
     assert layout.e_phoff == 64 and layout.osrelease == "6.1.0-56-amd64"
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+    """A 1 MiB tmpfs: a real full disk. Needs root (CI and the capture kernel have it)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                            capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+@pytest.mark.parametrize("fmt", ["zelf", "elf", "kdump"])
+def test_real_full_disk_fails_cleanly(make_vmcore, tiny_filesystem, fmt):
+    src, _ = make_vmcore(spec([RamRange(0x100000, 8 << 20)], content="mixed"))
+    out = tiny_filesystem / "out"
+    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--format", fmt, src,
+                             str(out)], capture_output=True, text=True)
+    assert result.returncode == 5, result.stderr
+    assert "No space left on device" in result.stderr and result.stderr.count("\n") == 1
+    assert list(tiny_filesystem.iterdir()) == []

@@ -117,8 +117,13 @@ class PlanCopier:
                 try:
                     yield DataChunk(step.segment, paddr_of + offset, length, view)
                 finally:
-                    view.release()
-                    mapping.close()
+                    try:
+                        view.release()
+                        mapping.close()
+                    except BufferError:
+                        # A consumer that failed mid-write (disk full) still
+                        # holds a slice; the mapping goes when that does.
+                        pass
                 self.stats.mapped_bytes += length
                 if self.progress:
                     self.progress(length)
