@@ -25,7 +25,6 @@ from vmcap.vmcoreinfo import parse_vmcoreinfo
 
 PAGE = 4096
 VMCORES = Path(os.environ.get("VMCAP_VMCORES", Path(__file__).resolve().parents[2] / "shared" / "vmcores"))
-QEMU_PANIC = VMCORES / "qemu-6.1-panic.elf.zst"
 QEMU_PANIC_CONSOLE = VMCORES / "qemu-6.1-panic.console.txt"
 
 
@@ -428,15 +427,6 @@ def test_format_caller_ids_as_makedumpfile_1_7_5_does():
 # --- the real dump -------------------------------------------------------------
 
 
-def _decompress(source: Path, target: Path) -> None:
-    if shutil.which("zstd"):
-        subprocess.run(["zstd", "-d", "-q", "-f", str(source), "-o", str(target)], check=True)
-        return
-    zstandard = pytest.importorskip("zstandard")
-    with open(source, "rb") as compressed, open(target, "wb") as out:
-        shutil.copyfileobj(zstandard.ZstdDecompressor().stream_reader(compressed), out, 1 << 20)
-
-
 class ElfPhysicalMemory:
     """read_physical over an ELF vmcore's PT_LOADs (test helper; vmcap has its own reader)."""
 
@@ -466,12 +456,8 @@ class ElfPhysicalMemory:
 
 
 @pytest.fixture(scope="session")
-def qemu_panic_elf(tmp_path_factory) -> Path:
-    if not QEMU_PANIC.exists():
-        pytest.skip(f"{QEMU_PANIC} not present")
-    path = tmp_path_factory.mktemp("vmcores") / "qemu-6.1-panic.elf"
-    _decompress(QEMU_PANIC, path)
-    return path
+def qemu_panic_elf(real_vmcore) -> Path:
+    return Path(real_vmcore)
 
 
 @pytest.fixture(scope="session")
@@ -485,29 +471,6 @@ def qemu_panic(qemu_panic_elf) -> ElfPhysicalMemory:
 def qemu_panic_log(qemu_panic) -> list[LogRecord]:
     translator = make_translator(qemu_panic.read_physical, qemu_panic.vmcoreinfo, qemu_panic.machine)
     return read_kernel_log(translator, qemu_panic.vmcoreinfo)
-
-
-def _move_phdrs_after_ehdr(core: Path) -> None:
-    """Rewrite an ELF64 LE vmcore in place so its program headers follow the ELF header.
-
-    makedumpfile 1.7.2 reads the program headers at offset 64 whatever e_phoff
-    says. QEMU's dump keeps its section headers there, which a core does not
-    need, so they are dropped and the program headers moved over them.
-    """
-    with open(core, "r+b") as file:
-        head = file.read(1 << 16)
-        (phoff,) = struct.unpack_from("<Q", head, 32)
-        phentsize, phnum = struct.unpack_from("<HH", head, 54)
-        phdrs = head[phoff:phoff + phentsize * phnum]
-        first_data = min(struct.unpack_from("<Q", phdrs, i * phentsize + 8)[0] for i in range(phnum))
-        if 64 + len(phdrs) > first_data:
-            pytest.skip(f"no room for {len(phdrs)} bytes of program headers before offset {first_data:#x}")
-        ehdr = bytearray(head[:64])
-        struct.pack_into("<QQ", ehdr, 32, 64, 0)  # e_phoff, e_shoff
-        struct.pack_into("<HHH", ehdr, 58, 0, 0, 0)  # e_shentsize, e_shnum, e_shstrndx
-        old_headers_end = max(phoff + len(phdrs), 64 + len(phdrs))
-        file.seek(0)
-        file.write((bytes(ehdr) + phdrs).ljust(old_headers_end, b"\0"))
 
 
 def _makedumpfile_version() -> tuple[int, ...] | None:
@@ -573,13 +536,12 @@ def test_kernel_log_matches_the_serial_console(qemu_panic_log):
     assert len(at_boot) >= 10 and all(line in formatted for line in at_boot)
 
 
-def test_format_equals_makedumpfile_dump_dmesg(qemu_panic_log, qemu_panic_elf, tmp_path):
+def test_format_equals_makedumpfile_dump_dmesg(qemu_panic_log, real_vmcore_for_makedumpfile,
+                                               tmp_path):
     version = _makedumpfile_version()
     if version is None:
         pytest.skip("makedumpfile not installed")
-    copy = tmp_path / "phdrs-at-64.elf"
-    _decompress(QEMU_PANIC, copy)  # as fast as copying qemu_panic_elf, and sparse
-    _move_phdrs_after_ehdr(copy)
+    copy = real_vmcore_for_makedumpfile
     out = tmp_path / "dmesg.txt"
     run = subprocess.run(["makedumpfile", "--dump-dmesg", str(copy), str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr

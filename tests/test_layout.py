@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from conftest import FRACTIONAL_RANGES, spec
+from conftest import spec
 from vmcap.errors import BadSource
 from vmcap.layout import read_layout
 from vmcap.mmapio import FileSource, RecordingSource

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from .errors import SourceIOError
-from .fraction import BufferedPiece, CopyPlan, MappedRange, Step, ZeroFill
+from .fraction import BufferedPiece, CopyPlan, MappedRange
 from .mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
 
 DEFAULT_WINDOW_BYTES = 4 << 20

@@ -36,7 +36,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import zstandard
 
-from vmcap.errors import BadSource, CorruptOutput, OutputError, Unsupported
+from .errors import BadSource, CorruptOutput, OutputError, Unsupported
+from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
+                     EM_S390, EM_X86_64)
 
 __all__ = [
     "KdumpHeader",
@@ -88,16 +90,6 @@ BATCH_BYTES = 4 << 20
 
 _DESCRIPTOR_FIELDS = [("offset", "i8"), ("size", "u4"), ("flags", "u4"), ("page_flags", "u8")]
 
-# ELF e_machine values, for the utsname machine string crash checks.
-EM_386 = 3
-EM_PPC = 20
-EM_PPC64 = 21
-EM_S390 = 22
-EM_ARM = 40
-EM_X86_64 = 62
-EM_AARCH64 = 183
-EM_RISCV = 243
-EM_LOONGARCH = 258
 
 _MIN_BLOCK_SIZE = 512
 _MAX_BLOCK_SIZE = 1 << 20

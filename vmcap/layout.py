@@ -28,6 +28,17 @@ PT_LOAD = 1
 PT_NOTE = 4
 PN_XNUM = 0xFFFF
 NT_PRSTATUS = 1
+
+# e_machine values vmcap names (the writers and the sample builder use them).
+EM_386 = 3
+EM_PPC = 20
+EM_PPC64 = 21
+EM_S390 = 22
+EM_ARM = 40
+EM_X86_64 = 62
+EM_AARCH64 = 183
+EM_RISCV = 243
+EM_LOONGARCH = 258
 ELF_MAGIC = b"\x7fELF"
 
 # Program header layouts, described once per ELF class. The field order

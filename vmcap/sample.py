@@ -33,6 +33,9 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_PPC, EM_PPC64,  # noqa: F401 (re-exported)
+                     EM_S390, EM_X86_64, NT_PRSTATUS, PT_LOAD, PT_NOTE)
+
 POISON = b"\xa5"
 # Stands in for a POISON byte that RAM content would otherwise contain.
 _POISON_SUBSTITUTE = 0xA4
@@ -42,19 +45,8 @@ KERNEL_TEXT_VADDR = 0xFFFFFFFF81000000  # x86_64 _text without KASLR
 
 ET_CORE = 4
 EV_CURRENT = 1
-PT_LOAD = 1
-PT_NOTE = 4
 PF_RWX = 7
-NT_PRSTATUS = 1
 NT_VMCOREINFO = 0
-
-EM_386 = 3
-EM_PPC = 20
-EM_PPC64 = 21
-EM_S390 = 22
-EM_ARM = 40
-EM_X86_64 = 62
-EM_AARCH64 = 183
 
 LAYOUTS = ("proc", "packed", "aligned")
 CONTENTS = ("pattern", "mixed", "zero")
