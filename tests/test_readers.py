@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -43,6 +42,7 @@ PAGE = 4096
 ZERO_PAGE = bytes(PAGE)
 REAL_RELEASE = "6.1.0-56-amd64"
 TOOL_SECONDS = 120
+REPO = Path(__file__).resolve().parents[1]
 
 # vmcap output formats, by the name tests use, as SaveOptions arguments.
 FORMATS = {
@@ -241,18 +241,23 @@ def test_makedumpfile_dmesg_of_real_dump_ends_in_the_sysrq_panic(reference_dmesg
     lines = reference_dmesg.splitlines()
     assert len(lines) > 400
     assert any(line.endswith("] sysrq: Trigger a crash") for line in lines)
-    assert any(line.endswith("] Kernel panic - not syncing: sysrq triggered crash") for line in lines)
+    assert any(line.endswith("] Kernel panic - not syncing: sysrq triggered crash")
+               for line in lines)
     assert lines[-1].endswith("---[ end Kernel panic - not syncing: sysrq triggered crash ]---")
     assert REAL_RELEASE in lines[0]
 
 
+# makedumpfile -d 1 keeps zero pages in the 2nd bitmap, all pointing at one
+# stored zero page; vmcap -d 1 clears them, so they read as "excluded", and
+# makedumpfile reading the printk descriptor ring (24 pages at 0xffffffff954bf000)
+# stops at its all-zero pfn 0x146bf: "dump_lockless_dmesg: Can't get
+# prb.desc_ring.descs". A vmcap bug (reported), kept visible by strict xfail.
+_ZERO_PAGES_EXCLUDED = pytest.mark.xfail(strict=True, reason=(
+    "vmcap -d 1 kdump clears zero pages from the 2nd bitmap; makedumpfile --dump-dmesg "
+    "then fails reading prb.desc_ring.descs (pfn 0x146bf excluded)"))
 _DMESG_CASES = [
     pytest.param(fmt, level, id=f"{fmt}-{level}",
-                 marks=[pytest.mark.xfail(strict=True, reason=(
-                     "vmcap -d 1 kdump clears zero pages from the 2nd bitmap; makedumpfile "
-                     "(like its own -d 1 output) expects them dumped as the shared zero page, "
-                     "and fails reading prb.desc_ring.descs: pfn 0x146bf is excluded"))]
-                 if (fmt, level) == ("kdump-zlib", 1) else [])
+                 marks=[_ZERO_PAGES_EXCLUDED] if fmt.startswith("kdump") and level & 1 else [])
     for fmt in FORMATS for level in DUMP_LEVELS]
 
 
@@ -265,6 +270,17 @@ def test_makedumpfile_dump_dmesg_of_output_matches_plain_elf(real_output, refere
         pytest.skip("this makedumpfile is built without zstd: it cannot read zstd kdump pages")
     out = tmp_path / "dmesg.txt"
     result = dump_dmesg(real_output(fmt, dump_level), out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_text(errors="replace") == reference_dmesg
+
+
+@needs_makedumpfile
+@pytest.mark.slow
+def test_makedumpfile_dump_dmesg_reads_its_own_d1_kdump_of_real_dump(kdump_runs, reference_dmesg,
+                                                                     tmp_path):
+    path = kdump_runs["makedumpfile -c -d 1 (zlib)"][0]
+    out = tmp_path / "dmesg.txt"
+    result = dump_dmesg(path, out)
     assert result.returncode == 0, result.stderr
     assert out.read_text(errors="replace") == reference_dmesg
 
@@ -294,7 +310,7 @@ def kdump_runs(real_output, tmp_path_factory):
     runs = {}
     for name, argv in commands.items():
         started = time.monotonic()
-        result = run_tool(argv)
+        result = run_tool(argv, cwd=REPO)
         seconds = time.monotonic() - started
         assert result.returncode == 0, (name, result.stderr[-2000:])
         runs[name] = (argv[-1], seconds, os.path.getsize(argv[-1]))
@@ -358,6 +374,12 @@ FRACTIONAL_PIECES = (
 )
 
 
+# libkdumpfile (drgn's kdump reader) reads no page of an x86_64 kdump file
+# before it knows the paging mode ("Cannot determine 5-level paging"); 4.17+
+# kernels always write this entry, the samples' default VMCOREINFO does not.
+DRGN_KDUMP_VMCOREINFO = dict(default_vmcoreinfo(spec()), **{"NUMBER(pgtable_l5_enabled)": "0"})
+
+
 def fractional_pieces(path) -> list[tuple[int, int]]:
     source = FileSource(str(path))
     try:
@@ -378,7 +400,7 @@ def test_fractional_ranges_give_the_pieces_these_tests_expect(make_vmcore):
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_drgn_reads_every_ram_byte_of_fractional_pages_from_vmcap_output(make_vmcore, tmp_path,
                                                                          fmt):
-    sample = spec()
+    sample = spec(vmcoreinfo=DRGN_KDUMP_VMCOREINFO)
     path, _ = make_vmcore(sample)
     out = save_readable(path, tmp_path, fmt, 0)
     prog = open_drgn(out)
@@ -396,7 +418,7 @@ def test_drgn_reads_every_ram_byte_of_fractional_pages_from_vmcap_output(make_vm
                 continue
             got = drgn_read(prog, at, 0x100)
             assert got is None or got == bytes(0x100), f"{fmt}: non-RAM bytes at {at:#x}"
-            assert (got is None) == fmt in ("zelf", "elf"), f"{fmt}: {at:#x}"
+            assert (got is None) == (fmt in ("zelf", "elf")), f"{fmt}: {at:#x}"
 
 
 # makedumpfile reads kernel data even at -d 0: check_release() reads
@@ -404,12 +426,11 @@ def test_drgn_reads_every_ram_byte_of_fractional_pages_from_vmcap_output(make_vm
 # get_mem_map() needs a memory model. These entries and planted structures give
 # it a minimal kernel: 2 MiB pages mapping the kernel-text window
 # 0xffffffff80000000 + x onto paddr x (phys_base 0), a utsname, and a FLATMEM
-# mem_map pointer. libkdumpfile (drgn) then wants pgtable_l5_enabled as well.
+# mem_map pointer.
 MAKEDUMPFILE_VMCOREINFO = {
     "SYMBOL(init_uts_ns)": "ffffffff80200000",
     "OFFSET(uts_namespace.name)": "0",
     "SYMBOL(init_top_pgt)": "ffffffff80101000",
-    "NUMBER(pgtable_l5_enabled)": "0",
     "SYMBOL(mem_map)": "ffffffff80200200",
     "SIZE(page)": "64",
     "OFFSET(page.flags)": "0",
@@ -457,7 +478,7 @@ def makedumpfile_source(make_vmcore):
     version, _ = makedumpfile_features()
     if version != "1.7.2":
         pytest.skip(f"the characterisation is of makedumpfile 1.7.2, this is {version}")
-    vmcoreinfo = dict(default_vmcoreinfo(spec()), **MAKEDUMPFILE_VMCOREINFO)
+    vmcoreinfo = dict(DRGN_KDUMP_VMCOREINFO, **MAKEDUMPFILE_VMCOREINFO)
     sample = spec(vmcoreinfo=vmcoreinfo)
     path, info = make_vmcore(sample)
     plant_kernel_for_makedumpfile(path, info)
