@@ -222,3 +222,46 @@ def test_progress_is_shown_when_stderr_is_a_terminal(make_vmcore, tmp_path):
     assert process.returncode == 0
     assert b"saving" in seen and b"MB" in seen  # bar with bytes and rate
     assert b"saving" not in stdout  # progress never on stdout
+
+
+@pytest.mark.parametrize("signal_number,name", [(2, "SIGINT"), (15, "SIGTERM")])
+def test_interrupt_mid_copy_removes_the_partial_output(make_vmcore, tmp_path, signal_number, name):
+    import signal
+    import time
+
+    from vmcap.sample import RamRange
+
+    path, _ = make_vmcore(spec([RamRange(0x100000, 256 << 20)], content="mixed"))
+    out = tmp_path / "out"
+    # Slow on purpose (high level, one thread) so the signal lands mid-copy.
+    process = subprocess.Popen([sys.executable, "-m", "vmcap", "save", "--level", "19",
+                                "--threads", "1", path, str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env_without_debug())
+    part = tmp_path / "out.part"
+    deadline = time.monotonic() + 30
+    while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert part.exists(), "save never started writing"
+    process.send_signal(signal.Signals(signal_number))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, (name, stderr)
+    assert "interrupted" in stderr and stderr.count("\n") == 1
+    assert not out.exists() and not part.exists()
+
+
+def test_default_source_is_proc_vmcore(tmp_path):
+    result = run_subprocess("save", tmp_path / "out")
+    if os.path.exists("/proc/vmcore"):
+        pytest.skip("this machine has a /proc/vmcore")
+    assert result.returncode == 3
+    assert "/proc/vmcore" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_dump_level_1_needs_no_vmcoreinfo(make_vmcore, tmp_path):
+    path, _ = make_vmcore(spec(vmcoreinfo={}, content="mixed"))
+    out = tmp_path / "out"
+    result = run_subprocess("save", "-d", "1", "--json", path, out)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["pages_excluded"]["zero"] > 0
+    assert run_subprocess("verify", "--source", path, out).returncode == 0
