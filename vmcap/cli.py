@@ -311,6 +311,11 @@ def _progress_reporter(enabled: bool):
               help="makedumpfile dump level (bit 1: exclude zero pages).")
 @click.option("--compress", type=click.Choice(["zstd", "zlib", "none"]), default="zstd",
               show_default=True, help="Page compression for --format kdump.")
+@click.option("--zero-pages", type=click.Choice(["shared", "exclude"]), default="shared",
+              show_default=True,
+              help="kdump with -d 1: keep zero pages readable as one shared stored page "
+                   "(like makedumpfile), or clear them from the 2nd bitmap (readers then "
+                   "fault on them; crash needs --zero_excluded).")
 @click.option("--dmesg", "dmesg_path", default=None, metavar="FILE",
               help="Also write the crashed kernel's log to FILE (before copying memory).")
 @click.option("--force", is_flag=True, help="Overwrite OUT (and FILE) if it exists.")
@@ -318,7 +323,7 @@ def _progress_reporter(enabled: bool):
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_page_size_option
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
-         dump_level, compress, dmesg_path, force, as_json, quiet, page_size):
+         dump_level, compress, zero_pages, dmesg_path, force, as_json, quiet, page_size):
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
@@ -335,7 +340,8 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
-                          dump_level=dump_level, compress=compress, dmesg_path=dmesg_path)
+                          dump_level=dump_level, compress=compress, zero_pages=zero_pages,
+                          dmesg_path=dmesg_path)
     show_progress = not quiet and _is_terminal(sys.stderr)
     with _errors_to_exit_codes():
         with _progress_reporter(show_progress) as progress:

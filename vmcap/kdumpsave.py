@@ -122,7 +122,8 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     max_mapnr = -(-max_end // page)
     notes = layout.note_bytes + b"\0" * (-len(layout.note_bytes) % 4)
     note_args = dict(source=layout.source_name, page_size=page, output_format="kdump",
-                     extra=[f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}"])
+                     extra=[f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
+                            f"ZERO_PAGES={options.zero_pages}"])
     info = KdumpHeaderInfo(
         machine=utsname_machine(layout.e_machine, layout.elf_class, layout.byte_order),
         elf_class=layout.elf_class, byte_order=layout.byte_order, page_size=page,
@@ -139,9 +140,16 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     may_dump = present_page_count(segments, page)
     if excluded is not None:
         may_dump -= int(np.count_nonzero(excluded))
+    # Dump level 1: makedumpfile keeps zero pages in the 2nd bitmap, all
+    # pointing at one stored zero page, so readers see zeros. Clearing them
+    # from the bitmap (--zero-pages exclude) saves 24 bytes a page, but then
+    # crash (without --zero_excluded), drgn and makedumpfile --dump-dmesg
+    # fail on them, and unused parts of live kernel structures (the printk
+    # descriptor ring) are such pages.
+    exclude_zero = bool(options.dump_level & 1) and options.zero_pages == "exclude"
     writer = KdumpWriter(out.fd, info, max_mapnr=max_mapnr, compress=options.compress,
                          level=level, threads=options.threads,
-                         exclude_zero=bool(options.dump_level & 1),
+                         exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
                          dump_level=options.dump_level)
     try:
@@ -157,8 +165,10 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         raise out._fail("write", e) from None
     out.position = stats.file_bytes
     result = dict(counts or {})
-    if options.dump_level & 1:
+    if exclude_zero:
         result["zero"] = stats.zero_pages_excluded
+    elif options.dump_level & 1:
+        result["zero_shared"] = stats.zero_pages_shared
     return result
 
 

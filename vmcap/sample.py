@@ -284,6 +284,8 @@ def default_vmcoreinfo(spec: SampleSpec) -> dict[str, str]:
         "CRASHTIME": "1700000000",
         "SYMBOL(swapper_pg_dir)": f"{swapper_pg_dir:x}",
         "NUMBER(phys_base)": "0",
+        # drgn needs this for kdump files (it cannot tell 4- from 5-level paging).
+        "NUMBER(pgtable_l5_enabled)": "0",
         "KERNELOFFSET": "0",
     }
 

@@ -35,6 +35,9 @@ class SaveOptions:
     allow_mmap: bool = True
     dump_level: int = 0
     compress: str = "zstd"  # kdump page compression
+    # kdump at dump level 1: "shared" keeps zero pages readable (one stored
+    # zero page, as makedumpfile does); "exclude" clears them from bitmap 2.
+    zero_pages: str = "shared"
     dmesg_path: str | None = None  # also write the kernel log here
 
 
