@@ -177,8 +177,6 @@ class OpenDump:
 
 def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
     """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory."""
-    from .fraction import disjoint_segments
-    from .kernel import phys_base_from_segments
     from .layout import read_layout
     from .vmcoreinfo import parse_vmcoreinfo
 
@@ -201,15 +199,31 @@ def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
     except BaseException:
         source.close()
         raise
+    return elf_dump(layout, source, container=container, closer=source.close)
+
+
+def elf_dump(layout, source, *, container: str = "elf", closer=None) -> OpenDump:
+    """An ELF source whose layout is already read, as an OpenDump."""
+    from .fraction import disjoint_segments
+    from .kernel import phys_base_from_segments
+
     view = ElfPhysicalView(layout, source)
     page = layout.page_size
     max_end = max((s.paddr + s.memsz for s in layout.segments), default=0)
     ram = [(s.paddr // page, -(-(s.paddr + s.memsz) // page))
            for s in disjoint_segments(layout.segments) if s.memsz]
-    return OpenDump(path, container, layout.machine, page, layout.vmcoreinfo,
+    return OpenDump(layout.source_name, container, layout.machine, page, layout.vmcoreinfo,
                     view.read_physical,
                     phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments),
-                    -(-max_end // page), ram, source.close)
+                    -(-max_end // page), ram, closer)
+
+
+def classify_dump(dump: OpenDump, dump_level: int):
+    """makedumpfile's page classes (dump level bits 2-16) of a dump."""
+    from .pageclass import classify_pages
+
+    return classify_pages(dump.read_physical, dump.vmcoreinfo, dump.machine, dump_level,
+                          max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges)
 
 
 def kernel_log(dump: OpenDump):

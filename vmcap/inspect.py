@@ -10,12 +10,11 @@ from .layout import read_layout
 
 def memory_usage(path: str, *, page_size: int | None = None) -> list[dict]:
     """Pages per class, like makedumpfile --mem-usage (classified at dump level 31)."""
-    from .dumpfile import open_dump
-    from .pageclass import classify_pages, mem_usage
+    from .dumpfile import classify_dump, open_dump
+    from .pageclass import mem_usage
 
     with open_dump(path, page_size=page_size) as dump:
-        result = classify_pages(dump.read_physical, dump.vmcoreinfo, dump.machine, 31,
-                                max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges)
+        result = classify_dump(dump, 31)
     return [{"type": row.type, "pages": row.pages, "excludable": row.excludable,
              "description": row.description} for row in mem_usage(result).values()]
 

@@ -113,16 +113,9 @@ def classify_source(layout: Layout, source: Source, dump_level: int):
     """makedumpfile's page classes (dump level bits 2-16) for the source, or None."""
     if not dump_level & ~1:
         return None
-    from .dumpfile import ElfPhysicalView
-    from .pageclass import classify_pages
+    from .dumpfile import classify_dump, elf_dump
 
-    page = layout.page_size
-    segments = disjoint_segments(layout.segments)
-    max_end = max((s.paddr + s.memsz for s in segments), default=0)
-    ram = [(s.paddr // page, -(-(s.paddr + s.memsz) // page)) for s in segments if s.memsz]
-    return classify_pages(ElfPhysicalView(layout, source).read_physical, layout.vmcoreinfo,
-                          layout.machine, dump_level, max_pfn=-(-max_end // page),
-                          ram_pfn_ranges=ram)
+    return classify_dump(elf_dump(layout, source), dump_level)
 
 
 def class_counts(classification) -> dict:
@@ -219,14 +212,9 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     (often all a bug report needs) is already safe.
     """
     from .dmesg import format_makedumpfile
-    from .dumpfile import ElfPhysicalView, OpenDump, kernel_log
-    from .kernel import phys_base_from_segments
+    from .dumpfile import elf_dump, kernel_log
 
-    view = ElfPhysicalView(layout, source)
-    dump = OpenDump(layout.source_name, "elf", layout.machine, layout.page_size,
-                    layout.vmcoreinfo, view.read_physical,
-                    phys_base_from_segments((s.vaddr, s.paddr) for s in layout.segments), 0, [])
-    records = kernel_log(dump)
+    records = kernel_log(elf_dump(layout, source))
     out = OutputFile(options.dmesg_path, force=options.force, mode=0o600)
     try:
         out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
