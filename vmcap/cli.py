@@ -295,11 +295,12 @@ def _progress_reporter(enabled: bool):
               default="zelf", show_default=True,
               help="zelf: ELF compressed in the zstd seekable format; elf: plain sparse ELF; "
                    "kdump: makedumpfile's kdump-compressed format.")
-@click.option("--level", type=click.IntRange(-7, 22), default=3, show_default=True,
-              help="zstd compression level.")
+@click.option("--level", type=click.IntRange(-7, 22), default=None,
+              help="Compression level (default: 3 for zelf, 5 for kdump zstd, 3 for kdump "
+                   "zlib; zlib takes 1-9).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0,
               help="Compression threads (default 0: all cores).")
-@click.option("--frame-size", type=ByteSize(), default="4M", show_default=True,
+@click.option("--frame-size", type=ByteSize(), default="8M", show_default=True,
               help="Uncompressed bytes per zstd frame (zelf).")
 @click.option("--window", type=ByteSize(), default="4M", show_default=True,
               help="mmap window size.")

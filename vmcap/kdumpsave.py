@@ -131,9 +131,9 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         vmcoreinfo=layout.vmcoreinfo_raw,
         notes=notes + vmcap_note(layout.byte_order, **note_args, error_ranges=()),
         crash_time=layout.crash_time or 0)
-    level = options.level
-    if options.compress == "zlib":
-        level = min(max(level, 1), 9)
+    from .save import compression_level
+
+    level = compression_level(options)
     # Page descriptors are reserved before the data: one per page that may
     # be dumped. Pages a kernel class excludes need none; zero pages are only
     # known while copying, so their share stays reserved (a sparse hole).

@@ -20,14 +20,27 @@ from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink
 
 FORMATS = ("zelf", "elf", "kdump")
+# zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
+# come out no bigger than makedumpfile -c's zlib pages (measured, README).
+DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
+
+
+def compression_level(options: "SaveOptions") -> int:
+    """The level for this run: the option, else the format's default."""
+    if options.output_format == "kdump":
+        default = DEFAULT_LEVELS.get(options.compress, 3)
+        level = default if options.level is None else options.level
+        # zlib knows 1..9 only.
+        return min(max(level, 1), 9) if options.compress == "zlib" else level
+    return DEFAULT_LEVELS["zelf"] if options.level is None else options.level
 
 
 @dataclass(frozen=True)
 class SaveOptions:
     output_format: str = "zelf"
-    level: int = 3
+    level: int | None = None  # None: the format's default (DEFAULT_LEVELS)
     threads: int = 0  # 0: all cores
-    frame_bytes: int = 4 << 20
+    frame_bytes: int = 8 << 20
     window_bytes: int = DEFAULT_WINDOW_BYTES
     on_error: str = "fail"
     force: bool = False
@@ -174,7 +187,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     if options.output_format == "zelf":
         from .seekable import SeekableWriter
 
-        sink = SeekableWriter(out, level=options.level, threads=options.threads,
+        sink = SeekableWriter(out, level=compression_level(options), threads=options.threads,
                               frame_bytes=options.frame_bytes)
         # Headers and notes go in an uncompressed frame of known size, so the
         # vmcap note can be rewritten in place at the end.

@@ -45,7 +45,10 @@ __all__ = [
     "is_seekable_zstd",
 ]
 
-DEFAULT_FRAME_BYTES = 4 << 20
+DEFAULT_FRAME_BYTES = 8 << 20
+# Frames waiting to be compressed or written, in bytes: the capture kernel
+# has ~200 MiB, and "all cores" on a big machine must not multiply that.
+MAX_IN_FLIGHT_BYTES = 64 << 20
 PAGE_BYTES = 4096
 ZERO_PAGE = bytes(PAGE_BYTES)
 
@@ -175,7 +178,7 @@ class SeekableWriter:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=self._threads, thread_name_prefix="vmcap-zstd"
             )
-        self._max_in_flight = 2 * self._threads
+        self._max_in_flight = max(1, min(2 * self._threads, MAX_IN_FLIGHT_BYTES // frame_bytes))
         # (future compressed bytes, decompressed size, frame buffer to recycle or None), in output order.
         self._in_flight: collections.deque = collections.deque()
         self._spare_frames: list[bytearray] = []
