@@ -193,6 +193,18 @@ def test_demo_runs(tmp_path):
     assert "fractional pages" in result.stdout
     assert "status" in result.stdout and "ok" in result.stdout
     assert os.path.exists(tmp_path / "demo" / "demo-vmcore.zelf")
+    assert "non-RAM bytes touched    0" in result.stdout
+    assert "fractional pages mapped  0" in result.stdout
+
+
+def test_demo_audit_proves_the_fractional_rules(tmp_path):
+    from vmcap.demo import build_and_save
+
+    run, audit = build_and_save(str(tmp_path))
+    assert audit.non_ram_bytes_touched == 0
+    assert audit.fractional_pages_mapped == 0
+    assert audit.fractional_pieces >= 4 and audit.pieces_read_once == audit.fractional_pieces
+    assert audit.maps > 0 and run.summary.fractional_pages == 4
 
 
 def test_progress_is_shown_when_stderr_is_a_terminal(make_vmcore, tmp_path):

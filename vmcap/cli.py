@@ -453,27 +453,30 @@ def _record_json(record) -> dict:
                    "directory, removed afterwards).")
 def demo(directory):
     """Build a sample vmcore with fractional pages, inspect it, save it, verify it."""
-    from .sample import build_vmcore, demo_spec
+    from .demo import build_and_save
     from .inspect import describe
-    from .save import SaveOptions, save as run_save
     from .verify import verify as run_verify
 
     with _errors_to_exit_codes():
         with (_kept_dir(directory) if directory else tempfile.TemporaryDirectory()) as where:
-            src = os.path.join(where, "demo-vmcore")
-            out = os.path.join(where, "demo-vmcore.zelf")
-            build_vmcore(src, demo_spec())
-            click.echo(f"Built a sample vmcore laid out like /proc/vmcore: {src}\n")
-            click.echo(f"$ vmcap inspect --fractional {src}")
-            _render_inspect(describe(src), False, True, False)
-            click.echo(f"\n$ vmcap save {src} {out}")
-            summary = run_save(src, out, SaveOptions(force=True))
-            _render_save(summary, False)
-            click.echo(f"\n$ vmcap verify --source {src} {out}")
-            result = run_verify(out, src)
+            run, audit = build_and_save(where)
+            click.echo(f"Built a sample vmcore laid out like /proc/vmcore: {run.source}\n")
+            click.echo(f"$ vmcap inspect --fractional {run.source}")
+            _render_inspect(describe(run.source), False, True, False)
+            click.echo(f"\n$ vmcap save {run.source} {run.output}")
+            _render_save(run.summary, False)
+            click.echo(f"\n$ vmcap verify --source {run.source} {run.output}")
+            result = run_verify(run.output, run.source)
             _print_fields([(k, str(v)) for k, v in result.items()])
-            click.echo("\nEvery RAM byte of every fractional page is in the output; no "
-                       "non-RAM byte was read.")
+            click.echo("\nEvery read of the save was recorded:")
+            _print_fields([
+                ("mmap windows", str(audit.maps)),
+                ("preads", str(audit.reads)),
+                ("non-RAM bytes touched", str(audit.non_ram_bytes_touched)),
+                ("partial-page RAM pieces", f"{audit.fractional_pieces}, "
+                                            f"{audit.pieces_read_once} read exactly once by pread"),
+                ("fractional pages mapped", str(audit.fractional_pages_mapped)),
+            ])
 
 
 @contextmanager
