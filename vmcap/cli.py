@@ -280,10 +280,11 @@ def _progress_reporter(enabled: bool):
     task = None
 
     def advance(n: int, total: int) -> None:
+        # The total grows when a dump level adds a scan pass before the copy.
         nonlocal task
         if task is None:
             task = progress.add_task("save", total=total)
-        progress.advance(task, n)
+        progress.update(task, total=total, advance=n)
 
     with progress:
         yield advance
