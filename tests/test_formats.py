@@ -318,3 +318,69 @@ def test_dump_level_31_selects_the_same_pages_as_makedumpfile(real_vmcore_for_ma
     assert ours.stat().st_size <= theirs.stat().st_size
     print(f"\n-d 31 kdump: makedumpfile -c {theirs.stat().st_size} bytes {their_seconds:.2f} s; "
           f"vmcap zstd {ours.stat().st_size} bytes {summary.seconds:.2f} s")
+
+
+class RecordingPageWriter:
+    """Stands in for KdumpWriter: checks pfn order, records pages and present-only pfns."""
+
+    def __init__(self, page_size):
+        self.page_size = page_size
+        self.pages = {}
+        self.present_only = set()
+        self.next_pfn = 0
+
+    def write_pages(self, pfn, data):
+        data = bytes(data)
+        assert pfn >= self.next_pfn and len(data) % self.page_size == 0
+        for i in range(len(data) // self.page_size):
+            self.pages[pfn + i] = data[i * self.page_size:(i + 1) * self.page_size]
+        self.next_pfn = pfn + len(data) // self.page_size
+
+    def mark_present(self, pfn, count):
+        assert pfn >= self.next_pfn
+        self.present_only.update(range(pfn, pfn + count))
+        self.next_pfn = pfn + count
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_page_stream_assembles_pages_from_any_chunking(data):
+    import numpy as np
+
+    from vmcap.kdumpsave import PageStream
+
+    page = 16
+    # Disjoint ranges in address order, some zero fill, cut into random chunks.
+    cursor, chunks, memory = 0, [], {}
+    for _ in range(data.draw(st.integers(1, 6))):
+        start = cursor + data.draw(st.integers(0, 3 * page))
+        length = data.draw(st.integers(1, 5 * page))
+        zero = data.draw(st.booleans())
+        content = bytes(length) if zero else bytes((start + i) % 251 + 1 for i in range(length))
+        for i in range(length):
+            memory[start + i] = content[i]
+        cut = start
+        while cut < start + length:
+            n = min(start + length - cut, data.draw(st.integers(1, 2 * page)))
+            piece = None if zero else memoryview(content)[cut - start:cut - start + n]
+            chunks.append((cut, n, piece))
+            cut += n
+        cursor = start + length
+    max_pfn = cursor // page + 1
+    excluded = np.array(data.draw(st.lists(st.booleans(), min_size=max_pfn, max_size=max_pfn)))
+    writer = RecordingPageWriter(page)
+    stream = PageStream(writer, page, excluded)
+    for paddr, length, piece in chunks:
+        stream.add(paddr, length, piece)
+    stream.close()
+
+    touched = {addr // page for addr in memory}
+    assert set(writer.pages) | writer.present_only == touched
+    assert not set(writer.pages) & writer.present_only
+    for pfn in touched:
+        if excluded[pfn]:
+            assert pfn in writer.present_only
+            continue
+        # RAM bytes where a range put them, zeros in the rest of the page.
+        expected = bytes(memory.get(pfn * page + i, 0) for i in range(page))
+        assert writer.pages[pfn] == expected
