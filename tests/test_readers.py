@@ -551,3 +551,41 @@ def test_makedumpfile_kdump_output_drops_pages_holding_a_partial_end(makedumpfil
         assert reader.read_page(0x300) == bytes(0x400) + expected_bytes(sample, 0x300400, 0xC00)
     print("\nmakedumpfile 1.7.2 -c -d 0: pages lost: pfn 0x9f (0xc00 RAM bytes), pfn 0x400 "
           "(0x200), pfn 0x502 (0x800 + 0x800): 7680 bytes of RAM")
+
+
+# --------------------------------------------------------------------------
+# 4. gdb opens the ELF outputs as a core file
+
+
+@pytest.mark.skipif(not have("gdb"), reason="gdb is not installed")
+@pytest.mark.slow
+@pytest.mark.parametrize("dump_level", DUMP_LEVELS)
+@pytest.mark.parametrize("fmt", ["zelf", "elf"])
+def test_gdb_reads_real_dump_memory_from_elf_outputs(real_vmcore, real_output, tmp_path, fmt,
+                                                     dump_level):
+    core = real_output(fmt, dump_level)
+    source = FileSource(real_vmcore)
+    try:
+        segments = read_layout(source).segments
+        # QEMU's paging-off dump maps vaddr == paddr, which is what gdb reads by.
+        assert all(s.vaddr == s.paddr for s in segments)
+        paddrs = sample_paddrs(segments)
+        expected = {}
+        for paddr in paddrs:
+            seg = next(s for s in segments if s.paddr <= paddr < s.end)
+            expected[paddr] = source.pread(seg.offset + paddr - seg.paddr, PAGE)
+    finally:
+        source.close()
+    commands = []
+    for paddr in paddrs:
+        commands += ["-ex", f"dump binary memory {tmp_path}/{paddr:x}.bin {paddr:#x} "
+                            f"{paddr + PAGE:#x}"]
+    result = subprocess.run(["gdb", "-batch", "-nx", *commands, "-c", str(core)],
+                            capture_output=True, text=True, timeout=TOOL_SECONDS)
+    assert "file type elf64-x86-64" in subprocess.run(
+        ["gdb", "-batch", "-nx", "-ex", "info files", "-c", str(core)],
+        capture_output=True, text=True, timeout=TOOL_SECONDS).stdout
+    for paddr, page in expected.items():
+        dumped = tmp_path / f"{paddr:x}.bin"
+        assert dumped.exists(), (paddr, result.stderr[-500:])
+        assert dumped.read_bytes() == page, f"{fmt} -d {dump_level}: {paddr:#x} differs in gdb"
