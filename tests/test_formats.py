@@ -384,3 +384,20 @@ def test_page_stream_assembles_pages_from_any_chunking(data):
         # RAM bytes where a range put them, zeros in the rest of the page.
         expected = bytes(memory.get(pfn * page + i, 0) for i in range(page))
         assert writer.pages[pfn] == expected
+
+
+def test_kdump_refuses_address_spaces_whose_bitmaps_would_not_fit(make_vmcore, tmp_path):
+    # RAM at 16 TiB: 2^32 pfns, two 512 MiB bitmaps. ELF formats still work.
+    src, _ = make_vmcore(spec([RamRange(0x1000, 0x3000), RamRange(1 << 44, 0x2000)]))
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--format", "kdump", src,
+                             str(out)], capture_output=True, text=True, env=env_without_debug())
+    assert result.returncode == 8, result.stderr
+    assert "use --format zelf or elf" in result.stderr and result.stderr.count("\n") == 1
+    assert not out.exists() and not (tmp_path / "out.part").exists()
+    assert verify_after_save(src, tmp_path / "out.zelf")
+
+
+def verify_after_save(src, out) -> bool:
+    save(src, str(out), SaveOptions())
+    return verify(str(out), src)["status"] == "ok"

@@ -184,7 +184,7 @@ def main():
 @click.option("--vmcoreinfo", "show_vmcoreinfo", is_flag=True, help="Print the VMCOREINFO text.")
 @click.option("--mem-usage", "show_mem_usage", is_flag=True,
               help="Count pages per class (cache, user, free, kernel) like makedumpfile "
-                   "--mem-usage; reads the kernel's struct pages (x86_64, needs VMCOREINFO).")
+                   "--mem-usage; reads the kernel's struct pages (x86_64, arm64; needs VMCOREINFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
 @_page_size_option
 def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage, as_json,
@@ -423,7 +423,7 @@ def dmesg(src, as_json, caller_id, page_size):
     """Print the crashed kernel's log (like makedumpfile --dump-dmesg).
 
     Works on /proc/vmcore, saved ELF dumps, zelf and kdump files; needs
-    VMCOREINFO and an x86_64 dump. SRC defaults to /proc/vmcore.
+    VMCOREINFO and an x86_64 or arm64 dump. SRC defaults to /proc/vmcore.
     """
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump

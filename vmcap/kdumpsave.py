@@ -14,7 +14,7 @@ import numpy as np
 
 from .copy import PlanCopier
 from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note, vmcap_note
-from .errors import BadSource
+from .errors import BadSource, Unsupported
 from .fraction import CopyPlan, disjoint_segments, present_page_count
 from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
 from .layout import Layout, _parse_notes
@@ -22,6 +22,10 @@ from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
 
 ZERO_CHUNK_BYTES = 4 << 20
+# The writer keeps both bitmaps in memory (1 bit per pfn each): 2 x 128 MiB at
+# this many pfns (4 TiB of physical address space with 4 KiB pages). Beyond
+# it the capture kernel's memory would not hold them; refuse, clearly.
+MAX_KDUMP_PFNS = 1 << 30
 
 
 class PageStream:
@@ -120,6 +124,12 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     if max_end == 0:
         raise BadSource(f"{layout.source_name}: no memory to dump (no non-empty PT_LOAD)")
     max_mapnr = -(-max_end // page)
+    if max_mapnr > MAX_KDUMP_PFNS:
+        bitmap_mib = -(-max_mapnr // 8) >> 20
+        raise Unsupported(
+            f"{layout.source_name}: memory reaches physical address {max_end:#x}; a kdump "
+            f"file would need two {bitmap_mib} MiB bitmaps held in memory (vmcap's limit is "
+            f"{MAX_KDUMP_PFNS} pages); use --format zelf or elf")
     notes = layout.note_bytes + b"\0" * (-len(layout.note_bytes) % 4)
     note_args = dict(source=layout.source_name, page_size=page, output_format="kdump",
                      extra=[f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
