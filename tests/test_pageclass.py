@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import pytest
 
 from vmcap.dumpfile import ElfPhysicalView
@@ -131,7 +133,7 @@ class MemMap:
 
 
 def excluded_pfns(result) -> list[int]:
-    return np.flatnonzero(result.excluded).tolist()
+    return np.flatnonzero(result.excluded.to_array()).tolist()
 
 
 def counts(result) -> dict[str, int]:
@@ -249,7 +251,7 @@ def test_hwpoison_and_offline_pages_are_excluded_at_every_level():
 def test_levels_without_page_bits_need_no_walk_when_hwpoison_is_unknown():
     result = classify_pages(lambda paddr, size: pytest.fail("read"), {"OSRELEASE": "6.1.0"},
                             "EM_X86_64", 1, max_pfn=4096)
-    assert not result.excluded.any() and result.counts["total_pages"] == 0
+    assert result.excluded.count() == 0 and result.counts["total_pages"] == 0
 
 
 # --- compound pages ---------------------------------------------------------------------
@@ -639,9 +641,9 @@ def test_real_dump_excludes_the_same_pfns_as_makedumpfile(real_dump, makedumpfil
     for start, end in real_dump.ram_pfn_ranges:
         ram[start:min(end, max_mapnr)] = True
     assert not result.excluded[max_mapnr:].any()
-    mismatched = np.flatnonzero((ram & ~result.excluded[:max_mapnr]) != dumped)
+    mismatched = np.flatnonzero((ram & ~result.excluded[0:max_mapnr]) != dumped)
     assert mismatched.size == 0, f"pfns differ from makedumpfile, first {mismatched[:8].tolist()}"
-    assert int(result.excluded.sum()) == sum(report[key] for key in MDF_STATS)
+    assert result.excluded.count() == sum(report[key] for key in MDF_STATS)
 
 
 @pytest.mark.slow
@@ -680,3 +682,26 @@ def test_classifying_4_mi_struct_pages_takes_seconds(real_dump):
     seconds = time.perf_counter() - started
     assert result.counts["free"] == 106113 * copies
     assert seconds < 20, f"{seconds:.2f} s for 4 Mi struct pages"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_pfn_bitmap_behaves_like_a_bool_array(data):
+    from vmcap.pageclass import PfnBitmap
+
+    size = data.draw(st.integers(1, 300))
+    reference = np.zeros(size, dtype=bool)
+    bitmap = PfnBitmap(size)
+    for _ in range(data.draw(st.integers(0, 4))):
+        pfns = np.array(sorted(data.draw(st.sets(st.integers(0, size - 1), max_size=40))),
+                        dtype=np.int64)
+        bitmap.set_sorted(pfns)
+        reference[pfns] = True
+    assert bitmap.count() == int(reference.sum())
+    assert np.array_equal(bitmap.to_array(), reference)
+    lo = data.draw(st.integers(0, size))
+    hi = data.draw(st.integers(lo, size))
+    assert np.array_equal(bitmap[lo:hi], reference[lo:hi])
+    assert bitmap[lo:].tolist() == reference[lo:].tolist()
+    pfn = data.draw(st.integers(0, size - 1))
+    assert bitmap[pfn] == bool(reference[pfn])

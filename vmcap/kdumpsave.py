@@ -149,7 +149,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # known while copying, so their share stays reserved (a sparse hole).
     may_dump = present_page_count(segments, page)
     if excluded is not None:
-        may_dump -= int(np.count_nonzero(excluded))
+        may_dump -= excluded.count()
     # Dump level 1: makedumpfile keeps zero pages in the 2nd bitmap, all
     # pointing at one stored zero page, so readers see zeros. Clearing them
     # from the bitmap (--zero-pages exclude) saves 24 bytes a page, but then

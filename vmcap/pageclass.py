@@ -559,6 +559,59 @@ def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int) -
 # --- the walk --------------------------------------------------------------------------------
 
 
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+class PfnBitmap:
+    """One bit per pfn, packed (little bit order, like kdump bitmaps).
+
+    A 512 GiB machine has 128 Mi pfns: 16 MiB as bits, 128 MiB as a bool
+    array, which the capture kernel does not have. Slices unpack only the
+    part asked for and come back as bool arrays.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.bits = np.zeros((size + 7) // 8, dtype=np.uint8)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def set_sorted(self, pfns: np.ndarray) -> None:
+        """Set the bits of ascending pfns (as _range_pfns gives them)."""
+        if not len(pfns):
+            return
+        byte_index = pfns >> 3
+        values = (np.uint8(1) << (pfns & 7).astype(np.uint8)).astype(np.uint8)
+        first = np.flatnonzero(np.diff(byte_index, prepend=-1))
+        self.bits[byte_index[first]] |= np.bitwise_or.reduceat(values, first)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.size)
+            if step != 1:
+                raise ValueError("PfnBitmap slices take no step")
+            if stop <= start:
+                return np.zeros(0, dtype=bool)
+            packed = self.bits[start >> 3:(stop + 7) >> 3]
+            unpacked = np.unpackbits(packed, bitorder="little")
+            return unpacked[start & 7:(start & 7) + stop - start].astype(bool)
+        pfn = int(key)
+        if not 0 <= pfn < self.size:
+            raise IndexError(pfn)
+        return bool(self.bits[pfn >> 3] >> (pfn & 7) & 1)
+
+    def count(self) -> int:
+        """Set bits, counted in bounded pieces."""
+        step = 1 << 24
+        return sum(int(_POPCOUNT[self.bits[i:i + step]].sum(dtype=np.int64))
+                   for i in range(0, len(self.bits), step))
+
+    def to_array(self) -> np.ndarray:
+        """The whole bitmap as bools (tests and small dumps only)."""
+        return self[0:self.size]
+
+
 @dataclass(frozen=True)
 class ExclusionResult:
     """Pages a dump level leaves out.
@@ -574,7 +627,7 @@ class ExclusionResult:
     """
 
     max_pfn: int
-    excluded: np.ndarray  # bool per pfn, length max_pfn
+    excluded: PfnBitmap  # 1 bit per pfn, max_pfn bits
     counts: dict[str, int]
     dump_level: int
 
@@ -616,7 +669,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     found where makedumpfile finds it.
     """
     chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
-    excluded = np.zeros(max_pfn, dtype=bool)
+    excluded = PfnBitmap(max_pfn)
     class_pages = np.zeros(len(CLASS_NAMES), dtype=np.int64)
     looked_at = 0
     walked_to = 0  # the walk resumes here: everything before it is decided
@@ -647,7 +700,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
             walked_to = max(walked_to, int((starts + spans).max()))
             # A range may run past this chunk, this run, or max_pfn.
             ends = np.minimum(starts + spans, max_pfn)
-            excluded[_range_pfns(starts, ends)] = True
+            excluded.set_sorted(_range_pfns(starts, ends))
             class_pages += np.bincount(page_class, weights=ends - starts,
                                        minlength=len(CLASS_NAMES)).astype(np.int64)
     counts = {name: int(class_pages[i]) for i, name in enumerate(CLASS_NAMES) if i != KEPT}
@@ -669,7 +722,7 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     """
     if not walks_mem_map(vmcoreinfo, dump_level):
         counts = {name: 0 for name in CLASS_NAMES[1:]}
-        return ExclusionResult(max_pfn, np.zeros(max_pfn, dtype=bool), {**counts, "total_pages": 0}, dump_level)
+        return ExclusionResult(max_pfn, PfnBitmap(max_pfn), {**counts, "total_pages": 0}, dump_level)
     rules = page_rules(vmcoreinfo, dump_level)
     translator = make_translator(read_physical, vmcoreinfo, machine)
     runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn)

@@ -163,7 +163,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
             in_runs = sum(int(mask[r.paddr // page:(r.paddr + r.length) // page].sum())
                           for r in runs)
             # makedumpfile -E writes runs shorter than 256 pages as they are.
-            excluded_counts["kept_in_short_runs"] = int(mask.sum()) - in_runs
+            excluded_counts["kept_in_short_runs"] = mask.count() - in_runs
         else:
             in_runs = 0
         if options.dump_level & 1:
