@@ -55,6 +55,26 @@ def phys_base_from_segments(segments: Iterable[tuple[int, int]]) -> int | None:
     return None
 
 
+def read_translated(vaddr: int, size: int, translate, read_physical) -> bytes:
+    """size bytes at vaddr, one read_physical per physically contiguous run.
+
+    translate(vaddr) gives (paddr, bytes mapped contiguously from there), so a
+    large buffer in the kernel image or the linear map costs one read, not
+    one per page.
+    """
+    runs: list[tuple[int, int]] = []  # (paddr, length)
+    position, end = vaddr, vaddr + size
+    while position < end:
+        paddr, mapped = translate(position)
+        piece = min(end - position, mapped)
+        if runs and runs[-1][0] + runs[-1][1] == paddr:
+            runs[-1] = (runs[-1][0], runs[-1][1] + piece)
+        else:
+            runs.append((paddr, piece))
+        position += piece
+    return b"".join(read_physical(paddr, length) for paddr, length in runs)
+
+
 class X86_64Translator:
     """Kernel virtual -> physical on x86_64, 4- or 5-level paging.
 
@@ -131,17 +151,10 @@ class X86_64Translator:
         call, so a large buffer in the kernel image or the direct map costs
         one read, not one per page.
         """
-        runs: list[tuple[int, int]] = []  # (paddr, length) of physically contiguous pieces
-        position, end = vaddr, vaddr + size
-        while position < end:
-            piece = min(end, (position | (PAGE_SIZE - 1)) + 1) - position
-            paddr = self.to_physical(position)
-            if runs and runs[-1][0] + runs[-1][1] == paddr:
-                runs[-1] = (runs[-1][0], runs[-1][1] + piece)
-            else:
-                runs.append((paddr, piece))
-            position += piece
-        return b"".join(self._read_physical(paddr, length) for paddr, length in runs)
+        def translate(position: int) -> tuple[int, int]:
+            return self.to_physical(position), PAGE_SIZE - (position & (PAGE_SIZE - 1))
+
+        return read_translated(vaddr, size, translate, self._read_physical)
 
 
 # --- aarch64 -------------------------------------------------------------------------------
@@ -362,17 +375,7 @@ class Aarch64Translator:
 
     def read_virtual(self, vaddr: int, size: int) -> bytes:
         """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
-        runs: list[tuple[int, int]] = []  # (paddr, length)
-        position, end = vaddr, vaddr + size
-        while position < end:
-            paddr, mapped = self.translate(position)
-            piece = min(end - position, mapped)
-            if runs and runs[-1][0] + runs[-1][1] == paddr:
-                runs[-1] = (runs[-1][0], runs[-1][1] + piece)
-            else:
-                runs.append((paddr, piece))
-            position += piece
-        return b"".join(self._read_physical(paddr, length) for paddr, length in runs)
+        return read_translated(vaddr, size, self.translate, self._read_physical)
 
 
 KernelTranslator = X86_64Translator | Aarch64Translator
