@@ -304,3 +304,30 @@ def test_real_full_disk_fails_cleanly(make_vmcore, tiny_filesystem, fmt):
     assert result.returncode == 5, result.stderr
     assert "No space left on device" in result.stderr and result.stderr.count("\n") == 1
     assert list(tiny_filesystem.iterdir()) == []
+
+
+def test_truncated_zelf_is_a_clear_error(make_vmcore, tmp_path):
+    src, _ = make_vmcore(spec(content="mixed"))
+    out = tmp_path / "out.zelf"
+    save(src, str(out), SaveOptions(frame_bytes=1 << 20))
+    cut = tmp_path / "cut.zelf"
+    cut.write_bytes(out.read_bytes()[:out.stat().st_size // 2])
+    for command in (["inspect"], ["verify"], ["dmesg"]):
+        result = subprocess.run([sys.executable, "-m", "vmcap", *command, str(cut)],
+                                capture_output=True, text=True)
+        assert result.returncode == 3, (command, result.stderr)
+        assert "without a seek table" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_elf32_output_past_4_gib_is_refused(make_vmcore):
+    from vmcap.elfwriter import OutputSegment, plan_elf_image
+    from vmcap.errors import Unsupported
+
+    src, _ = make_vmcore(spec(elf_class=32, byte_order="big", machine=20))
+    with FileSource(src) as source:
+        layout = read_layout(source)
+    # Overlapping PT_LOADs are each written whole: 3 x 2 GiB of data.
+    big = [OutputSegment(0, 0, 0, 0x80000000, 0x80000000, 7)] * 3
+    with pytest.raises(Unsupported, match="use --format kdump"):
+        plan_elf_image(layout, big, 64, 4096)
+    plan_elf_image(layout, big[:1], 64, 4096)  # 2 GiB is fine

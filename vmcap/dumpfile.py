@@ -85,8 +85,8 @@ def open_elf_source(path: str, *, allow_mmap: bool = True):
     if container == "zstd-seekable":
         return ZstdSource(path)
     if container == "zstd":
-        raise BadSource(f"{path}: zstd-compressed without a seek table; "
-                        "decompress it with `zstd -d` first")
+        raise BadSource(f"{path}: zstd-compressed without a seek table (a zelf file cut short "
+                        "loses it; `zstd -d` restores whatever frames are whole)")
     # Plain files, /proc/vmcore and devices; FileSource reports open errors.
     return FileSource(path, allow_mmap=allow_mmap)
 

@@ -28,6 +28,7 @@ from typing import Iterable, Protocol, Sequence
 
 from . import __version__
 from .copy import ErrorRange
+from .errors import Unsupported
 from .layout import _PHDR_FORMATS, PN_XNUM, PT_LOAD, PT_NOTE, Layout
 
 ET_CORE = 4
@@ -159,6 +160,10 @@ def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size
                                     seg.flags))
         if seg.filesz:
             cursor = offset + seg.filesz
+    if elf_class == 32 and cursor > 0xFFFFFFFF:
+        # ELF32 offsets are 32 bits; an i386 PAE machine's vmcore is ELF64.
+        raise Unsupported(f"{layout.source_name}: an ELF32 output would be {cursor} bytes, past "
+                          "what 32-bit offsets address; use --format kdump")
 
     ident = bytearray(16)
     ident[:4] = b"\x7fELF"

@@ -30,7 +30,7 @@ def verify(dump_path: str, source_path: str | None = None) -> dict:
         from .kdumpsave import verify_kdump
 
         return verify_kdump(dump_path, source_path)
-    if container not in ("elf", "zstd-seekable"):
+    if container == "unknown":
         raise BadSource(f"{dump_path}: not a vmcore vmcap can read (no ELF, zstd or kdump "
                         "signature)")
     out_source = open_elf_source(dump_path)
