@@ -541,3 +541,50 @@ def test_crash_reports_osrelease(tmp_path, compress, nr_cpus):
     result = subprocess.run(["crash", "--osrelease", str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == RELEASE
+
+
+def test_bitmaps_are_streamed_through_a_bounded_window(tmp_path):
+    """A writer for 2^29 pfns (2 TiB) holds a window of each bitmap, not 2 x 64 MiB."""
+    import tracemalloc
+
+    path = tmp_path / "big.kdump"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    page = np.full(PAGE, 7, dtype=np.uint8).tobytes()
+    tracemalloc.start()
+    try:
+        writer = KdumpWriter(fd, x86_64_info(), max_mapnr=1 << 29, max_pages_present=64)
+        # One present page every 8 Mi pfns: every bitmap window is visited.
+        for pfn in range(0, 1 << 29, 1 << 23):
+            writer.write_pages(pfn, page)
+        writer.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        os.close(fd)
+    assert peak < 32 << 20, peak  # the old whole bitmaps alone were 128 MiB
+    with KdumpReader(str(path)) as reader:
+        assert reader.page_counts() == (64, 64)
+        assert reader.is_present(1 << 23) and not reader.is_present((1 << 23) + 1)
+
+
+def test_streamed_bitmaps_are_exact_across_windows(tmp_path, monkeypatch):
+    from vmcap import kdump
+
+    monkeypatch.setattr(kdump._StreamedBitmap, "WINDOW_BYTES", 16)  # 128 pfns a window
+    rng = np.random.default_rng(5)
+    present = np.sort(rng.choice(5000, size=700, replace=False))
+    path = tmp_path / "windows.kdump"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        writer = KdumpWriter(fd, x86_64_info(), max_mapnr=5000, exclude_zero=True)
+        for pfn in present.tolist():
+            content = bytes(PAGE) if pfn % 3 == 0 else bytes([pfn % 251 + 1]) * PAGE
+            writer.write_pages(pfn, content)
+        writer.close()
+    finally:
+        os.close(fd)
+    present_set = set(present.tolist())
+    with KdumpReader(str(path)) as reader:
+        for pfn in range(5000):
+            assert reader.is_present(pfn) == (pfn in present_set)
+            assert reader.is_dumped(pfn) == (reader.is_present(pfn) and pfn % 3 != 0)

@@ -421,6 +421,56 @@ def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
     bitmap[byte_index[group_starts]] |= np.bitwise_or.reduceat(bits, group_starts)
 
 
+class _StreamedBitmap:
+    """A bitmap written to the file as the pfns pass, in bounded memory.
+
+    Pages come in increasing pfn order, so every byte below the current
+    window is final: it is written out and the window moves on. A 512 GiB
+    machine needs 16 MiB per bitmap, a 16 TiB one 512 MiB, and the capture
+    kernel has ~200 MiB; the window is WINDOW_BYTES whatever the size.
+    Bytes never touched stay holes in the new file, which read as zeros.
+    """
+
+    WINDOW_BYTES = 1 << 20  # 8 Mi pfns
+
+    def __init__(self, fd: int, file_offset: int, what: str):
+        self._fd = fd
+        self._file_offset = file_offset
+        self._what = what
+        self._window = np.zeros(self.WINDOW_BYTES, dtype=np.uint8)
+        self._window_index = 0
+        self._dirty = False
+
+    def set(self, pfns: np.ndarray) -> None:
+        """Set the bits of strictly increasing pfns (not below any pfn set before)."""
+        if not len(pfns):
+            return
+        window_pfns = self.WINDOW_BYTES * 8
+        windows = pfns // window_pfns
+        for index in np.unique(windows).tolist():
+            if index != self._window_index:
+                self._flush()
+                self._window[:] = 0
+                self._window_index = index
+            part = pfns[windows == index] - index * window_pfns
+            _set_bits(self._window, part)
+            self._dirty = True
+
+    def _flush(self) -> None:
+        if self._dirty:
+            _pwrite_all(self._fd, self._window,
+                        self._file_offset + self._window_index * self.WINDOW_BYTES, self._what)
+            self._dirty = False
+
+    def close(self, bitmap_bytes: int) -> None:
+        """Write the last window, cut to the bitmap's size."""
+        if self._dirty:
+            start = self._window_index * self.WINDOW_BYTES
+            _pwrite_all(self._fd, self._window[:max(0, bitmap_bytes - start)],
+                        self._file_offset + start, self._what)
+            self._dirty = False
+
+
 def _worker_count(threads: int) -> int:
     if threads < 0:
         raise ValueError(f"threads must be >= 0, not {threads}")
@@ -487,8 +537,8 @@ class _ZlibPages:
 class KdumpWriter:
     """Write a kdump-compressed file page by page, in pfn order, with bounded memory.
 
-    Memory: the two bitmaps (one bit per pfn each: 4 MiB apiece for 128 GiB
-    of 4 KiB pages) plus one batch of pages and its compressed form.
+    Memory: a 1 MiB window of each bitmap (see _StreamedBitmap) plus one batch
+    of pages and its compressed form, whatever max_mapnr is.
 
     max_pages_present bounds how many pages write_pages will be given (the
     pfns the source's PT_LOADs cover); it sizes the page-descriptor table that
@@ -538,8 +588,8 @@ class KdumpWriter:
                                    self._sub_header.size + len(self._stored_notes), max_pages_present)
         self._descriptor_dtype = _descriptor_dtype(info.byte_order)
 
-        self._present_bitmap = np.zeros(self._layout.bitmap_bytes, dtype=np.uint8)
-        self._dumped_bitmap = np.zeros(self._layout.bitmap_bytes, dtype=np.uint8)
+        self._present_bitmap = _StreamedBitmap(fd, self._layout.present_bitmap_offset, "1st bitmap")
+        self._dumped_bitmap = _StreamedBitmap(fd, self._layout.dumped_bitmap_offset, "2nd bitmap")
 
         workers = _worker_count(threads)
         if compress == "zstd":
@@ -661,7 +711,7 @@ class KdumpWriter:
             raise ValueError(f"pages {pfn:#x}..{pfn + count - 1:#x} go past max_mapnr {self._max_mapnr:#x}")
         if count <= 0:
             return
-        _set_bits(self._present_bitmap, np.arange(pfn, pfn + count, dtype=np.int64))
+        self._present_bitmap.set(np.arange(pfn, pfn + count, dtype=np.int64))
         self._pages_present += count
         self._next_pfn = pfn + count
 
@@ -713,8 +763,8 @@ class KdumpWriter:
                         "page descriptors")
         self._descriptors_written += dumped_count
 
-        _set_bits(self._present_bitmap, pfns)
-        _set_bits(self._dumped_bitmap, pfns[dumped_mask])
+        self._present_bitmap.set(pfns)
+        self._dumped_bitmap.set(pfns[dumped_mask])
         zero_count = count - len(stored)
         self._pages_present += count
         self._pages_stored_raw += int((flags == 0).sum())
@@ -756,8 +806,8 @@ class KdumpWriter:
             self._release()
         layout = self._layout
         info = self._info
-        _pwrite_all(self._fd, self._present_bitmap, layout.present_bitmap_offset, "1st bitmap")
-        _pwrite_all(self._fd, self._dumped_bitmap, layout.dumped_bitmap_offset, "2nd bitmap")
+        self._present_bitmap.close(layout.bitmap_bytes)
+        self._dumped_bitmap.close(layout.bitmap_bytes)
 
         note_offset = layout.sub_header_offset + self._sub_header.size
         sub_header = {

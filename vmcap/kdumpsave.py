@@ -22,10 +22,10 @@ from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
 
 ZERO_CHUNK_BYTES = 4 << 20
-# The writer keeps both bitmaps in memory (1 bit per pfn each): 2 x 128 MiB at
-# this many pfns (4 TiB of physical address space with 4 KiB pages). Beyond
-# it the capture kernel's memory would not hold them; refuse, clearly.
-MAX_KDUMP_PFNS = 1 << 30
+# The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
+# load them: past this many pfns (32 TiB of physical address space with
+# 4 KiB pages) each bitmap would be over 1 GiB. Refuse, clearly.
+MAX_KDUMP_PFNS = 1 << 33
 
 
 class PageStream:
@@ -128,8 +128,8 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         bitmap_mib = -(-max_mapnr // 8) >> 20
         raise Unsupported(
             f"{layout.source_name}: memory reaches physical address {max_end:#x}; a kdump "
-            f"file would need two {bitmap_mib} MiB bitmaps held in memory (vmcap's limit is "
-            f"{MAX_KDUMP_PFNS} pages); use --format zelf or elf")
+            f"file would need two {bitmap_mib} MiB bitmaps, which its readers load (vmcap's "
+            f"limit is {MAX_KDUMP_PFNS} pages); use --format zelf or elf")
     notes = layout.note_bytes + b"\0" * (-len(layout.note_bytes) % 4)
     note_args = dict(source=layout.source_name, page_size=page, output_format="kdump",
                      extra=[f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
