@@ -10,7 +10,7 @@ import random
 import shutil
 import struct
 import subprocess
-import threading
+import sys
 import tracemalloc
 
 import pytest
@@ -24,7 +24,6 @@ from vmcap.seekable import (
     SeekableReader,
     SeekableStats,
     SeekableWriter,
-    decompress_to_file,
     is_seekable_zstd,
 )
 
@@ -480,105 +479,56 @@ def test_is_seekable_zstd_rejects_other_files(tmp_path, content):
 
 
 # --------------------------------------------------------------------------
-# decompress_to_file
+# vmcap decompress (verify.decompress: the zelf frames through output.SparseSink)
 
 
 @pytest.mark.parametrize("frame_bytes", [SMALL_FRAME, 10_000])
-def test_decompress_to_file_is_sparse_and_identical(tmp_path, frame_bytes):
+def test_decompress_is_sparse_and_identical(tmp_path, frame_bytes):
+    from vmcap.verify import decompress
+
     data = bytes(64 * PAGE) + dump_like(40 * PAGE, seed=4) + bytes(100 * PAGE + 5)
     path = save(tmp_path, compress([data], threads=2, frame_bytes=frame_bytes)[0])
     out = tmp_path / "plain"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    try:
-        with SeekableReader(path) as reader:
-            assert decompress_to_file(reader, fd) == len(data)
-    finally:
-        os.close(fd)
+    assert decompress(str(path), str(out)) == len(data)
     assert out.read_bytes() == data
     allocated = os.stat(out).st_blocks * 512
     assert allocated < len(data) // 2
 
 
-def test_decompress_to_file_without_sparse_writes_every_block(tmp_path):
-    data = bytes(64 * PAGE) + b"tail"
-    path = save(tmp_path, compress([data], frame_bytes=SMALL_FRAME)[0])
-    out = tmp_path / "plain"
-    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    try:
-        with SeekableReader(path) as reader:
-            decompress_to_file(reader, fd, sparse=False)
-    finally:
-        os.close(fd)
-    assert out.read_bytes() == data
-    assert os.stat(out).st_blocks * 512 >= 64 * PAGE
-
-
-def test_decompress_to_file_replaces_old_content_after_current_position(tmp_path):
-    data = bytes(20 * PAGE) + b"end"
-    path = save(tmp_path, compress([data], frame_bytes=SMALL_FRAME)[0])
-    out = tmp_path / "plain"
-    out.write_bytes(b"\xff" * (40 * PAGE))
-    fd = os.open(out, os.O_RDWR)
-    try:
-        os.lseek(fd, 3, os.SEEK_SET)  # e.g. a header the caller wrote first
-        with SeekableReader(path) as reader:
-            decompress_to_file(reader, fd)
-        assert os.lseek(fd, 0, os.SEEK_CUR) == 3 + len(data)
-    finally:
-        os.close(fd)
-    assert out.read_bytes() == b"\xff" * 3 + data
-
-
-def test_decompress_to_pipe_writes_zeros_too():
+def test_decompress_to_a_pipe_writes_zeros_too(tmp_path):
     data = bytes(10 * PAGE) + dump_like(10 * PAGE, seed=8)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "x.zst")
-        with open(path, "wb") as f:
-            f.write(compress([data], frame_bytes=SMALL_FRAME)[0])
-        read_end, write_end = os.pipe()
-        received = []
-        drain = threading.Thread(target=lambda: received.append(_read_until_eof(read_end)))
-        drain.start()
-        try:
-            with SeekableReader(path) as reader:
-                assert decompress_to_file(reader, write_end) == len(data)
-        finally:
-            os.close(write_end)
-            drain.join()
-            os.close(read_end)
-    assert received == [data]
+    path = save(tmp_path, compress([data], frame_bytes=SMALL_FRAME)[0])
+    result = subprocess.run([sys.executable, "-m", "vmcap", "decompress", str(path), "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True)
+    assert result.stdout == data
 
 
-def _read_until_eof(fd: int) -> bytes:
-    pieces = []
-    while piece := os.read(fd, 1 << 16):
-        pieces.append(piece)
-    return b"".join(pieces)
+def test_decompress_stops_at_a_corrupt_frame(tmp_path):
+    from vmcap.verify import decompress
 
-
-def test_decompress_to_file_stops_at_a_corrupt_frame(tmp_path):
     compressed, _ = small_sample()
     damaged = bytearray(compressed)
     damaged[len(compressed) // 2] ^= 0xFF
     path = save(tmp_path, bytes(damaged))
-    fd = os.open(tmp_path / "plain", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    try:
-        with SeekableReader(path) as reader, pytest.raises(CorruptOutput):
-            decompress_to_file(reader, fd)
-    finally:
-        os.close(fd)
+    with pytest.raises(CorruptOutput):
+        decompress(str(path), str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "plain.part").exists()
 
 
-def test_decompress_to_unwritable_fd_raises_output_error(tmp_path):
+def test_decompress_write_failure_raises_output_error(tmp_path, monkeypatch):
+    import errno
+
+    from vmcap.verify import decompress
+
     path = save(tmp_path, small_sample()[0])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with SeekableReader(path) as reader, pytest.raises(OutputError):
-            decompress_to_file(reader, fd)
-    finally:
-        os.close(fd)
+
+    def failing_write(fd, data):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr("vmcap.output.os.write", failing_write)
+    with pytest.raises(OutputError):
+        decompress(str(path), str(tmp_path / "plain"))
+    assert not (tmp_path / "plain").exists() and not (tmp_path / "plain.part").exists()
 
 
 @pytest.mark.parametrize("size", [0, 1, 128 << 10, (128 << 10) + 1, 500_000])

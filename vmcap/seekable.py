@@ -24,13 +24,11 @@ import bisect
 import collections
 import concurrent.futures
 import os
-import stat
 import struct
 import threading
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import zstandard
 
 from vmcap.errors import CorruptOutput, OutputError
@@ -41,7 +39,6 @@ __all__ = [
     "SeekableReader",
     "SeekableStats",
     "SeekableWriter",
-    "decompress_to_file",
     "is_seekable_zstd",
 ]
 
@@ -49,8 +46,6 @@ DEFAULT_FRAME_BYTES = 8 << 20
 # Frames waiting to be compressed or written, in bytes: the capture kernel
 # has ~200 MiB, and "all cores" on a big machine must not multiply that.
 MAX_IN_FLIGHT_BYTES = 64 << 20
-PAGE_BYTES = 4096
-ZERO_PAGE = bytes(PAGE_BYTES)
 
 ZSTD_FRAME_MAGIC = 0xFD2FB528
 SKIPPABLE_MAGIC = 0x184D2A5E
@@ -663,109 +658,3 @@ def _has_seekable_magics(fd: int) -> bool:
     (last_magic,) = FRAME_MAGIC.unpack(last)
     starts_with_frame = first_magic == ZSTD_FRAME_MAGIC or _is_skippable_frame(first)
     return starts_with_frame and last_magic == SEEKABLE_MAGIC
-
-
-# ---------------------------------------------------------------------------
-# Decompressing to a file
-
-
-def decompress_to_file(reader: SeekableReader, out_fd: int, *, sparse: bool = True) -> int:
-    """Write the plain bytes of `reader` to `out_fd` from its current position; return reader.size.
-
-    For a regular file, the file is first truncated at the current position
-    (so skipped pages read back as zeros, whatever was there before) and ends
-    exactly after the data, with the position there. With sparse=True,
-    all-zero pages are not written and become holes: most of a dump is free
-    memory. Pipes and other non-seekable outputs get every byte, zeros included.
-    """
-    try:
-        regular_file = stat.S_ISREG(os.fstat(out_fd).st_mode)
-    except OSError as error:
-        raise OutputError(f"cannot write decompressed output: {error.strerror or error}") from error
-    if regular_file:
-        _decompress_to_regular_file(reader, out_fd, sparse)
-    else:
-        _decompress_to_stream(reader, out_fd)
-    return reader.size
-
-
-def _decompress_to_regular_file(reader: SeekableReader, out_fd: int, sparse: bool) -> None:
-    output_offset = 0
-    try:
-        start = os.lseek(out_fd, 0, os.SEEK_CUR)
-        output_offset = start
-        os.ftruncate(out_fd, start)
-        for frame, plain in reader.iter_frames():
-            frame_start = start + frame.decompressed_offset
-            runs = _data_runs(plain, frame_start) if sparse else [(0, len(plain))]
-            for run_start, run_end in runs:
-                output_offset = frame_start + run_start
-                _pwrite_all(out_fd, memoryview(plain)[run_start:run_end], output_offset)
-        output_offset = start + reader.size
-        os.ftruncate(out_fd, output_offset)
-        os.lseek(out_fd, output_offset, os.SEEK_SET)
-    except OSError as error:
-        raise OutputError(
-            f"writing decompressed output at offset {output_offset}: {error.strerror or error}"
-        ) from error
-
-
-def _decompress_to_stream(reader: SeekableReader, out_fd: int) -> None:
-    for frame, plain in reader.iter_frames():
-        view = memoryview(plain)
-        try:
-            while view:
-                view = view[os.write(out_fd, view) :]
-        except OSError as error:
-            output_offset = frame.decompressed_offset + len(plain) - len(view)
-            raise OutputError(
-                f"writing decompressed output at offset {output_offset}: {error.strerror or error}"
-            ) from error
-
-
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _data_runs(plain: bytes, file_offset: int) -> list[tuple[int, int]]:
-    """(start, end) ranges of `plain` to write: everything except all-zero pages.
-
-    Pages follow the output file's page grid (file_offset is where plain[0]
-    lands), so each skipped range is a whole number of filesystem blocks.
-    """
-    size = len(plain)
-    head_end = min(size, -file_offset % PAGE_BYTES)
-    page_count = (size - head_end) // PAGE_BYTES
-    pages_end = head_end + page_count * PAGE_BYTES
-
-    runs = []
-    if head_end and not _is_zero(plain[:head_end]):
-        runs.append((0, head_end))
-    if page_count:
-        pages = np.frombuffer(plain, dtype=np.uint64, count=page_count * PAGE_BYTES // 8, offset=head_end)
-        page_has_data = pages.reshape(page_count, PAGE_BYTES // 8).any(axis=1)
-        # Edges of runs of data pages: +1 where a run starts, -1 one past where it ends.
-        edges = np.flatnonzero(np.diff(np.concatenate(([0], page_has_data.view(np.int8), [0]))))
-        for first_page, end_page in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-            runs.append((head_end + first_page * PAGE_BYTES, head_end + end_page * PAGE_BYTES))
-    if pages_end < size and not _is_zero(plain[pages_end:]):
-        runs.append((pages_end, size))
-    return _merge_adjacent(runs)
-
-
-def _is_zero(data: bytes) -> bool:
-    """Whether a piece of at most one page is all zeros (a memcmp, not a loop over bytes)."""
-    return data == ZERO_PAGE[: len(data)]
-
-
-def _merge_adjacent(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, end in runs:
-        if merged and merged[-1][1] == start:
-            merged[-1] = (merged[-1][0], end)
-        else:
-            merged.append((start, end))
-    return merged

@@ -7,11 +7,11 @@ from bisect import bisect_right
 import numpy as np
 
 from .dumpfile import ElfPhysicalView, detect_container, open_elf_source
-from .errors import BadSource, OutputError, VerifyMismatch
+from .errors import BadSource, VerifyMismatch
 from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note
 from .layout import read_layout
 from .mmapio import FileSource
-from .output import OutputFile
+from .output import OutputFile, SparseSink
 
 COMPARE_BYTES = 4 << 20
 
@@ -117,8 +117,12 @@ def compare_with_source(view, source_path: str, *, stored_only: bool = False) ->
 
 
 def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
-    """Write the plain sparse ELF of a seekable-zstd dump; returns its size."""
-    from .seekable import SeekableReader, decompress_to_file
+    """Write the plain sparse ELF of a seekable-zstd dump; returns its size.
+
+    The same sink as `save --format elf`: all-zero blocks become holes,
+    OUT.part is renamed only when every frame decompressed and was written.
+    """
+    from .seekable import SeekableReader
 
     container = detect_container(dump_path)
     if container != "zstd-seekable":
@@ -126,15 +130,13 @@ def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
     reader = SeekableReader(dump_path)
     out = OutputFile(plain_path, force=force, mode=0o600)
     try:
-        try:
-            size = decompress_to_file(reader, out.fd, sparse=True)
-        except OSError as e:
-            raise OutputError(f"{out.part_path}: write failed: {e.strerror}") from None
-        out.position = size
+        sink = SparseSink(out)
+        for _, plain in reader.iter_frames():
+            sink.write(plain)
         out.commit()
     except BaseException:
         out.abort()
         raise
     finally:
         reader.close()
-    return size
+    return out.position
