@@ -29,7 +29,7 @@ from typing import Iterable, Protocol, Sequence
 from . import __version__
 from .copy import ErrorRange
 from .errors import Unsupported
-from .layout import _PHDR_FORMATS, PN_XNUM, PT_LOAD, PT_NOTE, Layout
+from .layout import _PHDR_FORMATS, PN_XNUM, PT_LOAD, PT_NOTE, Layout, build_note
 
 ET_CORE = 4
 EV_CURRENT = 1
@@ -83,13 +83,6 @@ def _endian(byte_order: str) -> str:
     return "<" if byte_order == "little" else ">"
 
 
-def note_bytes(name: bytes, ntype: int, desc: bytes, byte_order: str) -> bytes:
-    """One ELF note (name and desc padded to 4 bytes, as Linux core notes are)."""
-    name_z = name + b"\0"
-    header = struct.pack(_endian(byte_order) + "III", len(name_z), len(desc), ntype)
-    return (header + name_z + b"\0" * (-len(name_z) % 4) + desc + b"\0" * (-len(desc) % 4))
-
-
 def vmcap_note(byte_order: str, *, source: str, page_size: int, output_format: str,
                error_ranges: Sequence[ErrorRange] | None = (),
                extra: Iterable[str] = ()) -> bytes:
@@ -111,7 +104,7 @@ def vmcap_note(byte_order: str, *, source: str, page_size: int, output_format: s
             break
         text += line
     desc = text.ljust(VMCAP_NOTE_DESC_BYTES, b"\0")
-    return note_bytes(VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, desc, byte_order)
+    return build_note(VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, desc, byte_order)
 
 
 VMCAP_NOTE_BYTES = len(vmcap_note("little", source="", page_size=0, output_format=""))
@@ -129,6 +122,19 @@ def parse_vmcap_note(desc: bytes) -> dict[str, object]:
         elif key:
             info[key] = value
     return info
+
+
+def find_vmcap_note(notes) -> dict | None:
+    """The parsed VMCAP note among ``notes`` (layout.Note objects), or None."""
+    for note in notes:
+        if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
+            return parse_vmcap_note(note.desc)
+    return None
+
+
+def aligned_notes(note_bytes: bytes) -> bytes:
+    """The source's note bytes padded to 4, so vmcap's note can follow them."""
+    return note_bytes + b"\0" * (-len(note_bytes) % 4)
 
 
 def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size: int,

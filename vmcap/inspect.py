@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .dumpfile import detect_container, open_elf_source
-from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note
+from .elfwriter import find_vmcap_note
 from .fraction import plan_copy
 from .layout import read_layout
 
@@ -68,9 +68,9 @@ def _describe(path: str, page_size: int | None) -> dict:
         "vmcoreinfo_text": layout.vmcoreinfo_raw.decode("utf-8", "replace"),
         "warnings": list(layout.warnings),
     }
-    for note in layout.notes:
-        if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
-            report["vmcap"] = parse_vmcap_note(note.desc)
+    vmcap = find_vmcap_note(layout.notes)
+    if vmcap is not None:
+        report["vmcap"] = vmcap
     return report
 
 

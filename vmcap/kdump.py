@@ -37,8 +37,9 @@ import numpy as np
 import zstandard
 
 from .errors import BadSource, CorruptOutput, OutputError, Unsupported
+from . import vmcoreinfo as vi
 from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
-                     EM_S390, EM_X86_64)
+                     EM_S390, EM_X86_64, NoteSpan, build_note, iter_note_spans)
 
 __all__ = [
     "KdumpHeader",
@@ -237,67 +238,19 @@ def _check_byte_order(byte_order: str) -> None:
 # --------------------------------------------------------------------------
 # ELF notes and VMCOREINFO
 
-def _align4(n: int) -> int:
-    return (n + 3) & ~3
-
-
-@dataclass(frozen=True)
-class _NoteSpan:
-    """Where one ELF note's descriptor lies inside the note bytes."""
-
-    name: bytes
-    note_type: int
-    desc_offset: int
-    desc_size: int
-
-
-def _iter_notes(notes: bytes, byte_order: str) -> Iterator[_NoteSpan]:
-    """Walk Elf_Nhdr records (three 32-bit words in both ELF classes).
-
-    Stops quietly at a record that does not fit: the notes are copied
-    verbatim whatever they hold, this walk only looks for VMCOREINFO.
-    """
-    header = struct.Struct("<III" if byte_order == "little" else ">III")
-    offset = 0
-    while offset + header.size <= len(notes):
-        name_size, desc_size, note_type = header.unpack_from(notes, offset)
-        name_offset = offset + header.size
-        desc_offset = name_offset + _align4(name_size)
-        end = desc_offset + _align4(desc_size)
-        if desc_offset + desc_size > len(notes):
-            return
-        yield _NoteSpan(notes[name_offset:name_offset + name_size].rstrip(b"\0"),
-                        note_type, desc_offset, desc_size)
-        offset = end
-
-
-def _find_vmcoreinfo_note(notes: bytes, byte_order: str) -> _NoteSpan | None:
-    for note in _iter_notes(notes, byte_order):
-        if note.name == b"VMCOREINFO":
+def _find_vmcoreinfo_note(notes: bytes, byte_order: str) -> NoteSpan | None:
+    for note in iter_note_spans(notes, byte_order):
+        if note.name == "VMCOREINFO":
             return note
     return None
 
 
-def _vmcoreinfo_note(vmcoreinfo: bytes, byte_order: str) -> bytes:
-    """A "VMCOREINFO" note (type 0) as the kernel's crash_save_vmcoreinfo makes it."""
-    name = b"VMCOREINFO\0"
-    header = struct.pack("<III" if byte_order == "little" else ">III", len(name), len(vmcoreinfo), 0)
-    return (header + name.ljust(_align4(len(name)), b"\0")
-            + vmcoreinfo.ljust(_align4(len(vmcoreinfo)), b"\0"))
-
-
-def _vmcoreinfo_number(vmcoreinfo: bytes, key: str) -> int | None:
-    """An integer VMCOREINFO value such as NUMBER(phys_base)=%ld (a few arch lines use 0x%lx), or None."""
-    text = vmcoreinfo.split(b"\0", 1)[0].decode("ascii", errors="replace")
-    for line in text.splitlines():
-        name, sep, value = line.partition("=")
-        if sep and name.strip() == key:
-            value = value.strip()
-            try:
-                return int(value, 16) if value.lower().lstrip("-").startswith("0x") else int(value)
-            except ValueError:
-                return None
-    return None
+def _vmcoreinfo_number(vmcoreinfo: bytes, name: str) -> int | None:
+    """NUMBER(name) from VMCOREINFO, or None if absent or unreadable (only a header hint)."""
+    try:
+        return vi.number(vi.parse_vmcoreinfo(vmcoreinfo), name)
+    except BadSource:
+        return None
 
 
 # --------------------------------------------------------------------------
@@ -621,7 +574,7 @@ class KdumpWriter:
             self._data_end += page_size
 
     @staticmethod
-    def _notes_to_store(info: KdumpHeaderInfo) -> tuple[bytes, _NoteSpan | None]:
+    def _notes_to_store(info: KdumpHeaderInfo) -> tuple[bytes, NoteSpan | None]:
         """The note bytes for the sub header, and where VMCOREINFO's text is in them.
 
         libkdumpfile (so drgn) reads VMCOREINFO only from the notes when
@@ -631,7 +584,8 @@ class KdumpWriter:
         notes = bytes(info.notes)
         span = _find_vmcoreinfo_note(notes, info.byte_order)
         if span is None and info.vmcoreinfo:
-            notes += _vmcoreinfo_note(bytes(info.vmcoreinfo), info.byte_order)
+            # As the kernel's crash_save_vmcoreinfo makes it: "VMCOREINFO", type 0.
+            notes += build_note(b"VMCOREINFO", 0, bytes(info.vmcoreinfo), info.byte_order)
             span = _find_vmcoreinfo_note(notes, info.byte_order)
         return notes, span
 
@@ -811,7 +765,7 @@ class KdumpWriter:
 
         note_offset = layout.sub_header_offset + self._sub_header.size
         sub_header = {
-            "phys_base": _vmcoreinfo_number(self._vmcoreinfo_text(), "NUMBER(phys_base)") or 0,
+            "phys_base": _vmcoreinfo_number(self._vmcoreinfo_text(), "phys_base") or 0,
             "dump_level": self._dump_level,
             "offset_note": note_offset if self._stored_notes else 0,
             "size_note": len(self._stored_notes),

@@ -13,11 +13,11 @@ from __future__ import annotations
 import numpy as np
 
 from .copy import PlanCopier
-from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note, vmcap_note
+from .elfwriter import aligned_notes, find_vmcap_note, vmcap_note
 from .errors import BadSource, Unsupported
 from .fraction import CopyPlan, disjoint_segments, present_page_count
 from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
-from .layout import Layout, _parse_notes
+from .layout import Layout, parse_notes
 from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
 
@@ -130,7 +130,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             f"{layout.source_name}: memory reaches physical address {max_end:#x}; a kdump "
             f"file would need two {bitmap_mib} MiB bitmaps, which its readers load (vmcap's "
             f"limit is {MAX_KDUMP_PFNS} pages); use --format zelf or elf")
-    notes = layout.note_bytes + b"\0" * (-len(layout.note_bytes) % 4)
+    notes = aligned_notes(layout.note_bytes)
     note_args = dict(source=layout.source_name, page_size=page, output_format="kdump",
                      extra=[f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
                             f"ZERO_PAGES={options.zero_pages}"])
@@ -194,7 +194,7 @@ def describe_kdump(path: str) -> dict:
     with _reader(path) as reader:
         header = reader.header
         present, dumped = reader.page_counts()
-        notes = _parse_notes(reader.notes, header.byte_order, 0, []) if reader.notes else []
+        notes = parse_notes(reader.notes, header.byte_order) if reader.notes else []
         vmcoreinfo_text = reader.vmcoreinfo.rstrip(b"\0")
         runs = list(reader.iter_present_runs())
     page = header.page_size
@@ -225,9 +225,9 @@ def describe_kdump(path: str) -> dict:
                   "dump_level": header.dump_level, "max_mapnr": header.max_mapnr,
                   "pages_present": present, "pages_dumped": dumped},
     }
-    for note in notes:
-        if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
-            report["vmcap"] = parse_vmcap_note(note.desc)
+    vmcap = find_vmcap_note(notes)
+    if vmcap is not None:
+        report["vmcap"] = vmcap
     return report
 
 

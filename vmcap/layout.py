@@ -186,27 +186,63 @@ class ExactReader(io.RawIOBase):
         return len(data)
 
 
-def _parse_notes(data: bytes, byte_order: str, where: int,
-                 warnings: list[str]) -> list[Note]:
-    """Split one PT_NOTE segment into notes (4-byte aligned, as Linux writes them)."""
-    header = struct.Struct(("<" if byte_order == "little" else ">") + "III")
-    notes = []
+@dataclass(frozen=True, slots=True)
+class NoteSpan:
+    """Where one note lies in a buffer of notes."""
+
+    name: str
+    type: int
+    offset: int  # of the note header
+    desc_offset: int
+    desc_size: int
+
+
+def _note_header(byte_order: str) -> struct.Struct:
+    # Elf32_Nhdr and Elf64_Nhdr are both three 32-bit words.
+    return struct.Struct(("<" if byte_order == "little" else ">") + "III")
+
+
+def iter_note_spans(data: bytes, byte_order: str, on_truncated=None):
+    """Walk the notes of a PT_NOTE buffer (4-byte aligned, as Linux writes them).
+
+    Stops at zero padding after the last note, and at a note that runs past
+    the buffer, after calling ``on_truncated(offset, namesz, descsz)``.
+    """
+    header = _note_header(byte_order)
     pos = 0
     while pos + header.size <= len(data):
         namesz, descsz, ntype = header.unpack_from(data, pos)
         if namesz == 0 and descsz == 0 and ntype == 0:
-            break  # zero padding after the last note
+            return  # zero padding after the last note
         name_start = pos + header.size
         desc_start = name_start + ((namesz + 3) & ~3)
-        desc_end = desc_start + descsz
-        if desc_end > len(data):
+        if desc_start + descsz > len(data):
+            if on_truncated is not None:
+                on_truncated(pos, namesz, descsz)
+            return
+        name = data[name_start:name_start + namesz].rstrip(b"\0").decode("ascii", "replace")
+        yield NoteSpan(name, ntype, pos, desc_start, descsz)
+        pos = desc_start + ((descsz + 3) & ~3)
+
+
+def build_note(name: bytes, ntype: int, desc: bytes, byte_order: str) -> bytes:
+    """One note: name (NUL-terminated) and desc each padded to 4 bytes."""
+    name_z = name + b"\0"
+    header = _note_header(byte_order).pack(len(name_z), len(desc), ntype)
+    return header + name_z + b"\0" * (-len(name_z) % 4) + desc + b"\0" * (-len(desc) % 4)
+
+
+def parse_notes(data: bytes, byte_order: str, where: int = 0,
+                warnings: list[str] | None = None) -> list[Note]:
+    """The notes of one PT_NOTE buffer; ``where`` is its file offset, for warnings."""
+    def truncated(pos: int, namesz: int, descsz: int) -> None:
+        if warnings is not None:
             warnings.append(f"note at file offset {where + pos:#x} runs past its PT_NOTE "
                             f"segment (namesz {namesz}, descsz {descsz}); later notes ignored")
-            break
-        name = data[name_start:name_start + namesz].rstrip(b"\0").decode("ascii", "replace")
-        notes.append(Note(name, ntype, bytes(data[desc_start:desc_end])))
-        pos = desc_start + ((descsz + 3) & ~3)
-    return notes
+
+    return [Note(span.name, span.type,
+                 bytes(data[span.desc_offset:span.desc_offset + span.desc_size]))
+            for span in iter_note_spans(data, byte_order, truncated)]
 
 
 def _valid_page_size(value: int) -> bool:
@@ -317,7 +353,7 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
                 raise BadSource(f"{name}: absurd note size ({notes_total} bytes)")
             data = source.pread(offset, filesz) if filesz else b""
             note_chunks.append(data)
-            notes.extend(_parse_notes(data, byte_order, offset, warnings))
+            notes.extend(parse_notes(data, byte_order, offset, warnings))
 
     vmcoreinfo_raw = b""
     for note in notes:

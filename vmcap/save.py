@@ -12,7 +12,7 @@ from typing import Callable
 
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
 from .exclude import runs_from_mask, scan_excluded_runs, split_segments
-from .elfwriter import ElfStreamWriter, OutputSegment, plan_elf_image, vmcap_note
+from .elfwriter import ElfStreamWriter, OutputSegment, aligned_notes, plan_elf_image, vmcap_note
 from .errors import BadSource, OutputError, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout
@@ -80,11 +80,6 @@ class SaveSummary:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _aligned_notes(layout: Layout) -> bytes:
-    notes = layout.note_bytes
-    return notes + b"\0" * (-len(notes) % 4)
 
 
 class Capture:
@@ -172,7 +167,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
         plan = plan_copy(segments, page)
     copier = capture.copier(plan)
 
-    source_notes = _aligned_notes(layout)
+    source_notes = aligned_notes(layout.note_bytes)
     note_args = dict(source=layout.source_name, page_size=page,
                      output_format=options.output_format,
                      extra=[f"DUMP_LEVEL={options.dump_level}"])

@@ -8,7 +8,7 @@ import numpy as np
 
 from .dumpfile import ElfPhysicalView, detect_container, open_elf_source
 from .errors import BadSource, VerifyMismatch
-from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, parse_vmcap_note
+from .elfwriter import find_vmcap_note
 from .layout import read_layout
 from .mmapio import FileSource
 from .output import OutputFile, SparseSink
@@ -44,10 +44,7 @@ def verify(dump_path: str, source_path: str | None = None) -> dict:
         layout = read_layout(out_source)
         result["segments"] = len(layout.segments)
         if source_path is not None:
-            dump_level = 0
-            for note in layout.notes:
-                if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
-                    dump_level = int(parse_vmcap_note(note.desc).get("DUMP_LEVEL", "0") or 0)
+            dump_level = int((find_vmcap_note(layout.notes) or {}).get("DUMP_LEVEL") or 0)
             result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
                                               stored_only=bool(dump_level & ~1)))
     finally:
