@@ -427,44 +427,18 @@ def test_format_caller_ids_as_makedumpfile_1_7_5_does():
 # --- the real dump -------------------------------------------------------------
 
 
-class ElfPhysicalMemory:
-    """read_physical over an ELF vmcore's PT_LOADs (test helper; vmcap has its own reader)."""
-
-    def __init__(self, path: Path):
-        from elftools.elf.elffile import ELFFile
-
-        self.file = open(path, "rb")
-        elf = ELFFile(self.file)
-        self.machine = elf["e_machine"]
-        self.loads = [
-            (segment["p_paddr"], segment["p_filesz"], segment["p_offset"])
-            for segment in elf.iter_segments() if segment["p_type"] == "PT_LOAD"
-        ]
-        self.vmcoreinfo: dict[str, str] = {}
-        for segment in elf.iter_segments():
-            if segment["p_type"] == "PT_NOTE":
-                for note in segment.iter_notes():
-                    if note["n_name"] == "VMCOREINFO":
-                        desc = note["n_descdata"]
-                        self.vmcoreinfo = parse_vmcoreinfo(desc.encode("latin-1") if isinstance(desc, str) else desc)
-
-    def read_physical(self, paddr: int, size: int) -> bytes:
-        for start, filesz, file_offset in self.loads:
-            if start <= paddr and paddr + size <= start + filesz:
-                return os.pread(self.file.fileno(), size, file_offset + paddr - start)
-        raise SourceIOError(f"paddr {paddr:#x}+{size:#x} is not inside one PT_LOAD", paddr=paddr)
-
-
 @pytest.fixture(scope="session")
 def qemu_panic_elf(real_vmcore) -> Path:
     return Path(real_vmcore)
 
 
 @pytest.fixture(scope="session")
-def qemu_panic(qemu_panic_elf) -> ElfPhysicalMemory:
-    memory = ElfPhysicalMemory(qemu_panic_elf)
-    yield memory
-    memory.file.close()
+def qemu_panic(qemu_panic_elf):
+    """The real dump as physical memory: read_physical, vmcoreinfo, machine."""
+    from vmcap.dumpfile import open_dump
+
+    with open_dump(str(qemu_panic_elf)) as dump:
+        yield dump
 
 
 @pytest.fixture(scope="session")
