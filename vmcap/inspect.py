@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .dumpfile import detect_container, open_elf_source
 from .elfwriter import find_vmcap_note
 from .fraction import plan_copy
@@ -28,7 +30,7 @@ def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False
 
 
 def _describe(path: str, page_size: int | None) -> dict:
-    container = detect_container(path) if _is_file(path) else "elf"
+    container = detect_container(path) if os.path.isfile(path) else "elf"
     if container == "kdump":
         from .kdumpsave import describe_kdump
 
@@ -72,9 +74,3 @@ def _describe(path: str, page_size: int | None) -> dict:
     if vmcap is not None:
         report["vmcap"] = vmcap
     return report
-
-
-def _is_file(path: str) -> bool:
-    import os
-
-    return os.path.isfile(path)

@@ -111,10 +111,6 @@ class PageStream:
         self._flush_partial()
 
 
-def kdump_plan_segments(layout: Layout):
-    return disjoint_segments(layout.segments)
-
-
 def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFile,
                 options, excluded=None, counts: dict | None = None) -> dict:
     """Write a kdump-compressed file; ``plan`` must be made over disjoint segments."""

@@ -368,9 +368,8 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
                             "and 16 MiB")
         origin = "option"
     else:
+        # Unknown machines got FALLBACK_PAGE_SIZE from _ARCHES.get above.
         page_size, origin = default_page, "architecture default"
-        if arch not in {a for a, _ in _ARCHES.values()} | {"ppc64le", "s390"}:
-            page_size = FALLBACK_PAGE_SIZE
         text = vmcoreinfo.get("PAGESIZE")
         if text is not None:
             try:
