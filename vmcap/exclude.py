@@ -96,10 +96,10 @@ def scan_excluded_runs(copier_factory, plan: CopyPlan, segments: dict[int, Segme
     """Read the plan's mapped ranges once and find the runs to exclude.
 
     ``copier_factory(plan)`` returns a PlanCopier over the source;
-    ``class_excluded`` is a per-pfn bool array from page classification.
+    ``class_excluded`` is the per-pfn bitmap from page classification.
     """
     scan_plan = CopyPlan(plan.page_size, tuple(s for s in plan.steps if type(s) is MappedRange),
-                         (), plan.mapped_bytes, 0, 0)
+                         plan.segments, plan.mapped_bytes, 0, 0)
     trackers: dict[int, RunTracker] = {}
     copier: PlanCopier = copier_factory(scan_plan)
     for chunk in copier:

@@ -26,6 +26,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import cached_property
 from itertools import accumulate
 from typing import Iterable, Union
 
@@ -110,10 +111,15 @@ class FractionalPage:
 class CopyPlan:
     page_size: int
     steps: tuple[Step, ...]
-    fractional_pages: tuple[FractionalPage, ...]
+    segments: tuple[Segment, ...]  # what the steps were planned from
     mapped_bytes: int
     buffered_bytes: int
     zero_fill_bytes: int
+
+    @cached_property
+    def fractional_pages(self) -> tuple[FractionalPage, ...]:
+        """Computed when asked: copying does not need them, inspecting does."""
+        return find_fractional_pages(self.segments, self.page_size)
 
     @property
     def file_bytes(self) -> int:
@@ -218,7 +224,7 @@ def plan_copy(segments: Iterable[Segment], page_size: int) -> CopyPlan:
             buffered += step.length
         else:
             zero += step.length
-    return CopyPlan(page_size, tuple(steps), find_fractional_pages(segments, page_size),
+    return CopyPlan(page_size, tuple(steps), segments,
                     mapped, buffered, zero)
 
 
