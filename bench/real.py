@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import MB, Result, run_repeated  # noqa: E402
 
-REAL_DUMP = Path(__file__).resolve().parents[2] / "shared" / "vmcores" / "qemu-6.1-panic.elf.zst"
+REAL_DUMP = Path(os.environ.get("VMCAP_VMCORES")
+                 or Path(__file__).resolve().parents[2] / "shared" / "vmcores") / "qemu-6.1-panic.elf.zst"
 
 
 def vmcap(*args: str) -> list[str]:

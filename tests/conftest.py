@@ -11,7 +11,9 @@ import pytest
 
 from vmcap.sample import RamRange, SampleSpec, build_vmcore
 
-SHARED_VMCORES = Path(__file__).resolve().parents[1].parent / "shared" / "vmcores"
+# The real dumps: $VMCAP_VMCORES, else ../shared/vmcores beside the checkout.
+SHARED_VMCORES = Path(os.environ.get("VMCAP_VMCORES")
+                      or Path(__file__).resolve().parents[1].parent / "shared" / "vmcores")
 REAL_DUMP = SHARED_VMCORES / "qemu-6.1-panic.elf.zst"
 
 # The situations firmware creates, each as a list of System RAM ranges

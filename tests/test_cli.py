@@ -78,7 +78,7 @@ def test_save_verify_decompress(make_vmcore, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     for key in ("source", "output", "format", "bytes_read", "bytes_written", "ratio", "seconds",
-                "mb_per_s", "mapped_bytes", "buffered_bytes", "fractional_pages",
+                "mib_per_s", "mapped_bytes", "buffered_bytes", "fractional_pages",
                 "mmap_fallbacks", "error_ranges"):
         assert key in summary
     assert summary["fractional_pages"] == 4
@@ -122,7 +122,7 @@ def test_verify_detects_a_difference(make_vmcore, tmp_path):
     ("directory", 3, "is a directory"),
     ("output exists", 5, "already exists"),
     ("output dir missing", 5, "does not exist"),
-    ("usage", 2, "Usage"),
+    ("usage", 2, "expected [SRC] OUT"),
 ])
 def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, case, code,
                                                         message):
@@ -232,7 +232,8 @@ def test_progress_is_shown_when_stderr_is_a_terminal(make_vmcore, tmp_path):
     finally:
         os.close(master)
     assert process.returncode == 0
-    assert b"saving" in seen and b"MB" in seen  # bar with bytes and rate
+    assert b"saving" in seen and b"MiB/s" in seen  # bar with bytes and rate, binary units
+    assert b"MB" not in seen
     assert b"saving" not in stdout  # progress never on stdout
 
 

@@ -23,9 +23,10 @@ from vmcap.errors import BadSource, SourceIOError, Unsupported
 from vmcap.kernel import START_KERNEL_MAP, X86_64Translator, make_translator, phys_base_from_segments
 from vmcap.vmcoreinfo import parse_vmcoreinfo
 
+from conftest import SHARED_VMCORES
+
 PAGE = 4096
-VMCORES = Path(os.environ.get("VMCAP_VMCORES", Path(__file__).resolve().parents[2] / "shared" / "vmcores"))
-QEMU_PANIC_CONSOLE = VMCORES / "qemu-6.1-panic.console.txt"
+QEMU_PANIC_CONSOLE = SHARED_VMCORES / "qemu-6.1-panic.console.txt"
 
 
 # --- VMCOREINFO ----------------------------------------------------------------

@@ -8,9 +8,9 @@ Exit codes (also in README.md and man/vmcap.1):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import click
 
 from . import __version__
+from .entry import Interrupted, StdoutWriteError, install_signal_handlers, silence_stdout
 from .errors import (BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported,
                      VerifyMismatch, VmcapError)
 
@@ -44,31 +45,30 @@ EXIT_CODES = {
 DEFAULT_SOURCE = "/proc/vmcore"
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):
-    raise Interrupted("terminated")
-
-
 @contextmanager
 def _errors_to_exit_codes():
     """The one place where exceptions become a message line and an exit code."""
     try:
         yield
     except VmcapError as error:
-        click.echo(f"vmcap: error: {error}", err=True)
+        click.echo(f"vmcap: error: {_one_line(str(error))}", err=True)
         sys.exit(EXIT_CODES.get(type(error), EXIT_INTERNAL))
-    except (KeyboardInterrupt, Interrupted):
-        click.echo("vmcap: interrupted; partial output removed", err=True)
+    except (KeyboardInterrupt, Interrupted) as stop:
+        what = stop.args[0] if isinstance(stop, Interrupted) else "SIGINT"
+        click.echo(f"vmcap: interrupted by {what}", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except BrokenPipeError:
-        # The reader of our stdout went away (e.g. `| head`): not our failure to report.
-        try:
-            sys.stdout = None
-        finally:
-            sys.exit(EXIT_OUTPUT)
+        # The reader of our stdout went away after taking what it wanted
+        # (`vmcap inspect | head -1`): the command did its job. A dump
+        # written to stdout never gets here: its write errors are
+        # OutputErrors (exit 5).
+        silence_stdout()
+        sys.exit(EXIT_OK)
+    except StdoutWriteError as error:
+        silence_stdout()
+        click.echo(f"vmcap: error: standard output: write failed: "
+                   f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}", err=True)
+        sys.exit(EXIT_OUTPUT)
     except MemoryError:
         click.echo("vmcap: error: out of memory", err=True)
         sys.exit(EXIT_INTERNAL)
@@ -77,37 +77,124 @@ def _errors_to_exit_codes():
     except Exception as error:  # a bug: one line, traceback only on request
         if os.environ.get("VMCAP_DEBUG"):
             raise
-        click.echo(f"vmcap: internal error: {type(error).__name__}: {error} "
-                   "(set VMCAP_DEBUG=1 for a traceback)", err=True)
+        click.echo(f"vmcap: internal error: {type(error).__name__}: "
+                   f"{_one_line(str(error))} (set VMCAP_DEBUG=1 for a traceback)", err=True)
         sys.exit(EXIT_INTERNAL)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    """Messages are one line, and never echo a value of thousands of characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# click 8.2+ raises this for a bare `vmcap`; older clicks print the help themselves.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def run_command(argv: list[str] | None = None) -> int:
+    """Run the click command line; usage errors are one line and exit code 2.
+
+    Called by vmcap.entry.run, which owns signals and stdout's fate.
+    """
+    try:
+        result = main.main(args=argv, prog_name="vmcap", standalone_mode=False)
+    except _NO_ARGS_IS_HELP as error:
+        click.echo(error.ctx.get_help() if error.ctx else str(error), err=True)
+        return EXIT_USAGE
+    except click.UsageError as error:
+        where = error.ctx.command_path if error.ctx else "vmcap"
+        click.echo(f"vmcap: error: {_one_line(error.format_message())} "
+                   f"(see '{where} --help')", err=True)
+        return EXIT_USAGE
+    except click.ClickException as error:
+        click.echo(f"vmcap: error: {_one_line(error.format_message())}", err=True)
+        return error.exit_code
+    except click.exceptions.Abort:
+        click.echo("vmcap: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    return result if isinstance(result, int) else EXIT_OK
 
 
 SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
+# Documented bounds of the size options (README, man page). Outside them is
+# a usage error before any work: a 1-byte frame runs for minutes, a 100 GiB
+# window or frame would exhaust memory.
+FRAME_BYTES_RANGE = (64 << 10, 64 << 20)
+WINDOW_BYTES_RANGE = (64 << 10, 256 << 20)
+PAGE_SIZE_RANGE = (1 << 10, 1 << 20)
+
 
 class ByteSize(click.ParamType):
-    """A byte count: 4194304, 4M, 512K, 1G."""
+    """A byte count within [low, high]: 4194304, 4M, 512K, 1G."""
 
     name = "SIZE"
 
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
     def convert(self, value, param, ctx):
         if isinstance(value, int):
-            return value
-        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
-        number, suffix = (text[:-1], text[-1]) if text[-1:] in "KMG" else (text, "")
-        try:
-            result = int(number) * SIZE_SUFFIXES[suffix]
-        except (ValueError, KeyError):
-            self.fail(f"{value!r} is not a size (examples: 4M, 512K, 1048576)", param, ctx)
-        if result <= 0:
-            self.fail(f"{value!r} must be positive", param, ctx)
+            result = value
+        else:
+            text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+            suffix = text[-1:] if text[-1:] and text[-1:] in "KMG" else ""
+            number = text[:len(text) - len(suffix)]
+            try:
+                result = int(number, 10) * SIZE_SUFFIXES[suffix]
+            except (ValueError, KeyError):
+                self.fail(f"{_one_line(repr(value), 60)} is not a size (examples: 4M, 512K, "
+                          "1048576)", param, ctx)
+        if not self.low <= result <= self.high:
+            self.fail(f"{_one_line(str(value), 60)} is outside {_size_text(self.low)}.."
+                      f"{_size_text(self.high)}", param, ctx)
         return result
 
 
+def _size_text(n: int) -> str:
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
+
+
+class PageSize(click.ParamType):
+    """A page size: a power of two from 1 KiB to 1 MiB."""
+
+    name = "BYTES"
+
+    def convert(self, value, param, ctx):
+        try:
+            result = int(str(value).strip(), 0)
+        except ValueError:
+            self.fail(f"{_one_line(repr(value), 60)} is not a number", param, ctx)
+        low, high = PAGE_SIZE_RANGE
+        if not low <= result <= high or result & (result - 1):
+            self.fail(f"{_one_line(str(value), 60)} is not a power of two from {low} to "
+                      f"{high}", param, ctx)
+        return result
+
+
+class PathArgument(click.ParamType):
+    """A file path that is not empty (an empty OUT would fail only after the whole copy)."""
+
+    name = "PATH"
+
+    def convert(self, value, param, ctx):
+        if not str(value):
+            self.fail("an empty path names no file", param, ctx)
+        return str(value)
+
+
+PATH = PathArgument()
+
+
 def _page_size_option(f):
-    return click.option("--page-size", type=int, default=None, metavar="BYTES",
-                        help="Page size of the dumped kernel (default: VMCOREINFO PAGESIZE, "
-                             "else the architecture's default).")(f)
+    return click.option("--page-size", type=PageSize(), default=None, metavar="BYTES",
+                        help="Page size of the dumped kernel, a power of two from 1K to 1M "
+                             "(default: VMCOREINFO PAGESIZE, else the architecture's "
+                             "default).")(f)
 
 
 # ---------------------------------------------------------------- rendering
@@ -173,11 +260,11 @@ def main():
     error, 5 output error, 6 corrupt vmcap output, 7 verify mismatch,
     8 unsupported request, 130 interrupted.
     """
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    install_signal_handlers()
 
 
 @main.command()
-@click.argument("src", required=False, default=DEFAULT_SOURCE)
+@click.argument("src", required=False, default=DEFAULT_SOURCE, type=PATH)
 @click.option("--segments", "show_segments", is_flag=True, help="List the PT_LOAD segments.")
 @click.option("--fractional", "show_fractional", is_flag=True,
               help="List every fractional page and its RAM pieces.")
@@ -212,6 +299,26 @@ def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage
             click.echo(f"page size: {page}; total pages: {total}")
 
 
+def _pread_explained(report: dict) -> str:
+    """The pread bytes, and why: fractional pages, or pages not page-aligned in the file."""
+    buffered = report["totals"]["buffered_bytes"]
+    in_fractional = sum(piece["size"] for page in report["fractional_pages"]
+                        for piece in page["pieces"])
+    text = f"{buffered} bytes"
+    if not buffered:
+        return text
+    parts = []
+    if in_fractional:
+        parts.append(f"{in_fractional} RAM bytes of fractional pages")
+    if buffered > in_fractional:
+        # A packed core (not /proc/vmcore) may store a segment at a file offset
+        # that is not congruent to its paddr: the file pages at its edges hold
+        # bytes of two places, so they are read, not mapped.
+        parts.append(f"{buffered - in_fractional} bytes at segment edges that are not "
+                     "page-aligned in the file")
+    return f"{text} ({'; '.join(parts)})"
+
+
 def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
                     show_vmcoreinfo: bool) -> None:
     totals = report["totals"]
@@ -229,7 +336,7 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
         ("RAM", f"{_human(totals['memory'])} ({totals['memory']} bytes)"),
         ("fractional pages", str(len(report["fractional_pages"]))),
         ("planned via mmap", f"{_human(totals['mapped_bytes'])} ({totals['mapped_bytes']} bytes)"),
-        ("planned via pread", f"{totals['buffered_bytes']} bytes"),
+        ("planned via pread", _pread_explained(report)),
         ("zero fill", f"{totals['zero_fill_bytes']} bytes"),
     ]
     if report.get("kdump"):
@@ -264,6 +371,22 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
         click.echo(report["vmcoreinfo_text"] or "(no VMCOREINFO note)")
 
 
+def _binary_rate_column():
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class BinaryRate(ProgressColumn):
+        """Transfer speed in MiB/s (rich's own column is decimal only)."""
+
+        def render(self, task):
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text("?", style="progress.data.speed")
+            return Text(f"{_human(int(speed))}/s", style="progress.data.speed")
+
+    return BinaryRate()
+
+
 @contextmanager
 def _progress_reporter(enabled: bool):
     """A rich progress bar on stderr, or nothing."""
@@ -272,10 +395,11 @@ def _progress_reporter(enabled: bool):
         return
     from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn, TransferSpeedColumn)
+                               TimeRemainingColumn)
 
-    progress = Progress(TextColumn("saving"), BarColumn(), DownloadColumn(),
-                        TransferSpeedColumn(), TimeRemainingColumn(),
+    # Binary units (MiB), as in the summary.
+    progress = Progress(TextColumn("saving"), BarColumn(), DownloadColumn(binary_units=True),
+                        _binary_rate_column(), TimeRemainingColumn(),
                         console=Console(stderr=True), transient=True)
     task = None
 
@@ -291,26 +415,27 @@ def _progress_reporter(enabled: bool):
 
 
 @main.command()
-@click.argument("paths", nargs=-1, metavar="[SRC] OUT")
+@click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=PATH)
 @click.option("--format", "output_format", type=click.Choice(["zelf", "elf", "kdump"]),
               default="zelf", show_default=True,
               help="zelf: ELF compressed in the zstd seekable format; elf: plain sparse ELF; "
                    "kdump: makedumpfile's kdump-compressed format.")
 @click.option("--level", type=click.IntRange(-7, 22), default=None,
-              help="Compression level (default: 3 for zelf, 5 for kdump zstd, 3 for kdump "
-                   "zlib; zlib takes 1-9).")
+              help="Compression level: zstd -7..22 (default 3 for zelf, 5 for kdump), "
+                   "zlib 1..9 (default 3).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0,
               help="Compression threads (default 0: all cores).")
-@click.option("--frame-size", type=ByteSize(), default="8M", show_default=True,
-              help="Uncompressed bytes per zstd frame (zelf).")
-@click.option("--window", type=ByteSize(), default="4M", show_default=True,
-              help="mmap window size.")
+@click.option("--frame-size", type=ByteSize(*FRAME_BYTES_RANGE), default="8M",
+              show_default=True, help="Uncompressed bytes per zstd frame (zelf), 64K..64M.")
+@click.option("--window", type=ByteSize(*WINDOW_BYTES_RANGE), default="4M", show_default=True,
+              help="mmap window size, 64K..256M.")
 @click.option("--no-mmap", is_flag=True, help="Read everything with pread (never mmap).")
 @click.option("--on-error", type=click.Choice(["fail", "zero"]), default="fail",
               show_default=True,
               help="On a source read error: fail, or zero-fill the range, record it and go on.")
 @click.option("-d", "--dump-level", type=click.IntRange(0, 31), default=0, show_default=True,
-              help="makedumpfile dump level (bit 1: exclude zero pages).")
+              help="makedumpfile dump level, bits added up: 1 zero pages, 2 cache, "
+                   "4 cache with private data, 8 user pages, 16 free pages (31: all).")
 @click.option("--compress", type=click.Choice(["zstd", "zlib", "none"]), default="zstd",
               show_default=True, help="Page compression for --format kdump.")
 @click.option("--zero-pages", type=click.Choice(["shared", "exclude"]), default="shared",
@@ -318,7 +443,7 @@ def _progress_reporter(enabled: bool):
               help="kdump with -d 1: keep zero pages readable as one shared stored page "
                    "(like makedumpfile), or clear them from the 2nd bitmap (readers then "
                    "fault on them; crash needs --zero_excluded).")
-@click.option("--dmesg", "dmesg_path", default=None, metavar="FILE",
+@click.option("--dmesg", "dmesg_path", default=None, metavar="FILE", type=PATH,
               help="Also write the crashed kernel's log to FILE (before copying memory).")
 @click.option("--force", is_flag=True, help="Overwrite OUT (and FILE) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in README).")
@@ -339,6 +464,10 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
         src, out = paths
     else:
         raise click.UsageError("expected [SRC] OUT")
+    if output_format == "kdump" and out == "-":
+        raise click.UsageError("--format kdump needs a seekable output file, not stdout")
+    if compress == "zlib" and level is not None and not 1 <= level <= 9:
+        raise click.BadParameter(f"{level} is outside 1..9 (zlib)", param_hint="'--level'")
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
@@ -362,7 +491,8 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
 def _render_save(s, err: bool) -> None:
     pairs = [
         ("saved", f"{s.source} -> {s.output} ({s.format})"),
-        ("read", f"{_human(s.bytes_read)} in {s.seconds:.2f} s ({s.mb_per_s} MB/s)"),
+        ("memory", f"{_human(s.memory_bytes)} in {s.seconds:.2f} s ({s.mib_per_s} MiB/s)"),
+        ("read", f"{_human(s.bytes_read)} (every pass)"),
         ("written", f"{_human(s.bytes_written)} (ratio {s.ratio})"),
         ("mmap / pread", f"{s.mapped_bytes} / {s.buffered_bytes} bytes"),
         ("fractional pages", f"{s.fractional_pages} (RAM bytes kept, never mapped)"),
@@ -383,8 +513,8 @@ def _render_save(s, err: bool) -> None:
 
 
 @main.command()
-@click.argument("dump")
-@click.option("--source", "source_path", default=None, metavar="SRC",
+@click.argument("dump", type=PATH)
+@click.option("--source", "source_path", default=None, metavar="SRC", type=PATH,
               help="Also compare every segment byte with this source vmcore.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
@@ -401,8 +531,8 @@ def verify(dump, source_path, as_json, quiet):
 
 
 @main.command()
-@click.argument("dump")
-@click.argument("plain")
+@click.argument("dump", type=PATH)
+@click.argument("plain", type=PATH)
 @click.option("--force", is_flag=True, help="Overwrite PLAIN if it exists.")
 def decompress(dump, plain, force):
     """Write the plain (sparse) ELF of a zelf output; equal to `zstd -d`."""
@@ -413,7 +543,7 @@ def decompress(dump, plain, force):
 
 
 @main.command()
-@click.argument("src", required=False, default=DEFAULT_SOURCE)
+@click.argument("src", required=False, default=DEFAULT_SOURCE, type=PATH)
 @click.option("--json", "as_json", is_flag=True,
               help="Print the records as JSON (seq, ts_nsec, level, facility, caller, text).")
 @click.option("--caller-id", is_flag=True,

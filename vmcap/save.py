@@ -64,9 +64,9 @@ class SaveSummary:
     memory_bytes: int
     bytes_read: int
     bytes_written: int
-    ratio: float
+    ratio: float  # memory_bytes / bytes_written
     seconds: float
-    mb_per_s: float
+    mib_per_s: float  # memory_bytes per second, in MiB (2**20 bytes)
     mapped_bytes: int
     buffered_bytes: int
     zero_fill_bytes: int
@@ -291,8 +291,8 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         source=source_path, output=output_path, format=options.output_format,
         page_size=layout.page_size, segments=len(layout.segments),
         memory_bytes=layout.memory_bytes, bytes_read=stats.bytes_read, bytes_written=written,
-        ratio=round(stats.bytes_read / written, 3) if written else 0.0,
-        seconds=round(seconds, 3), mb_per_s=round(stats.bytes_read / seconds / 1e6, 1),
+        ratio=round(layout.memory_bytes / written, 3) if written else 0.0,
+        seconds=round(seconds, 3), mib_per_s=round(layout.memory_bytes / seconds / (1 << 20), 1),
         mapped_bytes=stats.mapped_bytes, buffered_bytes=stats.buffered_bytes,
         zero_fill_bytes=stats.zero_fill_bytes, fractional_pages=fractional,
         mmap_fallbacks=stats.mmap_fallbacks,
