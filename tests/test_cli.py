@@ -76,7 +76,7 @@ def test_save_verify_decompress(make_vmcore, tmp_path):
     out = tmp_path / "out.zelf"
     result = run("save", "--json", path, out)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
+    summary = json.loads(result.stdout)
     for key in ("source", "output", "format", "bytes_read", "bytes_written", "ratio", "seconds",
                 "mib_per_s", "mapped_bytes", "buffered_bytes", "fractional_pages",
                 "mmap_fallbacks", "error_ranges"):
@@ -99,11 +99,18 @@ def test_quiet_prints_nothing(make_vmcore, tmp_path):
     assert result.returncode == 0 and result.stdout == "" and result.stderr == ""
 
 
-def test_no_progress_when_stderr_is_not_a_terminal(make_vmcore, tmp_path):
+def test_progress_lines_when_stderr_is_not_a_terminal(make_vmcore, tmp_path):
+    """A console or the journal gets plain lines, not a bar: first and last of the phase."""
     path, _ = make_vmcore(spec())
     result = run_subprocess("save", path, tmp_path / "out")
-    assert result.returncode == 0 and result.stderr == ""
+    assert result.returncode == 0
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("Copying data") and "[  0.0 %]" in lines[0]
+    assert lines[-1].startswith("Copying data") and "[100.0 %]" in lines[-1]
+    assert "\r" not in result.stderr and "\x1b" not in result.stderr
     assert "saved" in result.stdout
+    none = run_subprocess("save", "--progress", "none", path, tmp_path / "out2")
+    assert none.returncode == 0 and none.stderr == ""
 
 
 def test_verify_detects_a_difference(make_vmcore, tmp_path):
@@ -177,7 +184,7 @@ def test_read_error_exit_code_and_on_error_zero(make_vmcore, tmp_path, monkeypat
     assert not out.exists() and not (tmp_path / "out.part").exists()
     result = CliRunner().invoke(main, ["save", "--on-error=zero", "--json", path, str(out)])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["error_ranges"] == [
+    assert json.loads(result.stdout)["error_ranges"] == [
         {"paddr": 0x102000, "length": 4096, "reason": "Input/output error"}]
 
 
@@ -232,9 +239,9 @@ def test_progress_is_shown_when_stderr_is_a_terminal(make_vmcore, tmp_path):
     finally:
         os.close(master)
     assert process.returncode == 0
-    assert b"saving" in seen and b"MiB/s" in seen  # bar with bytes and rate, binary units
+    assert b"Copying data" in seen and b"MiB/s" in seen  # bar with bytes and rate, binary units
     assert b"MB" not in seen
-    assert b"saving" not in stdout  # progress never on stdout
+    assert b"Copying data" not in stdout  # progress never on stdout
 
 
 @pytest.mark.parametrize("signal_number,name", [(2, "SIGINT"), (15, "SIGTERM")])
@@ -248,7 +255,7 @@ def test_interrupt_mid_copy_removes_the_partial_output(make_vmcore, tmp_path, si
     out = tmp_path / "out"
     # Slow on purpose (high level, one thread) so the signal lands mid-copy.
     process = subprocess.Popen([sys.executable, "-m", "vmcap", "save", "--level", "19",
-                                "--threads", "1", path, str(out)],
+                                "--threads", "1", "--progress", "none", path, str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env_without_debug())
     part = tmp_path / "out.part"

@@ -148,7 +148,7 @@ def test_stdout_on_a_full_device_is_an_output_error(make_vmcore, tmp_path, reque
 
 def _slow_save(src, out, **popen):
     return subprocess.Popen([sys.executable, "-m", "vmcap", "save", "--threads", "1", "--level",
-                             "19", str(src), str(out)], stdout=subprocess.PIPE,
+                             "19", "--progress", "none", str(src), str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env_without_debug(), **popen)
 
 

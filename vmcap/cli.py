@@ -371,49 +371,6 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
         click.echo(report["vmcoreinfo_text"] or "(no VMCOREINFO note)")
 
 
-def _binary_rate_column():
-    from rich.progress import ProgressColumn
-    from rich.text import Text
-
-    class BinaryRate(ProgressColumn):
-        """Transfer speed in MiB/s (rich's own column is decimal only)."""
-
-        def render(self, task):
-            speed = task.finished_speed or task.speed
-            if speed is None:
-                return Text("?", style="progress.data.speed")
-            return Text(f"{_human(int(speed))}/s", style="progress.data.speed")
-
-    return BinaryRate()
-
-
-@contextmanager
-def _progress_reporter(enabled: bool):
-    """A rich progress bar on stderr, or nothing."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                               TimeRemainingColumn)
-
-    # Binary units (MiB), as in the summary.
-    progress = Progress(TextColumn("saving"), BarColumn(), DownloadColumn(binary_units=True),
-                        _binary_rate_column(), TimeRemainingColumn(),
-                        console=Console(stderr=True), transient=True)
-    task = None
-
-    def advance(n: int, total: int) -> None:
-        # The total grows when a dump level adds a scan pass before the copy.
-        nonlocal task
-        if task is None:
-            task = progress.add_task("save", total=total)
-        progress.update(task, total=total, advance=n)
-
-    with progress:
-        yield advance
-
-
 @main.command()
 @click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=PATH)
 @click.option("--format", "output_format", type=click.Choice(["zelf", "elf", "kdump"]),
@@ -447,10 +404,15 @@ def _progress_reporter(enabled: bool):
               help="Also write the crashed kernel's log to FILE (before copying memory).")
 @click.option("--force", is_flag=True, help="Overwrite OUT (and FILE) if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary (schema in README).")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors (no progress).")
+@click.option("--progress", "progress_mode", type=click.Choice(["auto", "bar", "lines", "none"]),
+              default="auto", show_default=True,
+              help="Progress on stderr: a bar on a terminal, plain lines elsewhere (at most "
+                   "one per 3 s and per 5%), or none.")
 @_page_size_option
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
-         dump_level, compress, zero_pages, dmesg_path, force, as_json, quiet, page_size):
+         dump_level, compress, zero_pages, dmesg_path, force, as_json, quiet, progress_mode,
+         page_size):
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
@@ -473,9 +435,11 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
                           dump_level=dump_level, compress=compress, zero_pages=zero_pages,
                           dmesg_path=dmesg_path)
-    show_progress = not quiet and _is_terminal(sys.stderr)
+    from .progress import progress_reporter
+
     with _errors_to_exit_codes():
-        with _progress_reporter(show_progress) as progress:
+        with progress_reporter("none" if quiet else progress_mode, sys.stderr,
+                               _is_terminal(sys.stderr)) as progress:
             summary = run_save(src, out, options, progress=progress)
         # The data may be on stdout: then everything else goes to stderr.
         to_err = out == "-"

@@ -20,6 +20,9 @@ from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink
 
 FORMATS = ("zelf", "elf", "kdump")
+# Progress phases, named as makedumpfile names them on the console.
+PHASE_SCAN = "Excluding zero pages"
+PHASE_COPY = "Copying data"
 # zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
 # come out no bigger than makedumpfile -c's zlib pages (measured, README).
 DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
@@ -86,19 +89,18 @@ class Capture:
     """What one run shares: the source, its layout, the options, the copiers made."""
 
     def __init__(self, source: Source, layout: Layout, options: SaveOptions,
-                 progress: Callable[[int, int], None] | None):
+                 progress: Callable[[int, int, str], None] | None):
         self.source = source
         self.layout = layout
         self.options = options
         self.progress = progress
         self.copiers: list[PlanCopier] = []
-        self.total_bytes = 0
         self.classification = None  # pageclass.ExclusionResult for dump level bits 2-16
 
-    def copier(self, plan: CopyPlan) -> PlanCopier:
-        """A copier over ``plan``; its bytes are added to the progress total."""
-        self.total_bytes += plan.file_bytes
-        report = (lambda n: self.progress(n, self.total_bytes)) if self.progress else None
+    def copier(self, plan: CopyPlan, phase: str = PHASE_COPY) -> PlanCopier:
+        """A copier over ``plan``, reported as one phase of the progress."""
+        total = plan.file_bytes
+        report = (lambda n: self.progress(n, total, phase)) if self.progress else None
         copier = PlanCopier(self.source, plan, window_bytes=self.options.window_bytes,
                             on_error=self.options.on_error, progress=report)
         self.copiers.append(copier)
@@ -148,7 +150,8 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
         # The headers come first, so exclusions must be known before writing.
         mask = classification.excluded if classification is not None else None
         if options.dump_level & 1:
-            runs = scan_excluded_runs(capture.copier, plan, {s.index: s for s in segments},
+            runs = scan_excluded_runs(lambda scan: capture.copier(scan, PHASE_SCAN), plan,
+                                      {s.index: s for s in segments},
                                       page, exclude_zero=True, class_excluded=mask)
         else:
             runs = runs_from_mask(segments, mask, page)
@@ -234,11 +237,13 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
 
 
 def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
-         progress: Callable[[int, int], None] | None = None,
+         progress: Callable[[int, int, str], None] | None = None,
          source: Source | None = None) -> SaveSummary:
     """Capture ``source_path`` into ``output_path`` ("-" for stdout).
 
-    ``progress(done_bytes_increment, total_bytes)`` is called as bytes are read.
+    ``progress(done_bytes_increment, phase_total_bytes, phase)`` is called as
+    bytes are read; ``phase`` is PHASE_SCAN (the -d 1 scan pass of the ELF
+    formats) or PHASE_COPY.
     ``source`` replaces the file source (tests pass an instrumented one).
     """
     started = time.monotonic()
