@@ -22,13 +22,14 @@ Sizes and offsets are all computed before the first byte is written.
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
 from . import __version__
 from .copy import ErrorRange
-from .errors import Unsupported
+from .errors import CorruptOutput, Unsupported
 from .layout import _PHDR_FORMATS, PN_XNUM, PT_LOAD, PT_NOTE, Layout, build_note
 
 ET_CORE = 4
@@ -122,6 +123,36 @@ def parse_vmcap_note(desc: bytes) -> dict[str, object]:
         elif key:
             info[key] = value
     return info
+
+
+# Every key vmcap has written into its note; verify refuses others, so a
+# damaged key cannot pass for an older note without digests.
+VMCAP_NOTE_KEYS = frozenset({
+    "VERSION", "SOURCE", "PAGE_SIZE", "FORMAT", "DUMP_LEVEL", "COMPRESS", "ZERO_PAGES",
+    "ERROR_RANGES", "ERROR_RANGE", "ERROR_RANGES_NOT_LISTED",
+    "META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET"})
+_HEX16 = re.compile(r"[0-9a-f]{16}")
+
+
+def check_vmcap_note(desc: bytes, where: str) -> dict[str, object]:
+    """parse_vmcap_note, refusing anything vmcap would not have written (CorruptOutput)."""
+    text = desc.rstrip(b"\0")
+    if b"\0" in text or not text.endswith(b"\n"):
+        raise CorruptOutput(f"{where}: VMCAP note text is damaged (stray byte in its padding)")
+    try:
+        lines = text.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise CorruptOutput(f"{where}: VMCAP note text is not UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        key, equals, value = line.partition("=")
+        if not equals or key not in VMCAP_NOTE_KEYS:
+            raise CorruptOutput(f"{where}: VMCAP note line {number} is damaged: {line[:60]!r}")
+        if key.endswith("_XXH64") or key == "DATA_OFFSET":
+            if not (_HEX16.fullmatch(value) or value == "unknown"):
+                raise CorruptOutput(f"{where}: VMCAP note {key} value {value[:40]!r} is damaged")
+        elif key in ("PAGE_SIZE", "DUMP_LEVEL", "ERROR_RANGES_NOT_LISTED") and not value.isdigit():
+            raise CorruptOutput(f"{where}: VMCAP note {key} value {value[:40]!r} is damaged")
+    return parse_vmcap_note(desc)
 
 
 def find_vmcap_note(notes) -> dict | None:

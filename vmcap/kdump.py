@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import zstandard
 
+from .digest import PLACEHOLDER, StreamDigest, file_digest, hex_value
 from .errors import BadSource, CorruptOutput, OutputError, Unsupported
 from . import vmcoreinfo as vi
 from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
@@ -363,6 +364,22 @@ def _pwrite_all(fd: int, data, offset: int, what: str) -> None:
         done += written
 
 
+def _read_back_digest(fd: int, start: int, end: int, digest: StreamDigest) -> str:
+    """file_digest of bytes an fd wrote, through a read-only fd of its own.
+
+    The output may be open write-only (OutputFile); Linux reopens the same
+    file, even renamed, through /proc/self/fd.
+    """
+    try:
+        read_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        read_fd = os.dup(fd)  # readable already, or the read fails with its own error
+    try:
+        return file_digest(read_fd, start, end, what="kdump metadata", continue_from=digest)
+    finally:
+        os.close(read_fd)
+
+
 def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
     """Set LSB-first bits for strictly increasing pfns."""
     if len(pfns) == 0:
@@ -565,12 +582,16 @@ class KdumpWriter:
         self._zero_pages_shared = 0
         self._pages_stored_raw = 0
         self._data_end = self._layout.data_offset
+        # Digests of the append-only regions, as their bytes go out (see vmcap.digest).
+        self._data_digest = StreamDigest()
+        self._descriptor_digest = StreamDigest()
         self._zero_page_offset = -1
         if not exclude_zero:
             # Every zero page's descriptor points here (makedumpfile's pd_zero):
             # one stored copy, always at the start of the page data.
             self._zero_page_offset = self._data_end
             _pwrite_all(fd, bytes(page_size), self._zero_page_offset, "shared zero page")
+            self._data_digest.update_zeros(page_size)
             self._data_end += page_size
 
     @staticmethod
@@ -710,8 +731,11 @@ class KdumpWriter:
 
         if len(stored):
             _pwrite_all(self._fd, page_data, self._data_end, "page data")
+            self._data_digest.update(np.ascontiguousarray(page_data) if isinstance(page_data, np.ndarray)
+                                     else page_data)
             self._data_end += int(sizes.sum())
         if dumped_count:
+            self._descriptor_digest.update(descriptors)
             _pwrite_all(self._fd, descriptors,
                         self._layout.descriptor_offset + DESCRIPTOR_BYTES * self._descriptors_written,
                         "page descriptors")
@@ -750,8 +774,13 @@ class KdumpWriter:
             self._pages_compressor.close()
         self._closed = True
 
-    def close(self) -> KdumpStats:
-        """Write the bitmaps and headers; the fd stays open (the caller owns it)."""
+    def close(self, notes_with_digests=None) -> KdumpStats:
+        """Write the bitmaps and headers; the fd stays open (the caller owns it).
+
+        ``notes_with_digests(values)``, if given, returns the notes to store
+        (as long as the current ones) with the digest lines for ``values``
+        (META_XXH64, DESC_XXH64, DATA_XXH64, DATA_OFFSET; see vmcap.digest).
+        """
         if self._closed:
             raise ValueError("KdumpWriter closed twice")
         try:
@@ -775,11 +804,22 @@ class KdumpWriter:
         sub_header["phys_base"] &= long_mask  # %ld in VMCOREINFO may print a huge base as negative
         # timeval.tv_sec is a signed long of the dumped machine.
         crash_seconds = max(0, min(info.crash_time, (1 << (info.elf_class - 1)) - 1))
-        if self._vmcoreinfo_span is not None:
-            sub_header["offset_vmcoreinfo"] = note_offset + self._vmcoreinfo_span.desc_offset
-            sub_header["size_vmcoreinfo"] = self._vmcoreinfo_span.desc_size
-        _pwrite_all(self._fd, self._sub_header.pack(sub_header) + self._stored_notes,
-                    layout.sub_header_offset, "sub header and notes")
+        def write_sub_header() -> None:
+            if self._vmcoreinfo_span is not None:
+                sub_header["offset_vmcoreinfo"] = note_offset + self._vmcoreinfo_span.desc_offset
+                sub_header["size_vmcoreinfo"] = self._vmcoreinfo_span.desc_size
+            _pwrite_all(self._fd, self._sub_header.pack(sub_header) + self._stored_notes,
+                        layout.sub_header_offset, "sub header and notes")
+
+        values = {}
+        if notes_with_digests is not None:
+            unused = layout.descriptor_capacity - self._descriptors_written
+            self._descriptor_digest.update_zeros(DESCRIPTOR_BYTES * unused)
+            values = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": self._descriptor_digest.hexdigest(),
+                      "DATA_XXH64": self._data_digest.hexdigest(),
+                      "DATA_OFFSET": hex_value(layout.data_offset)}
+            self.replace_notes(notes_with_digests(values))
+        write_sub_header()
 
         header = _header_layout(info.elf_class, info.byte_order).pack({
             "signature": KDUMP_SIGNATURE,
@@ -800,9 +840,22 @@ class KdumpWriter:
             os.ftruncate(self._fd, self._data_end)  # drop whatever an old file had past our data
         except OSError as e:
             raise OutputError(f"setting kdump file size to {self._data_end}: {e.strerror or e}") from e
+        header_block = header.ljust(self._page_size, b"\0")
+        if notes_with_digests is not None:
+            # META covers the header block (still in memory) and the sub
+            # header, notes and bitmaps (read back: bounded, small next to the data).
+            meta = StreamDigest()
+            meta.update(header_block)
+            try:
+                rest = _read_back_digest(self._fd, self._page_size, layout.descriptor_offset, meta)
+            except (OSError, EOFError) as e:
+                raise OutputError(f"reading back kdump metadata: {getattr(e, 'strerror', None) or e}") from e
+            values["META_XXH64"] = rest
+            self.replace_notes(notes_with_digests(values))
+            write_sub_header()
         # The header block goes last: until it is written, the file does not
         # claim to be a kdump.
-        _pwrite_all(self._fd, header.ljust(self._page_size, b"\0"), 0, "header")
+        _pwrite_all(self._fd, header_block, 0, "header")
         return KdumpStats(
             pages_present=self._pages_present,
             pages_dumped=self._descriptors_written,
@@ -916,6 +969,7 @@ class KdumpReader:
             raw = self._pread(block_size, sub_layout.size, "sub header")
             sub = sub_layout.unpack(raw)
         max_mapnr = header["max_mapnr"]
+        self._header_max_mapnr = max_mapnr
         if version >= 6 and sub["max_mapnr_64"]:
             max_mapnr = int(sub["max_mapnr_64"])
         self._max_mapnr = max_mapnr
@@ -928,9 +982,13 @@ class KdumpReader:
             elf_class=elf_class, byte_order=byte_order, sub_header_blocks=header["sub_hdr_size"],
             bitmap_blocks=header["bitmap_blocks"])
 
+        self.sub_header = sub
+        self._sub_header_bytes = sub_layout.size if version >= 1 else 0
         self.notes = b""
+        self.notes_offset = 0
         self.vmcoreinfo = b""
         if version >= 4 and sub.get("offset_note") and sub.get("size_note"):
+            self.notes_offset = int(sub["offset_note"])
             self.notes = self._pread(int(sub["offset_note"]), int(sub["size_note"]), "notes")
         if version >= 3 and sub.get("offset_vmcoreinfo") and sub.get("size_vmcoreinfo"):
             self.vmcoreinfo = self._pread(int(sub["offset_vmcoreinfo"]), int(sub["size_vmcoreinfo"]),
@@ -1044,6 +1102,77 @@ class KdumpReader:
     @property
     def file_bytes(self) -> int:
         return self._file_bytes
+
+    @property
+    def descriptor_offset(self) -> int:
+        """Where the page descriptor table starts: right after the bitmaps."""
+        return self._descriptor_offset
+
+    def check_structure(self, data_offset: int | None = None) -> None:
+        """Check every header field and page descriptor against the rest (CorruptOutput).
+
+        ``data_offset``: where the page data starts, when the file records
+        it (vmcap's note); otherwise the end of the descriptor table.
+        """
+        name, header, sub = self._name, self.header, self.sub_header
+        bs = self._page_size
+        if header.header_version > HEADER_VERSION:
+            raise CorruptOutput(f"{name}: kdump header_version {header.header_version} is unknown")
+        known_status = (_PAGE_COMPRESSION_FLAGS | DUMP_DH_COMPRESSED_INCOMPLETE
+                        | DUMP_DH_EXCLUDED_VMEMMAP)
+        compression = header.status & _PAGE_COMPRESSION_FLAGS
+        if header.status & ~known_status or compression & (compression - 1):
+            raise CorruptOutput(f"{name}: kdump header status {header.status:#x} has unknown or "
+                                "conflicting bits (offset 0x1d8 region)")
+        if header.status & DUMP_DH_COMPRESSED_INCOMPLETE:
+            raise CorruptOutput(f"{name}: the kdump header marks the dump incomplete")
+        if header.nr_cpus <= 0:
+            raise CorruptOutput(f"{name}: kdump header nr_cpus {header.nr_cpus} is not positive")
+        expected_blocks = 2 * _bitmap_bytes(self._max_mapnr, bs) // bs
+        if header.bitmap_blocks != expected_blocks:
+            raise CorruptOutput(f"{name}: kdump header bitmap_blocks {header.bitmap_blocks} does "
+                                f"not match max_mapnr {self._max_mapnr:#x} ({expected_blocks} "
+                                "blocks)")
+        if header.sub_header_blocks < 1:
+            raise CorruptOutput(f"{name}: kdump header sub_hdr_size {header.sub_header_blocks}")
+        sub_start, sub_end = bs + self._sub_header_bytes, (1 + header.sub_header_blocks) * bs
+        if sub:
+            if self._header_max_mapnr != min(self._max_mapnr, 0xFFFFFFFF):
+                raise CorruptOutput(f"{name}: kdump header max_mapnr {self._header_max_mapnr:#x} "
+                                    f"disagrees with the sub header's {self._max_mapnr:#x}")
+            if sub.get("split"):
+                raise CorruptOutput(f"{name}: sub header says split dump ({sub['split']}); vmcap "
+                                    "never writes one")
+            for field in ("note", "vmcoreinfo"):
+                offset, size = int(sub.get(f"offset_{field}", 0)), int(sub.get(f"size_{field}", 0))
+                if (offset or size) and not sub_start <= offset <= offset + size <= sub_end:
+                    raise CorruptOutput(f"{name}: sub header offset_{field} {offset:#x} "
+                                        f"(+{size}) is outside the sub header blocks "
+                                        f"{sub_start:#x}-{sub_end:#x}")
+        table_end = self._descriptor_offset + DESCRIPTOR_BYTES * self._pages_dumped
+        data_start = table_end if data_offset is None else data_offset
+        if not table_end <= data_start <= self._file_bytes:
+            raise CorruptOutput(f"{name}: page data offset {data_start:#x} is not between the end "
+                                f"of the descriptor table {table_end:#x} and the end of file")
+        allowed = {0, compression}
+        for first in range(0, self._pages_dumped, 1 << 16):
+            count = min(1 << 16, self._pages_dumped - first)
+            at = self._descriptor_offset + DESCRIPTOR_BYTES * first
+            table = np.frombuffer(self._pread(at, DESCRIPTOR_BYTES * count, "page descriptors"),
+                                  dtype=self._descriptor_dtype)
+            offsets = table["offset"].astype(np.int64)
+            sizes = table["size"].astype(np.int64)
+            flags = table["flags"].astype(np.int64)
+            bad = ((sizes <= 0) | (sizes > bs) | ((flags == 0) & (sizes != bs))
+                   | ~np.isin(flags, list(allowed)) | (offsets < data_start)
+                   | (offsets + sizes > self._file_bytes))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise CorruptOutput(
+                    f"{name}: page descriptor {first + i} at offset "
+                    f"{at + DESCRIPTOR_BYTES * i:#x} is bad: offset {int(offsets[i]):#x}, size "
+                    f"{int(sizes[i])}, flags {int(flags[i]):#x} (page size {bs}, data "
+                    f"{data_start:#x}-{self._file_bytes:#x})")
 
     def page_counts(self) -> tuple[int, int]:
         """(pages present in memory, pages dumped)."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from .copy import PlanCopier
+from .digest import PLACEHOLDER, note_lines
 from .elfwriter import aligned_notes, find_vmcap_note, vmcap_note
-from .errors import BadSource, Unsupported
+from .errors import BadSource, CorruptOutput, Unsupported
 from .fraction import CopyPlan, disjoint_segments, present_page_count
 from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
 from .layout import Layout, parse_notes
@@ -127,15 +128,22 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             f"file would need two {bitmap_mib} MiB bitmaps, which its readers load (vmcap's "
             f"limit is {MAX_KDUMP_PFNS} pages); use --format zelf or elf")
     notes = aligned_notes(layout.note_bytes)
-    note_args = dict(source=layout.source_name, page_size=page, output_format="kdump",
-                     extra=[f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
-                            f"ZERO_PAGES={options.zero_pages}"])
+    note_args = dict(source=layout.source_name, page_size=page, output_format="kdump")
+    extra = [f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
+             f"ZERO_PAGES={options.zero_pages}"]
+    digest_placeholders = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": PLACEHOLDER,
+                           "DATA_XXH64": PLACEHOLDER, "DATA_OFFSET": PLACEHOLDER}
+
+    def all_notes(error_ranges, values=digest_placeholders) -> bytes:
+        return notes + vmcap_note(layout.byte_order, **note_args,
+                                  extra=extra + note_lines(values), error_ranges=error_ranges)
+
     info = KdumpHeaderInfo(
         machine=utsname_machine(layout.e_machine, layout.elf_class, layout.byte_order),
         elf_class=layout.elf_class, byte_order=layout.byte_order, page_size=page,
         release=layout.osrelease or "", nr_cpus=max(layout.cpus, 1),
         vmcoreinfo=layout.vmcoreinfo_raw,
-        notes=notes + vmcap_note(layout.byte_order, **note_args, error_ranges=()),
+        notes=all_notes(()),
         crash_time=layout.crash_time or 0)
     from .save import compression_level
 
@@ -163,10 +171,8 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         for chunk in copier:
             stream.add(chunk.paddr, chunk.length, chunk.data)
         stream.close()
-        if copier.stats.error_ranges:
-            writer.replace_notes(notes + vmcap_note(layout.byte_order, **note_args,
-                                                    error_ranges=copier.stats.error_ranges))
-        stats = writer.close()
+        errors = copier.stats.error_ranges
+        stats = writer.close(lambda values: all_notes(errors, values))
     except OSError as e:
         raise out._fail("write", e) from None
     out.position = stats.file_bytes
@@ -242,11 +248,23 @@ class KdumpPhysicalView:
 
 
 def verify_kdump(path: str, source_path: str | None) -> dict:
-    """Decompress every dumped page; with a source, compare every segment byte."""
-    from .verify import compare_with_source
+    """Check structure and digests, decompress every dumped page; with a source, compare."""
+    from .digest import UNKNOWN
+    from .verify import check_kdump_digests, compare_with_source, vmcap_note_in
 
     result: dict = {"dump": path, "container": "kdump"}
-    with _reader(path) as reader:
+    try:
+        reader = KdumpReader(path)
+    except BadSource as error:
+        raise CorruptOutput(str(error)) from None
+    except OSError as e:
+        raise CorruptOutput(f"{path}: cannot read: {e.strerror}") from None
+    with reader:
+        note, span = vmcap_note_in(reader.notes, reader.header.byte_order, path)
+        data_offset = (note or {}).get("DATA_OFFSET")
+        reader.check_structure(int(data_offset, 16) if data_offset and data_offset != UNKNOWN
+                               else None)
+        result["digest"] = check_kdump_digests(path, reader, note, span)
         pages = 0
         for first, count in reader.iter_dumped_runs():
             for pfn in range(first, first + count):
@@ -254,8 +272,8 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
             pages += count
         result["pages_checked"] = pages
         if source_path is not None:
-            result.update(compare_with_source(
-                KdumpPhysicalView(reader), source_path,
-                stored_only=bool(reader.header.dump_level & ~1)))
+            result["dump_level"] = reader.header.dump_level
+            result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
+                                              dump_level=reader.header.dump_level))
     result["status"] = "ok"
     return result

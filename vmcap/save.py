@@ -18,6 +18,7 @@ from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_c
 from .layout import Layout, read_layout
 from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink
+from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
 
 FORMATS = ("zelf", "elf", "kdump")
 # Progress phases, named as makedumpfile names them on the console.
@@ -174,14 +175,25 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     note_args = dict(source=layout.source_name, page_size=page,
                      output_format=options.output_format,
                      extra=[f"DUMP_LEVEL={options.dump_level}"])
+    plain = options.output_format == "elf"
+    # The plain ELF has no checksums of its own: its note carries digests,
+    # known at the end, so only a rewritable output can record them.
+    digests = ({"META_XXH64": PLACEHOLDER, "DATA_XXH64": PLACEHOLDER} if out.seekable
+               else {"META_XXH64": UNKNOWN, "DATA_XXH64": UNKNOWN}) if plain else {}
+
+    def note(error_ranges, values=digests) -> bytes:
+        return vmcap_note(layout.byte_order, **dict(note_args, extra=note_args["extra"]
+                                                     + note_lines(values)),
+                          error_ranges=error_ranges)
+
     # Errors are only known at the end; a stream we cannot rewrite must not
     # claim there were none.
     may_fail_over = options.on_error == "zero"
-    first_note = vmcap_note(layout.byte_order, **note_args,
-                            error_ranges=None if may_fail_over and not out.seekable else ())
+    first_note = note(None if may_fail_over and not out.seekable else ())
     image = plan_elf_image(layout, [OutputSegment(s.paddr, s.vaddr, 0, s.filesz, s.memsz,
                                                   s.flags) for s in segments],
                            len(source_notes) + len(first_note), page)
+    data_digest = StreamDigest()
     if options.output_format == "zelf":
         from .seekable import SeekableWriter
 
@@ -193,26 +205,31 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
         writer = ElfStreamWriter(sink, image, source_notes + first_note,
                                  write_head=sink.write_raw_frame)
     else:
-        sink = SparseSink(out)
-        writer = ElfStreamWriter(sink, image, source_notes + first_note)
+        sink = DigestingSink(SparseSink(out), data_digest)
+        writer = ElfStreamWriter(sink, image, source_notes + first_note,
+                                 write_head=sink.sink.write)
     for chunk in copier:
         if chunk.data is not None:
             writer.write_segment(chunk.segment, chunk.paddr, chunk.data)
     writer.finish()
-    sink.close()
 
     errors = copier.stats.error_ranges
-    if errors:
-        final_note = vmcap_note(layout.byte_order, **note_args, error_ranges=errors)
-        if not out.seekable:
-            warnings.append("read errors were zero-filled but cannot be recorded in the "
-                            "note of a streamed output; they are listed in this summary")
-        elif options.output_format == "zelf":
-            from .seekable import raw_frame
-
-            out.pwrite(raw_frame(image.header + source_notes + final_note), head_offset)
-        else:
-            out.pwrite(final_note, image.vmcap_note_offset)
+    if errors and not out.seekable:
+        warnings.append("read errors were zero-filled but cannot be recorded in the "
+                        "note of a streamed output; they are listed in this summary")
+    if options.output_format == "zelf":
+        if errors and out.seekable:
+            # Before close(): the seek table records the new frame's checksum.
+            sink.replace_raw_frame(image.header + source_notes + note(errors),
+                                   lambda data, offset: out.pwrite(data, head_offset + offset))
+        sink.close()
+    else:
+        sink.close()
+        if out.seekable:
+            values = dict(digests, DATA_XXH64=data_digest.hexdigest())
+            head = image.header + source_notes + note(errors, values)
+            values["META_XXH64"] = StreamDigest.of(head)
+            out.pwrite(note(errors, values), image.vmcap_note_offset)
     return warnings, excluded_counts
 
 

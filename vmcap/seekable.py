@@ -12,10 +12,13 @@ All fields are little-endian. Plain `zstd -d` skips the skippable frame, so a
 seekable file decompresses like any other .zst file, while vmcap can seek to
 a physical address by decompressing only the frame that holds it.
 
-We write the descriptor with Checksum_Flag off: the per-entry checksum is the
-low 32 bits of XXH64, which python-zstandard does not expose. Each frame
-carries zstd's own content checksum instead, which both `zstd -d` and
-SeekableReader verify.
+vmcap sets the Checksum_Flag: each seek table entry carries the low 32 bits
+of the XXH64 of its frame's decompressed bytes. Every frame vmcap writes
+also carries zstd's content checksum (the raw header frame too), which is
+that same value, so the entry is copied from the frame's last 4 bytes rather
+than hashed again. `zstd -d` and SeekableReader check the frame checksums;
+``iter_frames`` (verify) checks the entries too. Files without checksums
+(older vmcap) are still read.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+import xxhash
 import zstandard
 
 from vmcap.errors import CorruptOutput, OutputError
@@ -101,6 +105,7 @@ class FrameEntry:
     compressed_size: int
     decompressed_offset: int
     decompressed_size: int
+    checksum: int | None = None  # low 32 bits of XXH64 of the decompressed bytes, if the table has it
 
 
 # ---------------------------------------------------------------------------
@@ -117,11 +122,13 @@ def raw_frame(data) -> bytes:
     place with another frame of the same content length (vmcap rewrites the
     ELF notes this way once the copy's read errors are known). The frame
     declares its content size and, being single-segment, needs no window
-    descriptor; it carries no content checksum.
+    descriptor; it ends with a content checksum (low 32 bits of XXH64), so a
+    flipped header byte fails `zstd -d` and verify like any other frame.
     """
     view = memoryview(data).cast("B")
-    # Frame header descriptor: 8-byte content size (0b11 << 6), single segment (1 << 5).
-    parts = [FRAME_MAGIC.pack(ZSTD_FRAME_MAGIC), bytes([0xE0]),
+    # Frame header descriptor: 8-byte content size (0b11 << 6), single
+    # segment (1 << 5), content checksum (1 << 2).
+    parts = [FRAME_MAGIC.pack(ZSTD_FRAME_MAGIC), bytes([0xE4]),
              struct.pack("<Q", len(view))]
     starts = range(0, len(view), RAW_BLOCK_BYTES) if len(view) else [0]
     for start in starts:
@@ -130,7 +137,13 @@ def raw_frame(data) -> bytes:
         # Block header: last-block bit, type 0 (raw) in bits 1-2, size in bits 3-23.
         parts.append((int(last) | (len(block) << 3)).to_bytes(3, "little"))
         parts.append(bytes(block))
+    parts.append(FRAME_MAGIC.pack(xxhash.xxh64_intdigest(view) & 0xFFFFFFFF))
     return b"".join(parts)
+
+
+def _frame_checksum(compressed: bytes) -> int:
+    """The content checksum a vmcap frame ends with: the seek table entry's checksum."""
+    return FRAME_MAGIC.unpack_from(compressed, len(compressed) - FRAME_MAGIC.size)[0]
 
 
 class SeekableWriter:
@@ -165,6 +178,7 @@ class SeekableWriter:
         self._zero_bytes: bytes | None = None
         self._stats: SeekableStats | None = None
         self._failed = False
+        self._raw_frame: tuple[int, int, int] | None = None  # (index, offset, size) of the last raw frame
 
         # Compressors are not thread-safe: one per thread.
         self._per_thread = threading.local()
@@ -215,9 +229,40 @@ class SeekableWriter:
 
         def store() -> None:
             self._end_frame()
-            self._queue_compressed(raw_frame(view), len(view))
+            frame = raw_frame(view)
+            # Write what is queued first, so the frame's offset is known.
+            while self._in_flight:
+                self._write_oldest_in_flight()
+            self._raw_frame = (self._frames_written, self._compressed_bytes, len(frame))
+            self._queue_compressed(frame, len(view))
 
         self._guarded(store)
+
+    def replace_raw_frame(self, data, pwrite) -> None:
+        """Replace the last raw frame's content (same length) before close().
+
+        ``pwrite(frame_bytes, offset)`` writes at an offset counted from the
+        first byte this writer emitted; the seek table, written by close(),
+        gets the new checksum.
+        """
+        self._check_open()
+        if self._raw_frame is None:
+            raise ValueError("no raw frame to replace")
+        index, offset, size = self._raw_frame
+        frame = raw_frame(data)
+        if len(frame) != size:
+            raise ValueError(f"replacement raw frame is {len(frame)} bytes, not {size}")
+
+        def replace() -> None:
+            while self._in_flight and self._frames_written <= index:
+                self._write_oldest_in_flight()
+            pwrite(frame, offset)
+            entry = index * SEEK_ENTRY_WITH_CHECKSUM.size
+            self._seek_table[entry:entry + SEEK_ENTRY_WITH_CHECKSUM.size] = \
+                SEEK_ENTRY_WITH_CHECKSUM.pack(len(frame), len(memoryview(data).cast("B")),
+                                              _frame_checksum(frame))
+
+        self._guarded(replace)
 
     def close(self) -> SeekableStats:
         """Flush the last frame and write the seek table. Does not close the sink.
@@ -349,7 +394,8 @@ class SeekableWriter:
             raise OutputError(
                 f"seekable zstd output would exceed {MAX_FRAMES} frames; use a larger frame size"
             )
-        self._seek_table += SEEK_ENTRY.pack(len(compressed), decompressed_size)
+        self._seek_table += SEEK_ENTRY_WITH_CHECKSUM.pack(len(compressed), decompressed_size,
+                                                          _frame_checksum(compressed))
         self._frames_written += 1
         self._write_to_sink(compressed)
 
@@ -361,7 +407,7 @@ class SeekableWriter:
         # Empty input gives a file that is only the seek table. zstd 1.5.4
         # `zstd -d` accepts a file holding only a skippable frame (0 bytes
         # out, exit 0), so no empty zstd frame is needed.
-        footer = SEEK_TABLE_FOOTER.pack(self._frames_written, 0, SEEKABLE_MAGIC)
+        footer = SEEK_TABLE_FOOTER.pack(self._frames_written, CHECKSUM_FLAG, SEEKABLE_MAGIC)
         header = SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(self._seek_table) + len(footer))
         self._write_to_sink(header + self._seek_table + footer)
 
@@ -469,10 +515,24 @@ class SeekableReader:
             index += 1
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
+    @property
+    def has_checksums(self) -> bool:
+        """Whether the seek table carries a checksum per frame (vmcap since checksums)."""
+        return bool(self.frames) and self.frames[0].checksum is not None
+
     def iter_frames(self) -> Iterator[tuple[FrameEntry, bytes]]:
-        """Decompress every frame in order, verifying each; for verify and decompress."""
+        """Decompress every frame in order, verifying each; for verify and decompress.
+
+        Besides zstd's own checks, each frame's XXH64 must match its seek
+        table entry when the table has checksums.
+        """
         for frame in self.frames:
-            yield frame, self._decompress_frame(frame)
+            plain = self._decompress_frame(frame)
+            if frame.checksum is not None and xxhash.xxh64_intdigest(plain) & 0xFFFFFFFF != frame.checksum:
+                raise CorruptOutput(
+                    f"seekable zstd frame {frame.index} at offset {frame.compressed_offset}: "
+                    f"its bytes do not match the seek table checksum {frame.checksum:#010x}")
+            yield frame, plain
 
     def close(self) -> None:
         if self._owns_fd and self._fd >= 0:
@@ -601,6 +661,7 @@ def _frame_entries(table: bytes, entry_format: struct.Struct) -> tuple[FrameEntr
     decompressed_offset = 0
     for index, entry in enumerate(entry_format.iter_unpack(table)):
         compressed_size, decompressed_size = entry[0], entry[1]
+        checksum = entry[2] if len(entry) > 2 else None
         if decompressed_size > MAX_FRAME_DECOMPRESSED_BYTES or (compressed_size == 0 and decompressed_size != 0):
             # Also refuses to allocate gigabytes on the word of a damaged table.
             raise CorruptOutput(
@@ -608,7 +669,8 @@ def _frame_entries(table: bytes, entry_format: struct.Struct) -> tuple[FrameEntr
                 f"in a {compressed_size}-byte frame"
             )
         frames.append(
-            FrameEntry(index, compressed_offset, compressed_size, decompressed_offset, decompressed_size)
+            FrameEntry(index, compressed_offset, compressed_size, decompressed_offset, decompressed_size,
+                       checksum)
         )
         compressed_offset += compressed_size
         decompressed_offset += decompressed_size

@@ -1,19 +1,34 @@
-"""`vmcap verify` and `vmcap decompress`: reading vmcap's outputs back."""
+"""`vmcap verify` and `vmcap decompress`: reading vmcap's outputs back.
+
+verify proves a dump whole in two steps. Alone, it checks everything the
+file can vouch for: zelf frames against zstd's content checksums and the
+seek table's, plain ELF and kdump files against the XXH64 digests their
+VMCAP note records (see vmcap.digest), and a kdump file's structure
+(headers, bitmaps, page descriptors). With ``--source`` it also re-derives
+what the dump should hold: the page classes the recorded dump level
+excludes are classified again on the source, and every other source page
+must be in the dump, byte for byte (at dump levels with bit 1, a page the
+dump dropped must be zero in the source).
+"""
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_right
 
 import numpy as np
 
+from .digest import DIGEST_KEYS, UNKNOWN, file_digest
 from .dumpfile import ElfPhysicalView, detect_container, open_elf_source
-from .errors import BadSource, VerifyMismatch
-from .elfwriter import find_vmcap_note
-from .layout import read_layout
+from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
+from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
+from .layout import iter_note_spans, read_layout
 from .mmapio import FileSource
 from .output import OutputFile, SparseSink
 
 COMPARE_BYTES = 4 << 20
+# How far into a plain ELF output verify looks for its notes.
+MAX_HEAD_BYTES = 64 << 20
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -23,60 +38,245 @@ def _first_difference(a: bytes, b: bytes) -> int:
 
 
 def verify(dump_path: str, source_path: str | None = None) -> dict:
-    """Check a dump's container; with a source, compare every segment byte."""
+    """Check a dump's container and digests; with a source, that it holds what it should."""
     container = detect_container(dump_path)
-    result: dict = {"dump": dump_path, "container": container}
     if container == "kdump":
         from .kdumpsave import verify_kdump
 
         return verify_kdump(dump_path, source_path)
     if container == "unknown":
-        raise BadSource(f"{dump_path}: not a vmcore vmcap can read (no ELF, zstd or kdump "
-                        "signature)")
-    out_source = open_elf_source(dump_path)
+        raise CorruptOutput(f"{dump_path}: not a vmcap output (no ELF, zstd or kdump signature)")
+    result: dict = {"dump": dump_path, "container": container}
     try:
-        if container == "zstd-seekable":
-            frames = 0
-            for _ in out_source.reader.iter_frames():
-                frames += 1
-            result["frames"] = frames
-            result["decompressed_bytes"] = out_source.size
-        layout = read_layout(out_source)
+        out_source = open_elf_source(dump_path)
+    except (BadSource, SourceIOError) as error:
+        raise CorruptOutput(str(error)) from None
+    try:
+        try:
+            if container == "zstd-seekable":
+                frames = 0
+                for _ in out_source.reader.iter_frames():
+                    frames += 1
+                result["frames"] = frames
+                result["decompressed_bytes"] = out_source.size
+            layout = read_layout(out_source)
+        except (BadSource, SourceIOError) as error:
+            raise CorruptOutput(f"{dump_path}: {error}") from None
         result["segments"] = len(layout.segments)
+        note, span = vmcap_note_in(layout.note_bytes, layout.byte_order, dump_path)
+        if container == "zstd-seekable":
+            # Every frame, the header frame included, was checked against its checksums.
+            result["digest"] = "zstd checksums" if out_source.reader.has_checksums else "none"
+        else:
+            result["digest"] = check_elf_digests(dump_path, layout, note, span)
         if source_path is not None:
-            dump_level = int((find_vmcap_note(layout.notes) or {}).get("DUMP_LEVEL") or 0)
+            dump_level = int((note or {}).get("DUMP_LEVEL") or 0)
+            result["dump_level"] = dump_level
             result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
-                                              stored_only=bool(dump_level & ~1)))
+                                              dump_level=dump_level))
     finally:
         out_source.close()
     result["status"] = "ok"
     return result
 
 
-def _intersect(start: int, end: int, ranges: list[tuple[int, int]]):
-    """Parts of [start, end) inside the sorted, disjoint (paddr, length) ranges."""
-    i = bisect_right(ranges, (start, float("inf"))) - 1
-    i = max(i, 0)
-    while i < len(ranges) and ranges[i][0] < end:
-        lo = max(start, ranges[i][0])
-        hi = min(end, ranges[i][0] + ranges[i][1])
-        if lo < hi:
-            yield lo, hi
-        i += 1
+def vmcap_note_in(note_bytes: bytes, byte_order: str, where: str):
+    """(checked VMCAP note dict, its NoteSpan) among the notes, or (None, None) if it has none.
 
-
-def compare_with_source(view, source_path: str, *, stored_only: bool = False) -> dict:
-    """Compare every byte of every source segment with the output's physical memory.
-
-    Excluded pages read as zeros from the output. At dump levels that only
-    drop zero pages (0, 1) that is checked too: the source must be zero
-    there. When kernel page classes were excluded (``stored_only``), only
-    the bytes the output stored are compared, and the rest is counted.
+    A note that looks like vmcap's but is not intact is CorruptOutput: a
+    damaged note must not pass for the note-less dump of another tool.
     """
+    for span in iter_note_spans(note_bytes, byte_order):
+        if span.name == VMCAP_NOTE_NAME.decode() and span.type == VMCAP_NOTE_TYPE:
+            desc = note_bytes[span.desc_offset:span.desc_offset + span.desc_size]
+            return check_vmcap_note(desc, where), span
+    if VMCAP_NOTE_NAME + b"\0" in note_bytes or b"\nFORMAT=" in note_bytes:
+        raise CorruptOutput(f"{where}: the VMCAP note's header is damaged")
+    return None, None
+
+
+def digest_state(note: dict | None, keys) -> str | None:
+    """"none" (no digests: an older vmcap), "unknown" (streamed) or None (digests to check)."""
+    if note is None or not any(key in note for key in DIGEST_KEYS):
+        return "none"
+    values = [note.get(key) for key in keys]
+    if None in values:
+        raise CorruptOutput(f"VMCAP note lacks {', '.join(k for k in keys if k not in note)}")
+    if any(value == UNKNOWN for value in values):
+        return UNKNOWN
+    return None
+
+
+def _check_digest(fd: int, name: str, key: str, expected: str, start: int, end: int,
+                  what: str, blank_at: int | None = None) -> None:
+    try:
+        actual = file_digest(fd, start, end, blank_at=blank_at, what=f"{name}: {what}")
+    except EOFError as error:
+        raise CorruptOutput(str(error)) from None
+    if actual != expected:
+        raise CorruptOutput(f"{name}: {what} (bytes {start:#x}-{end:#x}) changed: XXH64 "
+                            f"{actual}, the VMCAP note's {key} says {expected}")
+
+
+def check_elf_digests(path: str, layout, note: dict | None, span) -> str:
+    """Check a plain ELF output's META and DATA digests; returns the result's "digest"."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        file_size = os.fstat(fd).st_size
+        first_data = min((s.offset for s in layout.segments if s.filesz), default=file_size)
+        head = os.pread(fd, min(first_data, file_size, MAX_HEAD_BYTES), 0)
+        if note is None:
+            if VMCAP_NOTE_NAME + b"\0\0\0" in head:
+                # The notes were found somewhere else than where vmcap wrote them.
+                raise CorruptOutput(f"{path}: has a VMCAP note its program headers do not point at")
+            return "none"
+        state = digest_state(note, ("META_XXH64", "DATA_XXH64"))
+        if state is not None:
+            return state
+        notes_offset = head.find(layout.note_bytes)
+        vmcap_end = span.desc_offset + span.desc_size
+        if notes_offset < 0 or vmcap_end != len(layout.note_bytes):
+            raise CorruptOutput(f"{path}: the notes are not where vmcap writes them")
+        desc = layout.note_bytes[span.desc_offset:vmcap_end]
+        meta_at = notes_offset + span.desc_offset + desc.index(b"META_XXH64=") + len("META_XXH64=")
+        notes_end = notes_offset + len(layout.note_bytes)
+        _check_digest(fd, path, "META_XXH64", note["META_XXH64"], 0, notes_end,
+                      "ELF header, program headers and notes", blank_at=meta_at)
+        _check_digest(fd, path, "DATA_XXH64", note["DATA_XXH64"], notes_end, file_size,
+                      "segment data")
+        return "xxh64"
+    finally:
+        os.close(fd)
+
+
+def check_kdump_digests(path: str, reader, note: dict | None, span) -> str:
+    """Check a kdump output's META, DESC and DATA digests; returns the result's "digest"."""
+    state = digest_state(note, ("META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET"))
+    if state is not None:
+        return state
+    desc = reader.notes[span.desc_offset:span.desc_offset + span.desc_size]
+    meta_at = (reader.notes_offset + span.desc_offset + desc.index(b"META_XXH64=")
+               + len("META_XXH64="))
+    data_offset = int(note["DATA_OFFSET"], 16)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        file_size = os.fstat(fd).st_size
+        _check_digest(fd, path, "META_XXH64", note["META_XXH64"], 0, reader.descriptor_offset,
+                      "header, sub header, notes and bitmaps", blank_at=meta_at)
+        _check_digest(fd, path, "DESC_XXH64", note["DESC_XXH64"], reader.descriptor_offset,
+                      data_offset, "page descriptors")
+        _check_digest(fd, path, "DATA_XXH64", note["DATA_XXH64"], data_offset, file_size,
+                      "page data")
+    finally:
+        os.close(fd)
+    return "xxh64"
+
+
+def _merged(ranges) -> list[tuple[int, int]]:
+    """(start, end) of the union of (start, length) ranges, sorted."""
+    out: list[list[int]] = []
+    for start, length in sorted(ranges):
+        if length <= 0:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], start + length)
+        else:
+            out.append([start, start + length])
+    return [(a, b) for a, b in out]
+
+
+def _split(start: int, end: int, ranges: list[tuple[int, int]]):
+    """[start, end) cut by the sorted, disjoint (start, end) ranges: (lo, hi, inside)."""
+    i = max(bisect_right(ranges, (start, float("inf"))) - 1, 0)
+    position = start
+    while position < end:
+        while i < len(ranges) and ranges[i][1] <= position:
+            i += 1
+        if i < len(ranges) and ranges[i][0] <= position:
+            hi = min(end, ranges[i][1])
+            yield position, hi, True
+        else:
+            hi = min(end, ranges[i][0]) if i < len(ranges) else end
+            yield position, hi, False
+        position = hi
+
+
+class _SourceChecker:
+    """Compares a dump's physical memory with the source it was saved from."""
+
+    def __init__(self, source, source_path: str, view, page: int, excluded, drops_zero: bool):
+        self.source = source
+        self.source_path = source_path
+        self.view = view
+        self.page = page
+        self.excluded = excluded
+        self.drops_zero = drops_zero
+        self.compared = 0
+        self.excluded_bytes = 0
+        self.zero_checked = 0
+
+    def compare(self, seg, lo: int, hi: int, read) -> None:
+        done = lo
+        while done < hi:
+            n = min(COMPARE_BYTES, hi - done)
+            expected = self.source.pread(seg.offset + (done - seg.paddr), n)
+            actual = read(done, n)
+            if expected != actual:
+                at = _first_difference(expected, actual)
+                raise VerifyMismatch(
+                    f"{self.source_path} segment {seg.index}: physical address {done + at:#x} "
+                    f"differs (source {expected[at]:#04x}, output {actual[at]:#04x})")
+            done += n
+            self.compared += n
+
+    def absent(self, seg, lo: int, hi: int) -> None:
+        """Source bytes [lo, hi) are not in the dump: only excluded pages may be missing."""
+        page = self.page
+        first, last = lo // page, (hi - 1) // page + 1
+        if self.excluded is not None and last <= len(self.excluded):
+            mask = self.excluded[first:last]
+        elif self.excluded is not None:
+            mask = np.zeros(last - first, dtype=bool)
+            known = max(0, len(self.excluded) - first)
+            mask[:known] = self.excluded[first:first + known]
+        else:
+            mask = np.zeros(last - first, dtype=bool)
+        starts = (first + np.arange(len(mask), dtype=np.int64)) * page
+        overlap = np.minimum(hi, starts + page) - np.maximum(lo, starts)
+        self.excluded_bytes += int(overlap[mask].sum())
+        keep = np.flatnonzero(~mask)
+        if not len(keep):
+            return
+        breaks = np.flatnonzero(np.diff(keep) != 1) + 1
+        for run in np.split(keep, breaks):
+            run_lo = max(lo, (first + int(run[0])) * page)
+            run_hi = min(hi, (first + int(run[-1]) + 1) * page)
+            if not self.drops_zero:
+                raise VerifyMismatch(
+                    f"{self.source_path} segment {seg.index}: physical {run_lo:#x}-{run_hi:#x} "
+                    "is not in the dump, and the dump level does not exclude it")
+            # Dump level bit 1 drops zero pages: the source must be zero there.
+            self.compare(seg, run_lo, run_hi, lambda at, n: bytes(n))
+            self.zero_checked += run_hi - run_lo  # also counted in compared
+
+
+def compare_with_source(view, source_path: str, *, dump_level: int = 0) -> dict:
+    """Check that the dump holds every source byte that ``dump_level`` keeps.
+
+    The page classes of dump level bits 2-16 are classified again on the
+    source, as save did; pages of those classes may be missing. Bit 1 lets
+    zero pages go missing: those must be zero in the source. Any other
+    source byte must be in the dump and equal.
+    """
+    from .save import classify_source
+
     source = FileSource(source_path)
-    compared = 0
     try:
         src_layout = read_layout(source)
+        classification = classify_source(src_layout, source, dump_level)
+        excluded = classification.excluded if classification is not None else None
+        checker = _SourceChecker(source, source_path, view, src_layout.page_size, excluded,
+                                 drops_zero=bool(dump_level & 1))
         # When the output keeps the source's segments one for one, compare
         # each with its own twin: overlapping PT_LOADs (kernel text over RAM)
         # are each copied whole.
@@ -84,33 +284,25 @@ def compare_with_source(view, source_path: str, *, stored_only: bool = False) ->
         twins = (len(out_segments) == len(src_layout.segments) and all(
             (a.paddr, a.filesz, a.memsz) == (b.paddr, b.filesz, b.memsz)
             for a, b in zip(out_segments, src_layout.segments)))
-        stored = sorted(view.stored_ranges()) if stored_only else None
+        stored = _merged(view.stored_ranges())
         total = 0
         for seg in src_layout.segments:
             total += seg.filesz
-            parts = ([(seg.paddr, seg.end)] if stored is None
-                     else list(_intersect(seg.paddr, seg.end, stored)))
-            for lo, hi in parts:
-                done = lo
-                while done < hi:
-                    n = min(COMPARE_BYTES, hi - done)
-                    expected = source.pread(seg.offset + (done - seg.paddr), n)
-                    if twins:
-                        actual = view.read(done, n, segment=out_segments[seg.index])
-                    else:
-                        actual = view.read_physical(done, n)
-                    if expected != actual:
-                        at = _first_difference(expected, actual)
-                        raise VerifyMismatch(
-                            f"{source_path} segment {seg.index}: physical address "
-                            f"{done + at:#x} differs (source {expected[at]:#04x}, output "
-                            f"{actual[at]:#04x})")
-                    done += n
-                    compared += n
+            if twins:
+                twin = out_segments[seg.index]
+                checker.compare(seg, seg.paddr, seg.end,
+                                lambda at, n, twin=twin: view.read(at, n, segment=twin))
+                continue
+            for lo, hi, inside in _split(seg.paddr, seg.end, stored):
+                if inside:
+                    checker.compare(seg, lo, hi, view.read_physical)
+                else:
+                    checker.absent(seg, lo, hi)
     finally:
         source.close()
-    return {"source": source_path, "compared_bytes": compared,
-            "excluded_bytes_not_compared": total - compared}
+    return {"source": source_path, "compared_bytes": checker.compared,
+            "zero_bytes_checked": checker.zero_checked,
+            "excluded_bytes_not_compared": checker.excluded_bytes}
 
 
 def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
