@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -111,3 +112,11 @@ def real_vmcore_for_makedumpfile(real_vmcore, tmp_path_factory) -> Path:
     copy.chmod(0o644)
     move_phdrs_after_ehdr(copy)
     return copy
+
+
+PROGRESS_LINE = re.compile(r"^[A-Z][a-z ]+: \[ *\d+\.\d %\] ")
+
+
+def error_lines(stderr: str) -> list[str]:
+    """stderr without the progress lines `save` prints where stderr is not a terminal."""
+    return [line for line in stderr.splitlines() if not PROGRESS_LINE.match(line)]

@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import env_without_debug, spec
+from conftest import error_lines, env_without_debug, spec
 from vmcap.cli import main
 from vmcap.errors import SourceIOError
 
@@ -120,7 +120,7 @@ def test_verify_detects_a_difference(make_vmcore, tmp_path):
     other, _ = make_vmcore(spec(seed=1, content="mixed"))
     result = run_subprocess("verify", "--source", other, out)
     assert result.returncode == 7
-    assert "differs" in result.stderr and result.stderr.count("\n") == 1
+    assert "differs" in result.stderr and len(error_lines(result.stderr)) == 1
 
 
 @pytest.mark.parametrize("case,code,message", [
@@ -155,7 +155,7 @@ def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, c
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     if code != 2:
-        assert result.stderr.count("\n") == 1
+        assert len(error_lines(result.stderr)) == 1
         assert not (tmp_path / "out.part").exists()
 
 
@@ -275,7 +275,7 @@ def test_default_source_is_proc_vmcore(tmp_path):
     if os.path.exists("/proc/vmcore"):
         pytest.skip("this machine has a /proc/vmcore")
     assert result.returncode == 3
-    assert "/proc/vmcore" in result.stderr and result.stderr.count("\n") == 1
+    assert "/proc/vmcore" in result.stderr and len(error_lines(result.stderr)) == 1
 
 
 def test_dump_level_1_needs_no_vmcoreinfo(make_vmcore, tmp_path):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import FRACTIONAL_RANGES, have, spec
+from conftest import error_lines, FRACTIONAL_RANGES, have, spec
 from vmcap.dumpfile import ElfPhysicalView, open_elf_source
 from vmcap.elfwriter import parse_vmcap_note
 from vmcap.errors import OutputError, SourceIOError
@@ -302,7 +302,7 @@ def test_real_full_disk_fails_cleanly(make_vmcore, tiny_filesystem, fmt):
     result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--format", fmt, src,
                              str(out)], capture_output=True, text=True)
     assert result.returncode == 5, result.stderr
-    assert "No space left on device" in result.stderr and result.stderr.count("\n") == 1
+    assert "No space left on device" in result.stderr and len(error_lines(result.stderr)) == 1
     assert list(tiny_filesystem.iterdir()) == []
 
 
@@ -317,7 +317,7 @@ def test_truncated_zelf_is_a_clear_error(make_vmcore, tmp_path):
                                 capture_output=True, text=True)
         # verify judges a vmcap output: a damaged one is corrupt (6), not a bad source.
         assert result.returncode == (6 if command == ["verify"] else 3), (command, result.stderr)
-        assert "without a seek table" in result.stderr and result.stderr.count("\n") == 1
+        assert "without a seek table" in result.stderr and len(error_lines(result.stderr)) == 1
 
 
 def test_elf32_output_past_4_gib_is_refused(make_vmcore):
