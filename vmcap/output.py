@@ -155,6 +155,7 @@ def refuse_same_files(inputs: Sequence[tuple[str, str]],
                                   f"{other_path}; refusing to overwrite it")
         seen.append((identity, role, path))
 
+
 class OutputFile:
     """A byte sink on a file descriptor that turns OSError into one-line OutputErrors.
 
