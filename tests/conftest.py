@@ -69,6 +69,11 @@ def have(tool: str) -> bool:
     return shutil.which(tool) is not None
 
 
+def temp_outputs(directory) -> list[str]:
+    """vmcap's temporary output files (".OUT.XXXXXXXX.part") left in ``directory``."""
+    return sorted(name for name in os.listdir(directory) if name.endswith(".part"))
+
+
 def env_without_debug() -> dict:
     env = dict(os.environ)
     env.pop("VMCAP_DEBUG", None)

@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import error_lines, env_without_debug, spec
+from conftest import env_without_debug, error_lines, spec, temp_outputs
 from vmcap.cli import main
 from vmcap.errors import SourceIOError
 
@@ -156,7 +156,7 @@ def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, c
     assert "Traceback" not in result.stderr
     if code != 2:
         assert len(error_lines(result.stderr)) == 1
-        assert not (tmp_path / "out.part").exists()
+        assert not temp_outputs(tmp_path)
 
 
 def test_read_error_exit_code_and_on_error_zero(make_vmcore, tmp_path, monkeypatch):
@@ -181,7 +181,7 @@ def test_read_error_exit_code_and_on_error_zero(make_vmcore, tmp_path, monkeypat
     result = CliRunner().invoke(main, ["save", path, str(out)])
     assert result.exit_code == 4
     assert "cannot read physical address 0x102000" in result.output
-    assert not out.exists() and not (tmp_path / "out.part").exists()
+    assert not out.exists() and not temp_outputs(tmp_path)
     result = CliRunner().invoke(main, ["save", "--on-error=zero", "--json", path, str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["error_ranges"] == [
@@ -258,16 +258,18 @@ def test_interrupt_mid_copy_removes_the_partial_output(make_vmcore, tmp_path, si
                                 "--threads", "1", "--progress", "none", path, str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env_without_debug())
-    part = tmp_path / "out.part"
     deadline = time.monotonic() + 30
-    while not (part.exists() and part.stat().st_size > 0) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        parts = temp_outputs(tmp_path)
+        if parts and (tmp_path / parts[0]).stat().st_size > 0:
+            break
         time.sleep(0.02)
-    assert part.exists(), "save never started writing"
+    assert temp_outputs(tmp_path), "save never started writing"
     process.send_signal(signal.Signals(signal_number))
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, (name, stderr)
     assert "interrupted" in stderr and stderr.count("\n") == 1
-    assert not out.exists() and not part.exists()
+    assert not out.exists() and not temp_outputs(tmp_path)
 
 
 def test_default_source_is_proc_vmcore(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import error_lines, env_without_debug, spec
+from conftest import env_without_debug, error_lines, spec, temp_outputs
 from vmcap.exclude import MIN_EXCLUDED_RUN, ExcludedRun, split_segments
 from vmcap.fraction import find_fractional_pages
 from vmcap.kdump import KdumpReader
@@ -107,7 +107,7 @@ def test_kernel_page_classes_need_vmcoreinfo_and_say_which_key(make_vmcore, tmp_
                             capture_output=True, text=True, env=env_without_debug())
     assert result.returncode == 8, result.stderr
     assert len(error_lines(result.stderr)) == 1 and "VMCOREINFO" in result.stderr
-    assert not out.exists() and not (tmp_path / "out.part").exists()
+    assert not out.exists() and not temp_outputs(tmp_path)
 
 
 # makedumpfile 1.7.2 on the same dump (copy with program headers at 64), -d 31.
@@ -414,7 +414,7 @@ def test_kdump_refuses_address_spaces_whose_bitmaps_would_not_fit(make_vmcore, t
                              str(out)], capture_output=True, text=True, env=env_without_debug())
     assert result.returncode == 8, result.stderr
     assert "use --format zelf or elf" in result.stderr and len(error_lines(result.stderr)) == 1
-    assert not out.exists() and not (tmp_path / "out.part").exists()
+    assert not out.exists() and not temp_outputs(tmp_path)
     assert verify_after_save(src, tmp_path / "out.zelf")
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import error_lines, FRACTIONAL_RANGES, have, spec
+from conftest import error_lines, FRACTIONAL_RANGES, have, spec, temp_outputs
 from vmcap.dumpfile import ElfPhysicalView, open_elf_source
 from vmcap.elfwriter import parse_vmcap_note
 from vmcap.errors import OutputError, SourceIOError
@@ -76,7 +76,7 @@ def test_round_trip(make_vmcore, tmp_path, kind, fmt):
         src_layout = read_layout(source)
     assert_output_matches(out, sample_spec, src_layout)
     assert summary.bytes_read == sum(s.filesz for s in src_layout.segments)
-    assert not os.path.exists(out + ".part")
+    assert not temp_outputs(tmp_path)
 
 
 @pytest.mark.skipif(not have("zstd"), reason="zstd CLI not installed")
@@ -176,7 +176,7 @@ def test_read_error_fails_cleanly_by_default(make_vmcore, tmp_path):
     with pytest.raises(SourceIOError) as error:
         save(src, out, SaveOptions(), source=FaultySource(src, bad_offset, bad_length))
     assert f"{seg.paddr + 0x3000:#x}" in str(error.value)
-    assert not os.path.exists(out) and not os.path.exists(out + ".part")
+    assert not os.path.exists(out) and not temp_outputs(tmp_path)
 
 
 @pytest.mark.parametrize("fmt", ["zelf", "elf"])
@@ -221,7 +221,7 @@ def test_disk_full_fails_cleanly(make_vmcore, tmp_path, monkeypatch, fmt):
     monkeypatch.setattr("vmcap.output.os.write", filling_write)
     with pytest.raises(OutputError, match="No space left on device"):
         save(src, out, SaveOptions(output_format=fmt, threads=1))
-    assert not os.path.exists(out) and not os.path.exists(out + ".part")
+    assert not os.path.exists(out) and not temp_outputs(tmp_path)
 
 
 def test_existing_output_is_not_overwritten_without_force(make_vmcore, tmp_path):

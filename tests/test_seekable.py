@@ -18,6 +18,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import temp_outputs
 from vmcap.errors import CorruptOutput, OutputError
 from vmcap.seekable import (
     DEFAULT_FRAME_BYTES,
@@ -512,7 +513,7 @@ def test_decompress_stops_at_a_corrupt_frame(tmp_path):
     path = save(tmp_path, bytes(damaged))
     with pytest.raises(CorruptOutput):
         decompress(str(path), str(tmp_path / "plain"))
-    assert not (tmp_path / "plain").exists() and not (tmp_path / "plain.part").exists()
+    assert not (tmp_path / "plain").exists() and not temp_outputs(tmp_path)
 
 
 def test_decompress_write_failure_raises_output_error(tmp_path, monkeypatch):
@@ -528,7 +529,7 @@ def test_decompress_write_failure_raises_output_error(tmp_path, monkeypatch):
     monkeypatch.setattr("vmcap.output.os.write", failing_write)
     with pytest.raises(OutputError):
         decompress(str(path), str(tmp_path / "plain"))
-    assert not (tmp_path / "plain").exists() and not (tmp_path / "plain.part").exists()
+    assert not (tmp_path / "plain").exists() and not temp_outputs(tmp_path)
 
 
 @pytest.mark.parametrize("size", [0, 1, 128 << 10, (128 << 10) + 1, 500_000])

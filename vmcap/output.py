@@ -1,58 +1,248 @@
-"""Where output bytes go: an atomic file (OUT.part, fsync, rename) or stdout.
+"""Where output bytes go: an atomic file (private temporary, fsync, rename) or stdout.
 
 A dump that is half written under its final name looks like a dump; a
-script that finds it later cannot tell. So the bytes go to ``OUT.part``,
-which is fsynced and renamed over ``OUT`` only when everything succeeded,
-and removed on any failure (disk full, EIO, Ctrl-C).
+script that finds it later cannot tell. So the bytes go to a temporary file
+of our own beside OUT, which is fsynced and given OUT's name only when
+everything succeeded, and removed on any failure (disk full, EIO, Ctrl-C).
+
+vmcap runs as root, often in directories other users can write (/var/crash,
+/tmp). Nothing there may be trusted: OUT must be a regular file or absent
+(never a device node, FIFO, socket, symbolic link or directory); the
+temporary file is created fresh (O_CREAT|O_EXCL|O_NOFOLLOW, mode 0600) under
+a random name and never reused; without --force the final step cannot
+replace a file that appeared at OUT meanwhile. Every step works on one
+descriptor of OUT's directory, so a directory swapped under the path later
+does not redirect the commit.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 import stat
 import sys
+from typing import Sequence
 
 import numpy as np
 
 from .errors import OutputError
 
 SPARSE_BLOCK = 4096
+TEMP_SUFFIX = ".part"
+# Name bytes of OUT kept in the temporary name: ".", 8 random hex digits and
+# the suffix must still fit NAME_MAX (255).
+_TEMP_NAME_KEEP = 200
+_CREATE_ATTEMPTS = 100
+# link() errors that mean "this filesystem has no hard links" (vfat, exfat,
+# many FUSE filesystems): commit falls back to check-then-rename.
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+_KINDS = (
+    (stat.S_ISDIR, "is a directory"),
+    (stat.S_ISLNK, "is a symbolic link"),
+    (stat.S_ISCHR, "is a character device"),
+    (stat.S_ISBLK, "is a block device"),
+    (stat.S_ISFIFO, "is a FIFO"),
+    (stat.S_ISSOCK, "is a socket"),
+)
+
+
+def temp_name_for(name: str) -> str:
+    """A fresh temporary name for OUT's basename: ``.NAME.XXXXXXXX.part``."""
+    kept = os.fsdecode(os.fsencode(name)[:_TEMP_NAME_KEEP])
+    return f".{kept}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def _not_regular(mode: int) -> str | None:
+    """Why a file of this mode cannot be an output, or None for a regular file."""
+    for test, what in _KINDS:
+        if test(mode):
+            return what
+    return None if stat.S_ISREG(mode) else "is not a regular file"
+
+
+def _split(path: str) -> tuple[str, str]:
+    """(directory, name) of an output path; the directory as the user wrote it."""
+    directory, name = os.path.split(path)
+    if name in ("", ".", ".."):
+        raise OutputError(f"{path}: is a directory")
+    return directory or ".", name
+
+
+def _refusal(path: str, mode: int, force: bool) -> OutputError | None:
+    """The error for an existing entry of this mode at OUT, or None if it may be replaced."""
+    what = _not_regular(mode)
+    if what is not None:
+        # A symlink is refused too: writing through it is the attack, and
+        # silently replacing a link the user named would surprise them.
+        return OutputError(f"{path}: {what}; vmcap writes only regular files "
+                           "(or '-' for standard output)")
+    if not force:
+        return OutputError(f"{path}: already exists (use --force to overwrite)")
+    return None
+
+
+def check_output_target(path: str, force: bool) -> None:
+    """Refuse an output path before anything is written: not a regular file,
+    exists without --force, or its directory is missing. "-" (stdout) passes."""
+    if path == "-":
+        return
+    directory, _ = _split(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise OutputError(f"{path}: cannot check: {e.strerror}") from None
+    if st is not None:
+        error = _refusal(path, st.st_mode, force)
+        if error is not None:
+            raise error
+    if not os.path.isdir(directory):
+        raise OutputError(f"{path}: directory {directory} does not exist")
+
+
+def file_identity(path: str, *, existing: bool = False):
+    """What makes two paths the same file, or None if it cannot be known.
+
+    An existing file is its (st_dev, st_ino), so hard links and symlinks to it
+    match; a path not yet there (unless ``existing`` is asked for) is its
+    directory's (st_dev, st_ino) plus its name. "-" is whatever standard
+    output is open on.
+    """
+    try:
+        if path == "-":
+            st = os.fstat(sys.stdout.fileno())
+        else:
+            st = os.stat(path)
+        return ("file", st.st_dev, st.st_ino)
+    except (OSError, ValueError, AttributeError):
+        pass
+    if path == "-" or existing:
+        return None
+    try:
+        directory, name = os.path.split(path)
+        parent = os.stat(directory or ".")
+    except OSError:
+        return None
+    return ("new", parent.st_dev, parent.st_ino, name)
+
+
+def refuse_same_files(inputs: Sequence[tuple[str, str]],
+                      outputs: Sequence[tuple[str, str | None]]) -> None:
+    """OutputError if an output is an input, or two outputs are one file.
+
+    ``inputs`` and ``outputs`` are (role, path) pairs; a None path is skipped,
+    a missing input too (opening it reports that). Called before anything is
+    written: an output that is the source, or two outputs that are one file,
+    would destroy data that was meant to be kept.
+    """
+    seen: list[tuple[object, str, str]] = []
+    for role, path in inputs:
+        identity = file_identity(path, existing=True)
+        if identity is not None:
+            seen.append((identity, role, path))
+    for role, path in outputs:
+        if path is None:
+            continue
+        identity = file_identity(path)
+        if identity is None:
+            continue
+        for other_identity, other_role, other_path in seen:
+            if identity == other_identity:
+                raise OutputError(f"{path}: {role} is the same file as {other_role} "
+                                  f"{other_path}; refusing to overwrite it")
+        seen.append((identity, role, path))
 
 
 class OutputFile:
-    """A byte sink on a file descriptor that turns OSError into one-line OutputErrors."""
+    """A byte sink on a file descriptor that turns OSError into one-line OutputErrors.
+
+    A named output lives in a temporary file (``temp_name``, in OUT's
+    directory) until commit() gives it OUT's name; abort() is the one place
+    that decides what becomes of it on failure (today: removed).
+    """
 
     def __init__(self, path: str, *, force: bool = False, mode: int = 0o600):
         self.path = path
+        self.force = force
         self.to_stdout = path == "-"
         self.position = 0
-        self._closed = False
+        self.temp_name: str | None = None  # set while a temporary file of ours exists
+        self._closed = not self.to_stdout  # no descriptor of ours yet
+        self._dir_fd: int | None = None
+        self._identity: tuple[int, int] | None = None
         if self.to_stdout:
-            self.part_path = None
             self.fd = sys.stdout.buffer.fileno()
             sys.stdout.flush()
             st = os.fstat(self.fd)
             self.seekable = stat.S_ISREG(st.st_mode) and os.lseek(self.fd, 0, os.SEEK_CUR) == 0
             return
-        if os.path.isdir(path):
-            raise OutputError(f"{path}: is a directory")
-        if os.path.lexists(path) and not force:
-            raise OutputError(f"{path}: already exists (use --force to overwrite)")
-        parent = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(parent):
-            raise OutputError(f"{path}: directory {parent} does not exist")
-        self.part_path = path + ".part"
+        directory, self.name = _split(path)
         try:
-            # Kernel memory holds keys and passwords: owner-only by default.
-            self.fd = os.open(self.part_path,
-                              os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+            self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise OutputError(f"{path}: directory {directory} does not exist") from None
         except OSError as e:
-            raise OutputError(f"{self.part_path}: cannot create: {e.strerror}") from None
+            raise OutputError(f"{path}: cannot open directory {directory}: {e.strerror}") from None
+        try:
+            self._check_target()
+            self.fd = self._create_temp(mode)
+            self._closed = False
+        except BaseException:
+            self.abort()
+            raise
         self.seekable = True
 
+    def _lstat_target(self) -> os.stat_result | None:
+        try:
+            return os.stat(self.name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise OutputError(f"{self.path}: cannot check: {e.strerror}") from None
+
+    def _check_target(self) -> None:
+        """OUT must be absent, or (with --force) a regular file."""
+        st = self._lstat_target()
+        if st is not None:
+            error = _refusal(self.path, st.st_mode, self.force)
+            if error is not None:
+                raise error
+
+    def _create_temp(self, mode: int) -> int:
+        """Create a new private temporary file; never opens anything already there."""
+        # O_EXCL: fail rather than open an existing file (a planted one keeps
+        # its owner and mode); with O_CREAT it also refuses any symlink, and
+        # O_NOFOLLOW says so twice. A collision just means another name.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        for _ in range(_CREATE_ATTEMPTS):
+            name = temp_name_for(self.name)
+            try:
+                # Kernel memory holds keys and passwords: owner-only by default.
+                fd = os.open(name, flags, mode, dir_fd=self._dir_fd)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot create {name}: {e.strerror}") from None
+            self.temp_name = name
+            st = os.fstat(fd)
+            self._identity = (st.st_dev, st.st_ino)
+            return fd
+        raise OutputError(f"{self.path}: cannot create a temporary file: "
+                          f"{_CREATE_ATTEMPTS} names taken")
+
+    def _temp_is_ours(self) -> bool:
+        """Is the temporary name still the file we created (not swapped by someone)?"""
+        try:
+            st = os.stat(self.temp_name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
     def _fail(self, what: str, error: OSError) -> OutputError:
-        name = "standard output" if self.to_stdout else self.part_path
+        name = "standard output" if self.to_stdout else self.path
         reason = error.strerror or errno.errorcode.get(error.errno, str(error))
         return OutputError(f"{name}: {what} failed at offset {self.position:#x}: {reason}")
 
@@ -101,7 +291,10 @@ class OutputFile:
             n -= step
 
     def commit(self) -> None:
-        """Make the output durable and give it its final name."""
+        """Make the output durable and give it its final name.
+
+        On an error the temporary file is still there for abort().
+        """
         if self.to_stdout:
             self._closed = True
             return
@@ -110,34 +303,100 @@ class OutputFile:
             if os.fstat(self.fd).st_size < self.position:
                 os.ftruncate(self.fd, self.position)
             os.fsync(self.fd)
-            os.close(self.fd)
-            self._closed = True
-            os.rename(self.part_path, self.path)
         except OSError as e:
             raise self._fail("finishing", e) from None
+        if not self._temp_is_ours():
+            raise OutputError(f"{self.path}: temporary file {self.temp_name} was removed or "
+                              "replaced while writing; nothing saved")
+        self._publish()
+        self._close_fd()
         try:
-            dir_fd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            os.fsync(self._dir_fd)
         except OSError:
-            pass  # the rename is done; a directory fsync is best effort
+            pass  # the new name is in place; a directory fsync is best effort
+        self._close_dir()
 
-    def abort(self) -> None:
-        """Remove the partial output; never raises."""
-        if self.to_stdout:
+    def _publish(self) -> None:
+        """Give the finished temporary file OUT's name."""
+        if not self.force:
+            try:
+                # link() fails with EEXIST whatever appeared at OUT since the
+                # start (file, symlink, device node): nothing of theirs is touched.
+                os.link(self.temp_name, self.name, src_dir_fd=self._dir_fd,
+                        dst_dir_fd=self._dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                raise self._appeared() from None
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise self._fail("finishing", e) from None
+                # No hard links here (vfat, exfat, many FUSE filesystems):
+                # check that OUT is still absent, then rename. A file created
+                # in the microseconds between the two would be replaced, but
+                # these filesystems have no symlinks, device nodes or owners
+                # to plant, so all such a race can do is lose that file, the
+                # same as --force would. (renameat2 RENAME_NOREPLACE would
+                # close the window but has no Python wrapper.)
+                if self._lstat_target() is not None:
+                    raise self._appeared() from None
+                self._rename()
+                return
+            temp, self.temp_name = self.temp_name, None
+            try:
+                os.unlink(temp, dir_fd=self._dir_fd)
+            except OSError:
+                pass  # OUT is complete; a second name of it is all that is left
             return
+        # --force: replace only a regular file. rename() never follows a
+        # symlink at OUT nor writes into a device; should one be planted
+        # between this check and the rename, that directory entry is replaced,
+        # its target left as it was.
+        self._check_target()
+        self._rename()
+
+    def _appeared(self) -> OutputError:
+        return OutputError(f"{self.path}: appeared while writing (use --force to overwrite); "
+                           "left untouched, nothing saved")
+
+    def _rename(self) -> None:
+        try:
+            os.rename(self.temp_name, self.name, src_dir_fd=self._dir_fd,
+                      dst_dir_fd=self._dir_fd)
+        except OSError as e:
+            raise self._fail("finishing", e) from None
+        self.temp_name = None
+
+    def _close_fd(self) -> None:
         if not self._closed:
+            self._closed = True
             try:
                 os.close(self.fd)
             except OSError:
                 pass
-            self._closed = True
-        try:
-            os.unlink(self.part_path)
-        except OSError:
-            pass
+
+    def _close_dir(self) -> None:
+        if self._dir_fd is not None:
+            try:
+                os.close(self._dir_fd)
+            except OSError:
+                pass
+            self._dir_fd = None
+
+    def abort(self) -> None:
+        """The one place a failed output's fate is decided: today it is removed.
+
+        Removes only the temporary file this object created (checked by
+        device and inode), never OUT or anything planted. Never raises.
+        """
+        if self.to_stdout:
+            return
+        self._close_fd()
+        if self.temp_name is not None and self._dir_fd is not None and self._temp_is_ours():
+            try:
+                os.unlink(self.temp_name, dir_fd=self._dir_fd)
+            except OSError:
+                pass
+        self.temp_name = None
+        self._close_dir()
 
 
 class SparseSink:

@@ -17,7 +17,7 @@ from .errors import BadSource, OutputError, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout
 from .mmapio import FileSource, Source
-from .output import OutputFile, SparseSink
+from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
 from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
 
 FORMATS = ("zelf", "elf", "kdump")
@@ -253,6 +253,20 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     return len(records)
 
 
+def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> None:
+    """Refuse bad output paths before anything is written (the log is written first).
+
+    Each output must be a regular file or absent, and no two of SRC, OUT and
+    the log file may be one file: ``save --force X X`` would replace the
+    source with its own dump.
+    """
+    refuse_same_files([("SRC", source_path)],
+                      [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
+    check_output_target(output_path, options.force)
+    if options.dmesg_path:
+        check_output_target(options.dmesg_path, options.force)
+
+
 def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
          progress: Callable[[int, int, str], None] | None = None,
          source: Source | None = None) -> SaveSummary:
@@ -268,6 +282,7 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
         raise OutputError("--format kdump needs a seekable output file, not stdout")
+    check_outputs(source_path, output_path, options)
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:

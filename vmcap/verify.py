@@ -24,7 +24,7 @@ from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
 from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
 from .layout import iter_note_spans, read_layout
 from .mmapio import FileSource
-from .output import OutputFile, SparseSink
+from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
 
 COMPARE_BYTES = 4 << 20
 # How far into a plain ELF output verify looks for its notes.
@@ -309,10 +309,12 @@ def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
     """Write the plain sparse ELF of a seekable-zstd dump; returns its size.
 
     The same sink as `save --format elf`: all-zero blocks become holes,
-    OUT.part is renamed only when every frame decompressed and was written.
+    PLAIN gets its name only when every frame decompressed and was written.
     """
     from .seekable import SeekableReader
 
+    refuse_same_files([("DUMP", dump_path)], [("PLAIN", plain_path)])
+    check_output_target(plain_path, force)
     container = detect_container(dump_path)
     if container != "zstd-seekable":
         raise BadSource(f"{dump_path}: not a vmcap zelf file (container: {container})")
