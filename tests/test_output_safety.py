@@ -18,7 +18,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import env_without_debug, spec, temp_outputs
+from conftest import env_without_debug, error_lines, spec, temp_outputs
 from vmcap.cli import main
 from vmcap.errors import OutputError
 from vmcap.mmapio import FileSource
@@ -443,7 +443,7 @@ def test_out_created_meanwhile_by_another_process(source, tmp_path, make_vmcore)
         process.send_signal(signal.SIGCONT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 5, stderr
-    assert "appeared while writing" in stderr and stderr.count("\n") == 1
+    assert "appeared while writing" in stderr and len(error_lines(stderr)) == 1
     assert out.read_bytes() == b"theirs"
     assert not temp_outputs(tmp_path)
 
