@@ -15,6 +15,7 @@ import numpy as np
 from .copy import PlanCopier
 from .elfwriter import aligned_notes, find_vmcap_note, vmcap_note
 from .errors import BadSource, Unsupported
+from .flattened import FlattenedWriter
 from .fraction import CopyPlan, disjoint_segments, present_page_count
 from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
 from .layout import Layout, parse_notes
@@ -153,7 +154,10 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # fail on them, and unused parts of live kernel structures (the printk
     # descriptor ring) are such pages.
     exclude_zero = bool(options.dump_level & 1) and options.zero_pages == "exclude"
-    writer = KdumpWriter(out.fd, info, max_mapnr=max_mapnr, compress=options.compress,
+    # kdump-flat: every positional write becomes a record of a stream, which
+    # a pipe can take (makedumpfile -F); `makedumpfile -R` rebuilds the file.
+    flat = FlattenedWriter(out) if options.output_format == "kdump-flat" else None
+    writer = KdumpWriter(out.fd if flat is None else flat, info, max_mapnr=max_mapnr, compress=options.compress,
                          level=level, threads=options.threads,
                          exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
@@ -167,9 +171,12 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             writer.replace_notes(notes + vmcap_note(layout.byte_order, **note_args,
                                                     error_ranges=copier.stats.error_ranges))
         stats = writer.close()
+        if flat is not None:
+            flat.close()
     except OSError as e:
         raise out._fail("write", e) from None
-    out.position = stats.file_bytes
+    if flat is None:
+        out.position = stats.file_bytes
     result = dict(counts or {})
     if exclude_zero:
         result["zero"] = stats.zero_pages_excluded
@@ -193,10 +200,11 @@ def describe_kdump(path: str) -> dict:
         notes = parse_notes(reader.notes, header.byte_order) if reader.notes else []
         vmcoreinfo_text = reader.vmcoreinfo.rstrip(b"\0")
         runs = list(reader.iter_present_runs())
+        flattened = reader.flattened
     page = header.page_size
     report = {
         "source": path,
-        "container": "kdump",
+        "container": "kdump-flat" if flattened else "kdump",
         "page_size": page,
         "page_size_origin": "kdump header",
         "elf_class": header.elf_class,
@@ -245,8 +253,9 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
     """Decompress every dumped page; with a source, compare every segment byte."""
     from .verify import compare_with_source
 
-    result: dict = {"dump": path, "container": "kdump"}
+    result: dict = {"dump": path}
     with _reader(path) as reader:
+        result["container"] = "kdump-flat" if reader.flattened else "kdump"
         pages = 0
         for first, count in reader.iter_dumped_runs():
             for pfn in range(first, first + count):

@@ -19,7 +19,8 @@ from .layout import Layout, read_layout
 from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink
 
-FORMATS = ("zelf", "elf", "kdump")
+FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
+KDUMP_FORMATS = ("kdump", "kdump-flat")  # kdump-flat: flattened (makedumpfile -F), for pipes
 # zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
 # come out no bigger than makedumpfile -c's zlib pages (measured, README).
 DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
@@ -27,7 +28,8 @@ DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
 
 def compression_level(options: "SaveOptions") -> int:
     """The level for this run: the option, else the format's default."""
-    if options.output_format == "kdump":
+    if options.output_format in KDUMP_FORMATS:
+        # lzo and snappy have no levels; their compressors ignore it.
         default = DEFAULT_LEVELS.get(options.compress, 3)
         level = default if options.level is None else options.level
         # zlib knows 1..9 only.
@@ -47,7 +49,7 @@ class SaveOptions:
     page_size: int | None = None
     allow_mmap: bool = True
     dump_level: int = 0
-    compress: str = "zstd"  # kdump page compression
+    compress: str = "zstd"  # kdump page compression: zstd, zlib, lzo, snappy or none
     # kdump at dump level 1: "shared" keeps zero pages readable (one stored
     # zero page, as makedumpfile does); "exclude" clears them from bitmap 2.
     zero_pages: str = "shared"
@@ -265,7 +267,7 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         out = OutputFile(output_path, force=options.force)
         try:
             warnings: list[str] = []
-            if options.output_format == "kdump":
+            if options.output_format in KDUMP_FORMATS:
                 from .kdumpsave import write_kdump
 
                 # Page formats store each physical page once, in pfn order.

@@ -26,7 +26,7 @@ def verify(dump_path: str, source_path: str | None = None) -> dict:
     """Check a dump's container; with a source, compare every segment byte."""
     container = detect_container(dump_path)
     result: dict = {"dump": dump_path, "container": container}
-    if container == "kdump":
+    if container in ("kdump", "kdump-flat"):
         from .kdumpsave import verify_kdump
 
         return verify_kdump(dump_path, source_path)
