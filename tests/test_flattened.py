@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import have, spec
-from test_kdump import mixed_pages, x86_64_info
+from test_kdump import x86_64_info
 from vmcap.dumpfile import ElfPhysicalView, detect_container, kernel_log, open_dump
 from vmcap.errors import BadSource, CorruptOutput, OutputError
 from vmcap.flattened import FlattenedFile, FlattenedWriter, reassemble

@@ -33,7 +33,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .codecs import (DEFAULT_LEVEL, DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
+# The descriptor flags are re-exported: tests and tools know them as kdump's.
+from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
                      DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG,
                      PageDataError, PageDecoder, encode_pages, page_compressor)
 from .errors import BadSource, CorruptOutput, OutputError, Unsupported

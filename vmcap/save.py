@@ -247,7 +247,8 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
-        raise OutputError("--format kdump needs a seekable output file, not stdout")
+        raise OutputError("--format kdump needs a seekable output file, not stdout "
+                          "(--format kdump-flat writes makedumpfile's flattened stream to a pipe)")
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
