@@ -375,7 +375,6 @@ def test_utsname_machine_names():
     b"KDUMP",
     os.urandom(8192),
     b"\x7fELF\x02\x01\x01" + bytes(8192),
-    b"makedumpfile\0\0\0\0" + struct.pack(">qq", 1, 1) + bytes(4096),
     b"DISKDUMP" + bytes(8192),
 ])
 def test_not_a_kdump_is_bad_source(tmp_path, content):

@@ -373,10 +373,12 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 
 @main.command()
 @click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=PATH)
-@click.option("--format", "output_format", type=click.Choice(["zelf", "elf", "kdump"]),
+@click.option("--format", "output_format",
+              type=click.Choice(["zelf", "elf", "kdump", "kdump-flat"]),
               default="zelf", show_default=True,
               help="zelf: ELF compressed in the zstd seekable format; elf: plain sparse ELF; "
-                   "kdump: makedumpfile's kdump-compressed format.")
+                   "kdump: makedumpfile's kdump-compressed format; kdump-flat: the same in "
+                   "makedumpfile's flattened stream (-F), which a pipe can take.")
 @click.option("--level", type=click.IntRange(-7, 22), default=None,
               help="Compression level: zstd -7..22 (default 3 for zelf, 5 for kdump), "
                    "zlib 1..9 (default 3).")
@@ -393,8 +395,10 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @click.option("-d", "--dump-level", type=click.IntRange(0, 31), default=0, show_default=True,
               help="makedumpfile dump level, bits added up: 1 zero pages, 2 cache, "
                    "4 cache with private data, 8 user pages, 16 free pages (31: all).")
-@click.option("--compress", type=click.Choice(["zstd", "zlib", "none"]), default="zstd",
-              show_default=True, help="Page compression for --format kdump.")
+@click.option("--compress", type=click.Choice(["zstd", "zlib", "lzo", "snappy", "none"]),
+              default="zstd", show_default=True,
+              help="Page compression for --format kdump and kdump-flat (makedumpfile -z, -c, "
+                   "-l, -p).")
 @click.option("--zero-pages", type=click.Choice(["shared", "exclude"]), default="shared",
               show_default=True,
               help="kdump with -d 1: keep zero pages readable as one shared stored page "
@@ -416,7 +420,8 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
-    (zelf or elf). The output is written to OUT.part, synced, then renamed.
+    (zelf, elf or kdump-flat). The output is written to a new hidden
+    .OUT.XXXXXXXX.part beside OUT, synced, then given OUT's name.
     """
     from .save import SaveOptions, save as run_save
 
@@ -427,9 +432,12 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     else:
         raise click.UsageError("expected [SRC] OUT")
     if output_format == "kdump" and out == "-":
-        raise click.UsageError("--format kdump needs a seekable output file, not stdout")
+        raise click.UsageError("--format kdump needs a seekable output file, not stdout "
+                               "(--format kdump-flat writes a stream)")
     if compress == "zlib" and level is not None and not 1 <= level <= 9:
         raise click.BadParameter(f"{level} is outside 1..9 (zlib)", param_hint="'--level'")
+    if compress in ("lzo", "snappy") and level is not None and output_format.startswith("kdump"):
+        raise click.BadParameter(f"{compress} has no compression levels", param_hint="'--level'")
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,

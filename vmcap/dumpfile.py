@@ -7,7 +7,9 @@ A dump comes in one of three containers:
 * ``zstd-seekable``: vmcap's default output, an ELF core compressed in the
   zstd seekable format, read through its seek table without decompressing
   the whole file;
-* ``kdump``: makedumpfile's kdump-compressed format.
+* ``kdump``: makedumpfile's kdump-compressed format;
+* ``kdump-flat``: the same in makedumpfile's flattened format (``-F``), read
+  in place through its record index (vmcap.flattened).
 
 For the first two the ELF bytes are offered through the same ``Source``
 interface as the capture source, so layout parsing and inspection work the
@@ -60,10 +62,13 @@ class ZstdSource:
 
 
 def detect_container(path: str) -> str:
-    """'elf', 'zstd-seekable', 'zstd' (no seek table), 'kdump' or 'unknown'."""
+    """'elf', 'zstd-seekable', 'zstd' (no seek table), 'kdump', 'kdump-flat' or 'unknown'."""
+    from .flattened import DETECT_BYTES, is_flattened
+
     try:
         with open(path, "rb", buffering=0) as f:
-            magic = f.read(8)
+            head = f.read(DETECT_BYTES)
+            magic = head[:8]
     except IsADirectoryError:
         raise BadSource(f"{path}: is a directory, not a vmcore") from None
     except OSError as e:
@@ -72,6 +77,8 @@ def detect_container(path: str) -> str:
         return "elf"
     if magic == KDUMP_SIGNATURE:
         return "kdump"
+    if is_flattened(head):
+        return "kdump-flat"
     if magic.startswith(ZSTD_MAGIC):
         from .seekable import is_seekable_zstd
 
@@ -181,7 +188,7 @@ def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
     from .vmcoreinfo import parse_vmcoreinfo
 
     container = detect_container(path) if os.path.isfile(path) else "elf"
-    if container == "kdump":
+    if container in ("kdump", "kdump-flat"):
         from .kdump import KdumpReader
 
         try:

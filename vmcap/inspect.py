@@ -31,7 +31,7 @@ def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False
 
 def _describe(path: str, page_size: int | None) -> dict:
     container = detect_container(path) if os.path.isfile(path) else "elf"
-    if container == "kdump":
+    if container in ("kdump", "kdump-flat"):
         from .kdumpsave import describe_kdump
 
         return describe_kdump(path)

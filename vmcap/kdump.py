@@ -24,20 +24,22 @@ headers are written last, so a capture cut short leaves a file without the
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import os
 import re
 import struct
-import zlib
 from dataclasses import dataclass, replace
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
-import zstandard
 
 from .digest import PLACEHOLDER, StreamDigest, file_digest, hex_value
+# The descriptor flags are re-exported: tests and tools know them as kdump's.
+from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
+                     DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG,
+                     PageDataError, PageDecoder, encode_pages, page_compressor)
 from .errors import BadSource, CorruptOutput, OutputError, Unsupported
+from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES, FlattenedFile, is_flattened
 from . import vmcoreinfo as vi
 from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
                      EM_S390, EM_X86_64, NoteSpan, build_note, iter_note_spans)
@@ -56,33 +58,21 @@ __all__ = [
 
 KDUMP_SIGNATURE = b"KDUMP   "
 LEGACY_DISKDUMP_SIGNATURE = b"DISKDUMP"
-FLATTENED_SIGNATURE = b"makedumpfile\0\0\0\0"
 HEADER_VERSION = 6
 DESCRIPTOR_BYTES = 24
 
-# Per-page descriptor flags (diskdump_mod.h); the header's `status` carries the
-# bit of the method used for the whole file.
-DUMP_DH_COMPRESSED_ZLIB = 0x1
-DUMP_DH_COMPRESSED_LZO = 0x2
-DUMP_DH_COMPRESSED_SNAPPY = 0x4
+# Header status bits beside the page compression flags (codecs.py).
 DUMP_DH_COMPRESSED_INCOMPLETE = 0x8  # header status only
 DUMP_DH_EXCLUDED_VMEMMAP = 0x10  # header status only
-DUMP_DH_COMPRESSED_ZSTD = 0x20
 
-COMPRESSION_FLAG = {"none": 0, "zlib": DUMP_DH_COMPRESSED_ZLIB, "zstd": DUMP_DH_COMPRESSED_ZSTD}
+COMPRESSION_FLAG = PAGE_FLAG
 _COMPRESSION_NAMES = (
     (DUMP_DH_COMPRESSED_ZLIB, "zlib"),
     (DUMP_DH_COMPRESSED_LZO, "lzo"),
     (DUMP_DH_COMPRESSED_SNAPPY, "snappy"),
     (DUMP_DH_COMPRESSED_ZSTD, "zstd"),
 )
-_PAGE_COMPRESSION_FLAGS = (
-    DUMP_DH_COMPRESSED_ZLIB | DUMP_DH_COMPRESSED_LZO | DUMP_DH_COMPRESSED_SNAPPY | DUMP_DH_COMPRESSED_ZSTD
-)
-
-# makedumpfile compresses each page at the fastest setting (Z_BEST_SPEED,
-# ZSTD level 1): the capture kernel is short of CPU and time, not of disk.
-DEFAULT_LEVEL = {"zlib": 1, "zstd": 1}
+_PAGE_COMPRESSION_FLAGS = PAGE_COMPRESSION_FLAGS
 
 DUMP_LEVEL_EXCLUDE_ZERO = 1
 
@@ -345,13 +335,18 @@ def plan_layout(block_size: int, max_mapnr: int, sub_header_bytes: int,
                        descriptor_capacity=descriptor_capacity)
 
 
-def _pwrite_all(fd: int, data, offset: int, what: str) -> None:
+def _pwrite_all(fd, data, offset: int, what: str) -> None:
+    """Write data at offset of fd: a file descriptor, or a positional sink with
+    pwrite(data, offset) such as flattened.FlattenedWriter (raising OutputError itself)."""
     if isinstance(data, np.ndarray):
         # memoryview.cast refuses non-native formats such as '<u4' or a
         # structured descriptor dtype; a byte view of the array does not.
         view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
     else:
         view = memoryview(data).cast("B")
+    if not isinstance(fd, int):
+        fd.pwrite(view, offset)
+        return
     done = 0
     while done < len(view):
         try:
@@ -452,58 +447,6 @@ def _worker_count(threads: int) -> int:
         return os.cpu_count() or 1
 
 
-class _ZstdPages:
-    """One zstd frame per page, the batch shared out among threads by python-zstandard."""
-
-    def __init__(self, level: int, workers: int):
-        self._compressor = zstandard.ZstdCompressor(level=level)
-        self._threads = workers if workers > 1 else 0
-
-    def compress(self, pages: np.ndarray, indices: np.ndarray) -> list:
-        page_size = pages.shape[1]
-        segments = np.empty((len(indices), 2), dtype=np.uint64)
-        segments[:, 0] = indices.astype(np.uint64) * page_size
-        segments[:, 1] = page_size
-        batch = zstandard.BufferWithSegments(pages, segments)
-        frames = self._compressor.multi_compress_to_buffer(batch, threads=self._threads)
-        return [frames[i] for i in range(len(frames))]
-
-    def close(self) -> None:
-        pass
-
-
-class _ZlibPages:
-    """One zlib stream per page (crash reads them with uncompress()).
-
-    zlib releases the GIL while deflating, so a thread pool scales.
-    """
-
-    def __init__(self, level: int, workers: int):
-        self._level = level
-        self._workers = workers
-        self._pool = (concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kdump-zlib")
-                      if workers > 1 else None)
-
-    def _compress_rows(self, pages: np.ndarray, indices: Sequence[int]) -> list[bytes]:
-        level = self._level
-        return [zlib.compress(pages[i], level) for i in indices]
-
-    def compress(self, pages: np.ndarray, indices: np.ndarray) -> list:
-        index_list = indices.tolist()
-        if self._pool is None or len(index_list) < 2 * self._workers:
-            return self._compress_rows(pages, index_list)
-        step = -(-len(index_list) // self._workers)
-        parts = [index_list[i:i + step] for i in range(0, len(index_list), step)]
-        out: list[bytes] = []
-        for part in self._pool.map(lambda p: self._compress_rows(pages, p), parts):
-            out.extend(part)
-        return out
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-
-
 class KdumpWriter:
     """Write a kdump-compressed file page by page, in pfn order, with bounded memory.
 
@@ -515,6 +458,10 @@ class KdumpWriter:
     precedes the page data, because descriptors are written as pages arrive
     and the data cannot move afterwards. Left as None it is max_mapnr: always
     enough, and the unused part of the table stays a hole in the file.
+
+    fd is a file descriptor opened for writing, or a positional sink with
+    pwrite(data, offset) and truncate(size) (flattened.FlattenedWriter, which
+    turns every write into a record of a stream).
 
     threads: 0 means one per usable CPU, 1 compresses in the calling thread.
     exclude_zero=True (dump level bit 1) clears all-zero pages from the 2nd
@@ -561,14 +508,7 @@ class KdumpWriter:
         self._present_bitmap = _StreamedBitmap(fd, self._layout.present_bitmap_offset, "1st bitmap")
         self._dumped_bitmap = _StreamedBitmap(fd, self._layout.dumped_bitmap_offset, "2nd bitmap")
 
-        workers = _worker_count(threads)
-        if compress == "zstd":
-            self._pages_compressor: _ZstdPages | _ZlibPages | None = _ZstdPages(
-                DEFAULT_LEVEL["zstd"] if level is None else level, workers)
-        elif compress == "zlib":
-            self._pages_compressor = _ZlibPages(DEFAULT_LEVEL["zlib"] if level is None else level, workers)
-        else:
-            self._pages_compressor = None
+        self._pages_compressor = page_compressor(compress, level, _worker_count(threads))
 
         self._batch_pages = max(1, BATCH_BYTES // page_size)
         self._staged_pages = np.empty((self._batch_pages, page_size), dtype=np.uint8)
@@ -753,21 +693,7 @@ class KdumpWriter:
 
     def _encode(self, pages: np.ndarray, stored: np.ndarray):
         """(data bytes, per-page stored sizes, per-page flags) for the rows in `stored`."""
-        page_size = self._page_size
-        sizes = np.full(len(stored), page_size, dtype=np.int64)
-        flags = np.zeros(len(stored), dtype=np.uint32)
-        if self._pages_compressor is None or not len(stored):
-            return (pages if len(stored) == len(pages) else pages[stored]), sizes, flags
-        frames = self._pages_compressor.compress(pages, stored)
-        frame_sizes = np.fromiter(map(len, frames), dtype=np.int64, count=len(frames))
-        # makedumpfile keeps a page raw when compression does not shrink it;
-        # readers insist a raw page is exactly one block.
-        compressed = frame_sizes < page_size
-        sizes[compressed] = frame_sizes[compressed]
-        flags[compressed] = COMPRESSION_FLAG[self._compress]
-        pieces = [frame if is_small else pages[row]
-                  for frame, row, is_small in zip(frames, stored.tolist(), compressed.tolist())]
-        return b"".join(pieces), sizes, flags
+        return encode_pages(self._pages_compressor, COMPRESSION_FLAG[self._compress], pages, stored)
 
     def _release(self) -> None:
         if self._pages_compressor is not None:
@@ -837,7 +763,10 @@ class KdumpWriter:
             "nr_cpus": info.nr_cpus,
         })
         try:
-            os.ftruncate(self._fd, self._data_end)  # drop whatever an old file had past our data
+            if isinstance(self._fd, int):
+                os.ftruncate(self._fd, self._data_end)  # drop whatever an old file had past our data
+            else:
+                self._fd.truncate(self._data_end)
         except OSError as e:
             raise OutputError(f"setting kdump file size to {self._data_end}: {e.strerror or e}") from e
         header_block = header.ljust(self._page_size, b"\0")
@@ -923,7 +852,16 @@ class KdumpReader:
     """
 
     def __init__(self, path_or_fd):
-        if isinstance(path_or_fd, int):
+        """path_or_fd: a path, a file descriptor, or an object with pread(length, offset),
+        `size` and `name` (a flattened.FlattenedFile); a flattened file given by
+        path or fd is read through a FlattenedFile, in place."""
+        self._flat = None
+        if hasattr(path_or_fd, "pread"):
+            self._fd = -1
+            self._owns_fd = False
+            self._name = path_or_fd.name
+            self._flat = path_or_fd
+        elif isinstance(path_or_fd, int):
             self._fd = path_or_fd
             self._owns_fd = False
             self._name = f"fd {path_or_fd}"
@@ -935,7 +873,11 @@ class KdumpReader:
                 raise BadSource(f"{self._name}: cannot open: {e.strerror or e}") from e
             self._owns_fd = True
         try:
-            self._file_bytes = os.fstat(self._fd).st_size
+            if self._flat is None and is_flattened(os.pread(self._fd, FLATTENED_DETECT_BYTES, 0)):
+                self._flat = FlattenedFile(self._fd, self._name)
+            self._read_at = (self._flat.pread if self._flat is not None
+                             else functools.partial(os.pread, self._fd))
+            self._file_bytes = self._flat.size if self._flat is not None else os.fstat(self._fd).st_size
             self._open()
         except BaseException:
             self.close()
@@ -946,9 +888,6 @@ class KdumpReader:
     def _open(self) -> None:
         first = self._pread(0, 4096, "header", exact=False)  # both header layouts fit
         signature = first[:8]
-        if first[:16] == FLATTENED_SIGNATURE:
-            raise BadSource(f"{self._name}: a flattened makedumpfile stream (-F), not a kdump file; "
-                            f"rebuild it with `makedumpfile -R`")
         if signature == LEGACY_DISKDUMP_SIGNATURE:
             raise BadSource(f"{self._name}: a legacy DISKDUMP file, not kdump-compressed")
         if signature != KDUMP_SIGNATURE:
@@ -1059,7 +998,7 @@ class KdumpReader:
                                 f"{table_end:#x}, past end of file ({self._file_bytes:#x})")
         self._descriptor_dtype = _descriptor_dtype(self._byte_order)
         self._descriptor_cache: dict[int, np.ndarray] = {}
-        self._zstd = zstandard.ZstdDecompressor()
+        self._page_decoder = PageDecoder(self._page_size)
 
     def _clip_bitmap(self, bitmap: np.ndarray) -> np.ndarray:
         """Bits for pfns < max_mapnr only: padding bits beyond it are ignored."""
@@ -1076,7 +1015,7 @@ class KdumpReader:
         done = 0
         while done < length:
             try:
-                chunk = os.pread(self._fd, length - done, offset + done)
+                chunk = self._read_at(length - done, offset + done)
             except OSError as e:
                 raise CorruptOutput(f"{self._name}: reading {what} at offset {offset + done:#x}: "
                                     f"{e.strerror or e}") from e
@@ -1101,6 +1040,7 @@ class KdumpReader:
 
     @property
     def file_bytes(self) -> int:
+        """Size of the kdump file (reassembled, for a flattened one)."""
         return self._file_bytes
 
     @property
@@ -1174,6 +1114,11 @@ class KdumpReader:
                     f"{int(sizes[i])}, flags {int(flags[i]):#x} (page size {bs}, data "
                     f"{data_start:#x}-{self._file_bytes:#x})")
 
+    @property
+    def flattened(self) -> bool:
+        """True when read in place from makedumpfile's flattened format."""
+        return self._flat is not None
+
     def page_counts(self) -> tuple[int, int]:
         """(pages present in memory, pages dumped)."""
         return self._pages_present, self._pages_dumped
@@ -1228,34 +1173,17 @@ class KdumpReader:
         if offset < self._descriptor_offset or size <= 0 or offset + size > self._file_bytes:
             raise CorruptOutput(f"{where}: bad page data range offset {offset:#x} size {size}")
         compression = flags & _PAGE_COMPRESSION_FLAGS
-        if compression == 0:
-            if size != page_size:
-                raise CorruptOutput(f"{where}: raw page of {size} bytes, not {page_size}")
-            return self._pread(offset, size, "page data")
+        if compression == 0 and size != page_size:
+            raise CorruptOutput(f"{where}: raw page of {size} bytes, not {page_size}")
         if size > 2 * page_size:
             raise CorruptOutput(f"{where}: compressed page of {size} bytes")
         stored = self._pread(offset, size, "page data")
         try:
-            if compression == DUMP_DH_COMPRESSED_ZSTD:
-                # A frame may declare any content size; refuse a wrong one
-                # before python-zstandard allocates it.
-                content_size = zstandard.frame_content_size(stored)
-                if content_size not in (-1, page_size):
-                    raise CorruptOutput(f"{where}: zstd frame holds {content_size} bytes, not {page_size}")
-                page = self._zstd.decompress(stored, max_output_size=page_size)
-            elif compression == DUMP_DH_COMPRESSED_ZLIB:
-                inflater = zlib.decompressobj()
-                page = inflater.decompress(stored, page_size + 1)
-            elif compression in (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY):
-                raise Unsupported(f"{where}: {_compression_name(compression)} pages are not supported")
-            else:
-                raise CorruptOutput(f"{where}: unknown page flags {flags:#x}")
-        except (zstandard.ZstdError, zlib.error) as e:
-            raise CorruptOutput(f"{where}: {_compression_name(compression)} data does not "
-                                f"decompress: {e}") from e
-        if len(page) != page_size:
-            raise CorruptOutput(f"{where}: page decompresses to {len(page)} bytes, not {page_size}")
-        return page
+            return self._page_decoder.decode(compression, stored)
+        except PageDataError as e:
+            raise CorruptOutput(f"{where}: {e}") from e
+        except Unsupported as e:
+            raise Unsupported(f"{where}: {e}") from e
 
     def pread_physical(self, paddr: int, length: int) -> bytes:
         """length bytes of physical memory at paddr; pages not dumped read as zeros."""

@@ -13,9 +13,10 @@ from __future__ import annotations
 import numpy as np
 
 from .copy import PlanCopier
-from .digest import PLACEHOLDER, note_lines
+from .digest import PLACEHOLDER, UNKNOWN, note_lines
 from .elfwriter import aligned_notes, find_vmcap_note, vmcap_note
 from .errors import BadSource, CorruptOutput, Unsupported
+from .flattened import FlattenedWriter
 from .fraction import CopyPlan, disjoint_segments, present_page_count
 from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
 from .layout import Layout, parse_notes
@@ -161,7 +162,10 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # fail on them, and unused parts of live kernel structures (the printk
     # descriptor ring) are such pages.
     exclude_zero = bool(options.dump_level & 1) and options.zero_pages == "exclude"
-    writer = KdumpWriter(out.fd, info, max_mapnr=max_mapnr, compress=options.compress,
+    # kdump-flat: every positional write becomes a record of a stream, which
+    # a pipe can take (makedumpfile -F); `makedumpfile -R` rebuilds the file.
+    flat = FlattenedWriter(out) if options.output_format == "kdump-flat" else None
+    writer = KdumpWriter(out.fd if flat is None else flat, info, max_mapnr=max_mapnr, compress=options.compress,
                          level=level, threads=options.threads,
                          exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
@@ -172,10 +176,18 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             stream.add(chunk.paddr, chunk.length, chunk.data)
         stream.close()
         errors = copier.stats.error_ranges
-        stats = writer.close(lambda values: all_notes(errors, values))
+        if flat is None:
+            stats = writer.close(lambda values: all_notes(errors, values))
+        else:
+            # A stream cannot be read back for the metadata digest: say so
+            # rather than record digests of a file that never existed here.
+            writer.replace_notes(all_notes(errors, dict.fromkeys(digest_placeholders, UNKNOWN)))
+            stats = writer.close()
+            flat.close()
     except OSError as e:
         raise out._fail("write", e) from None
-    out.position = stats.file_bytes
+    if flat is None:
+        out.position = stats.file_bytes
     result = dict(counts or {})
     if exclude_zero:
         result["zero"] = stats.zero_pages_excluded
@@ -199,10 +211,11 @@ def describe_kdump(path: str) -> dict:
         notes = parse_notes(reader.notes, header.byte_order) if reader.notes else []
         vmcoreinfo_text = reader.vmcoreinfo.rstrip(b"\0")
         runs = list(reader.iter_present_runs())
+        flattened = reader.flattened
     page = header.page_size
     report = {
         "source": path,
-        "container": "kdump",
+        "container": "kdump-flat" if flattened else "kdump",
         "page_size": page,
         "page_size_origin": "kdump header",
         "elf_class": header.elf_class,
@@ -252,7 +265,7 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
     from .digest import UNKNOWN
     from .verify import check_kdump_digests, compare_with_source, vmcap_note_in
 
-    result: dict = {"dump": path, "container": "kdump"}
+    result: dict = {"dump": path}
     try:
         reader = KdumpReader(path)
     except BadSource as error:
@@ -260,6 +273,7 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
     except OSError as e:
         raise CorruptOutput(f"{path}: cannot read: {e.strerror}") from None
     with reader:
+        result["container"] = "kdump-flat" if reader.flattened else "kdump"
         note, span = vmcap_note_in(reader.notes, reader.header.byte_order, path)
         data_offset = (note or {}).get("DATA_OFFSET")
         reader.check_structure(int(data_offset, 16) if data_offset and data_offset != UNKNOWN

@@ -20,7 +20,8 @@ from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
 from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
 
-FORMATS = ("zelf", "elf", "kdump")
+FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
+KDUMP_FORMATS = ("kdump", "kdump-flat")  # kdump-flat: flattened (makedumpfile -F), for pipes
 # Progress phases, named as makedumpfile names them on the console.
 PHASE_SCAN = "Excluding zero pages"
 PHASE_COPY = "Copying data"
@@ -31,7 +32,8 @@ DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
 
 def compression_level(options: "SaveOptions") -> int:
     """The level for this run: the option, else the format's default."""
-    if options.output_format == "kdump":
+    if options.output_format in KDUMP_FORMATS:
+        # lzo and snappy have no levels; their compressors ignore it.
         default = DEFAULT_LEVELS.get(options.compress, 3)
         level = default if options.level is None else options.level
         # zlib knows 1..9 only.
@@ -51,7 +53,7 @@ class SaveOptions:
     page_size: int | None = None
     allow_mmap: bool = True
     dump_level: int = 0
-    compress: str = "zstd"  # kdump page compression
+    compress: str = "zstd"  # kdump page compression: zstd, zlib, lzo, snappy or none
     # kdump at dump level 1: "shared" keeps zero pages readable (one stored
     # zero page, as makedumpfile does); "exclude" clears them from bitmap 2.
     zero_pages: str = "shared"
@@ -281,7 +283,8 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
-        raise OutputError("--format kdump needs a seekable output file, not stdout")
+        raise OutputError("--format kdump needs a seekable output file, not stdout "
+                          "(--format kdump-flat writes makedumpfile's flattened stream to a pipe)")
     check_outputs(source_path, output_path, options)
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
@@ -302,7 +305,7 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         out = OutputFile(output_path, force=options.force)
         try:
             warnings: list[str] = []
-            if options.output_format == "kdump":
+            if options.output_format in KDUMP_FORMATS:
                 from .kdumpsave import write_kdump
 
                 # Page formats store each physical page once, in pfn order.

@@ -40,7 +40,7 @@ def _first_difference(a: bytes, b: bytes) -> int:
 def verify(dump_path: str, source_path: str | None = None) -> dict:
     """Check a dump's container and digests; with a source, that it holds what it should."""
     container = detect_container(dump_path)
-    if container == "kdump":
+    if container in ("kdump", "kdump-flat"):
         from .kdumpsave import verify_kdump
 
         return verify_kdump(dump_path, source_path)
