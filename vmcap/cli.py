@@ -582,6 +582,42 @@ def demo(directory):
             ])
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def makedumpfile(args):
+    """makedumpfile's command line (-c/-l/-p/-z, -E, -F, -R, -d, --dump-dmesg, ...).
+
+    For kdump scripts that call a collector by that name; also installed as
+    the `vmcap-makedumpfile` command. `vmcap makedumpfile -h` lists what it
+    takes. Options vmcap does not implement exit with code 8.
+    """
+    from . import makedumpfile_cli as mdf
+
+    arguments = list(args)
+    if arguments[:1] == ["--"]:
+        arguments = arguments[1:]
+    try:
+        request = mdf.parse(arguments)
+    except mdf.UsageProblem as problem:
+        click.echo(f"vmcap: error: {_one_line(str(problem))} (see '{mdf.PROG} -h')", err=True)
+        sys.exit(EXIT_USAGE)
+    except mdf.UnsupportedOption as refused:
+        click.echo(f"vmcap: error: {_one_line(str(refused))}", err=True)
+        sys.exit(EXIT_UNSUPPORTED)
+    with _errors_to_exit_codes():
+        try:
+            code = mdf.execute(request, stderr_is_terminal=_is_terminal(sys.stderr))
+        except mdf.UnsupportedOption as refused:
+            raise Unsupported(str(refused)) from None
+        except VmcapError as error:
+            if not request.message_level & mdf.MESSAGE_ERROR:
+                # --message-level without the error bit: the exit code alone says it.
+                sys.exit(EXIT_CODES.get(type(error), EXIT_INTERNAL))
+            raise
+    sys.exit(code)
+
+
 @contextmanager
 def _kept_dir(path: str):
     os.makedirs(path, exist_ok=True)

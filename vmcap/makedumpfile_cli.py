@@ -232,6 +232,89 @@ Exit codes are vmcap's (see `man vmcap`); 0 only when the dump is complete.
 """
 
 
+def _say(request: Request, bit: int, text: str) -> None:
+    """A message of one of makedumpfile's message types, if the level lets it through.
+
+    Everything goes to stderr: with -F, stdout is the dump.
+    """
+    if request.message_level & bit:
+        print(text, file=sys.stderr, flush=True)
+
+
+def save_options(request: Request):
+    """The vmcap save options that mean what the makedumpfile request means."""
+    from .save import SaveOptions
+
+    if request.elf:
+        output_format = "elf"
+    else:
+        output_format = "kdump-flat" if request.action == "flatten" else "kdump"
+    return SaveOptions(output_format=output_format, compress=request.compress,
+                       dump_level=request.dump_levels[0],
+                       threads=request.threads if request.threads is not None else 0,
+                       allow_mmap=request.allow_mmap, force=request.force)
+
+
+def execute(request: Request, *, stderr_is_terminal: bool) -> int:
+    """Carry a parsed request out; vmcap's exceptions propagate to the caller."""
+    if request.action == "help":
+        sys.stdout.write(HELP)
+        return 0
+    if request.action == "version":
+        sys.stdout.write(f"{PROG} (vmcap {__version__}): makedumpfile's command line\n")
+        return 0
+    if request.action == "check":
+        return 0
+    if request.action == "reassemble":
+        from .flattened import reassemble
+
+        size = reassemble(sys.stdin.buffer, request.output, force=request.force)
+        _say(request, MESSAGE_COMMON, f"The dumpfile is saved to {request.output} "
+                                      f"({size} bytes).")
+        return 0
+    if request.action == "dmesg":
+        count = write_kernel_log(request.source, request.output, force=request.force)
+        _say(request, MESSAGE_COMMON, f"The dmesg log is saved to {request.output} "
+                                      f"({count} records).")
+        return 0
+    if request.elf and request.action == "flatten":
+        raise UnsupportedOption("-E with -F: a flattened ELF stream is not supported; use the "
+                                "kdump-compressed format (-c, -l, -p, -z) with -F")
+    from .progress import progress_reporter
+    from .save import save
+
+    options = save_options(request)
+    mode = "auto" if request.message_level & MESSAGE_PROGRESS else "none"
+    with progress_reporter(mode, sys.stderr, stderr_is_terminal) as progress:
+        summary = save(request.source, request.output, options, progress=progress)
+    for warning in summary.warnings:
+        _say(request, MESSAGE_COMMON, f"warning: {warning}")
+    if request.output != "-":
+        _say(request, MESSAGE_COMMON, f"The dumpfile is saved to {request.output}.")
+    _say(request, MESSAGE_COMMON, f"{PROG} Completed.")
+    return 0
+
+
+def write_kernel_log(source_path: str, log_path: str, *, force: bool = False) -> int:
+    """`--dump-dmesg VMCORE LOGFILE`: the log as makedumpfile writes it; returns the record count."""
+    from .dmesg import format_makedumpfile
+    from .dumpfile import kernel_log, open_dump
+    from .output import OutputFile, check_output_target, refuse_same_files
+
+    refuse_same_files([("VMCORE", source_path)], [("LOGFILE", log_path)])
+    check_output_target(log_path, force)
+    with open_dump(source_path) as dump:
+        records = kernel_log(dump)
+    out = OutputFile(log_path, force=force, mode=0o600)
+    try:
+        out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    return len(records)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console script `vmcap-makedumpfile`: the same process rules as `vmcap`."""
     from .entry import run as run_vmcap
