@@ -37,6 +37,7 @@ import numpy as np
 import zstandard
 
 from .errors import BadSource, CorruptOutput, OutputError, Unsupported
+from .mmapio import open_source_fd
 from . import vmcoreinfo as vi
 from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
                      EM_S390, EM_X86_64, NoteSpan, build_note, iter_note_spans)
@@ -877,7 +878,7 @@ class KdumpReader:
         else:
             self._name = os.fsdecode(path_or_fd)
             try:
-                self._fd = os.open(path_or_fd, os.O_RDONLY)
+                self._fd = open_source_fd(path_or_fd)
             except OSError as e:
                 raise BadSource(f"{self._name}: cannot open: {e.strerror or e}") from e
             self._owns_fd = True

@@ -78,6 +78,13 @@ KERNEL_HALF = 1 << 63  # x86_64 kernel addresses have the top bit set
 X86_64_DEFAULT_MAX_PHYSMEM_BITS = {False: 46, True: 52}  # by 5-level paging
 # Orders beyond this exceed any pfn range; capping keeps 1 << order in int64.
 ORDER_CAP = 40
+# struct page is 64 bytes on most configurations, 80-odd with debugging options.
+MAX_STRUCT_PAGE_BYTES = 1024
+# The walk keeps one bit per pfn and one list entry per mem_section up to the
+# dump's highest pfn: 2**34 pfns (64 TiB of 4 KiB pages) is a 2 GiB bitmap, and
+# 2**20 sections (128 TiB of x86_64 sections) a few seconds of Python.
+MAX_CLASSIFIED_PFNS = 1 << 34
+MAX_MEM_SECTIONS = 1 << 20
 
 
 # --- rules: what VMCOREINFO says about struct page ----------------------------------
@@ -148,6 +155,14 @@ def _type_value(info: vi.VmcoreInfo, name: str) -> int | None:
     return None if value is None else value & 0xFFFF_FFFF
 
 
+def _page_flag(info: vi.VmcoreInfo, name: str, *, required: bool = False) -> int | None:
+    """NUMBER(PG_x): a bit number in the 64-bit page.flags; BadSource if it is not one."""
+    bit = vi.number(info, name, required=required)
+    if bit is not None and not 0 <= bit < 64:
+        raise BadSource(f"VMCOREINFO NUMBER({name})={bit} is not a bit of page.flags (0-63)")
+    return bit
+
+
 def _first_offset(info: vi.VmcoreInfo, *names: str) -> int:
     for name in names:
         value = vi.offset(info, name)
@@ -162,7 +177,7 @@ def compound_layout(info: vi.VmcoreInfo) -> CompoundLayout:
     hugetlb_type = _type_value(info, "PAGE_HUGETLB_MAPCOUNT_VALUE")
     if hugetlb_type is not None:
         return CompoundLayout(flags_offset, 1, hugetlb_head_type=hugetlb_type)
-    pg_hugetlb = vi.number(info, "PG_hugetlb")
+    pg_hugetlb = _page_flag(info, "PG_hugetlb")
     if pg_hugetlb is not None:
         return CompoundLayout(flags_offset, 1, hugetlb_tail_flag_bit=pg_hugetlb)
     hugetlb_dtor = vi.number(info, "HUGETLB_PAGE_DTOR")  # absent without CONFIG_HUGETLB_PAGE
@@ -210,7 +225,7 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
     wants_free = bool(dump_level & DL_FREE)
 
     slab_type = _type_value(info, "PAGE_SLAB_MAPCOUNT_VALUE")  # 6.10+
-    slab_bit = vi.number(info, "PG_slab")                       # before 6.10
+    slab_bit = _page_flag(info, "PG_slab")                      # before 6.10
     if (wants_cache or wants_user or wants_free) and slab_type is None and slab_bit is None:
         raise Unsupported("VMCOREINFO lacks NUMBER(PG_slab) and NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)")
     buddy_type = _type_value(info, "PAGE_BUDDY_MAPCOUNT_VALUE")
@@ -228,6 +243,12 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
         except Unsupported:
             compound = None
     head_mask = vi.number(info, "PG_head_mask", required=needs_mapping)
+    if head_mask is not None:
+        head_mask &= (1 << 64) - 1  # printed with %ld
+    free_area_orders = vi.length(info, "zone.free_area")
+    if free_area_orders is not None and not 1 <= free_area_orders <= ORDER_CAP:
+        raise BadSource(f"VMCOREINFO LENGTH(zone.free_area)={free_area_orders} is not a number "
+                        f"of page orders (1-{ORDER_CAP})")
     return PageRules(
         dump_level=dump_level,
         struct_page_size=vi.size(info, "page", required=True),
@@ -237,17 +258,17 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
         private_offset=vi.offset(info, "page.private", required=wants_free) or 0,
         compound_head_offset=_first_offset(info, "page.compound_head", "page.compound_info"),
         head_mask=head_mask or 0,
-        lru_bit=vi.number(info, "PG_lru", required=wants_cache),
-        private_bit=vi.number(info, "PG_private", required=wants_cache),
-        swapcache_bit=vi.number(info, "PG_swapcache", required=wants_cache),
-        swapbacked_bit=vi.number(info, "PG_swapbacked"),  # before 4.10 swap cache had no PG_swapbacked
-        hwpoison_bit=vi.number(info, "PG_hwpoison"),      # only with CONFIG_MEMORY_FAILURE
+        lru_bit=_page_flag(info, "PG_lru", required=wants_cache),
+        private_bit=_page_flag(info, "PG_private", required=wants_cache),
+        swapcache_bit=_page_flag(info, "PG_swapcache", required=wants_cache),
+        swapbacked_bit=_page_flag(info, "PG_swapbacked"),  # before 4.10 swap cache had no PG_swapbacked
+        hwpoison_bit=_page_flag(info, "PG_hwpoison"),      # only with CONFIG_MEMORY_FAILURE
         slab_bit=slab_bit if slab_type is None else None,
         slab_type=slab_type,
         buddy_type=buddy_type,
         offline_type=_type_value(info, "PAGE_OFFLINE_MAPCOUNT_VALUE"),
         unaccepted_type=_type_value(info, "PAGE_UNACCEPTED_MAPCOUNT_VALUE"),
-        free_area_orders=vi.length(info, "zone.free_area"),
+        free_area_orders=free_area_orders,
         compound=compound if head_mask else None,
     )
 
@@ -255,7 +276,7 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
 def walks_mem_map(info: vi.VmcoreInfo, dump_level: int) -> bool:
     """Whether makedumpfile walks struct pages at this level: any of 2/4/8/16, or PG_hwpoison known."""
     return bool(dump_level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE)) \
-        or vi.number(info, "PG_hwpoison") is not None
+        or _page_flag(info, "PG_hwpoison") is not None
 
 
 # --- decoding struct pages ----------------------------------------------------------------
@@ -458,7 +479,23 @@ def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
     max_physmem_bits = vi.number(info, "MAX_PHYSMEM_BITS")
     if max_physmem_bits is None:  # before 5.x; x86_64's defaults
         max_physmem_bits = X86_64_DEFAULT_MAX_PHYSMEM_BITS[bool(vi.number(info, "pgtable_l5_enabled"))]
+    elif not page_shift < max_physmem_bits <= 64:
+        raise BadSource(f"VMCOREINFO NUMBER(MAX_PHYSMEM_BITS)={max_physmem_bits} is not a physical "
+                        f"address size (PAGESIZE={page_size}: {page_shift + 1} to 64 bits)")
+    if not page_shift <= section_size_bits <= max_physmem_bits:
+        raise BadSource(f"VMCOREINFO NUMBER(SECTION_SIZE_BITS)={section_size_bits} is not a section size "
+                        f"(PAGESIZE={page_size}, MAX_PHYSMEM_BITS={max_physmem_bits}: "
+                        f"{page_shift} to {max_physmem_bits} bits)")
     mem_section_size = vi.size(info, "mem_section", required=True)
+    section_mem_map_offset = vi.offset(info, "mem_section.section_mem_map", required=True)
+    if not section_mem_map_offset + POINTER_BYTES <= mem_section_size <= page_size:
+        raise BadSource(f"VMCOREINFO SIZE(mem_section)={mem_section_size} does not hold "
+                        f"OFFSET(mem_section.section_mem_map)={section_mem_map_offset} "
+                        f"or exceeds PAGESIZE={page_size}")
+    struct_page_size = vi.size(info, "page", required=True)
+    if not POINTER_BYTES <= struct_page_size <= MAX_STRUCT_PAGE_BYTES:
+        raise BadSource(f"VMCOREINFO SIZE(page)={struct_page_size} is not the size of a struct page "
+                        f"({POINTER_BYTES} to {MAX_STRUCT_PAGE_BYTES} bytes)")
     nr_mem_sections = 1 << (max_physmem_bits - section_size_bits)
     per_root_extreme = page_size // mem_section_size
     roots = vi.length(info, "mem_section")
@@ -467,11 +504,11 @@ def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
         root_vaddr=vi.symbol(info, "mem_section", required=True),
         extreme=extreme,
         mem_section_size=mem_section_size,
-        section_mem_map_offset=vi.offset(info, "mem_section.section_mem_map", required=True),
+        section_mem_map_offset=section_mem_map_offset,
         pages_per_section=1 << (section_size_bits - page_shift),
         sections_per_root=per_root_extreme if extreme else 1,
         nr_mem_sections=nr_mem_sections,
-        struct_page_size=vi.size(info, "page", required=True),
+        struct_page_size=struct_page_size,
     )
 
 
@@ -531,6 +568,9 @@ def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int) -
     sections = min(-(-max_pfn // layout.pages_per_section), layout.nr_mem_sections)
     if sections <= 0:
         return ()
+    if sections > MAX_MEM_SECTIONS:
+        raise Unsupported(f"memory up to pfn {max_pfn:#x} spans {sections} mem_sections of "
+                          f"{layout.pages_per_section} pages; vmcap walks at most {MAX_MEM_SECTIONS}")
     mem_maps = _section_mem_maps(read_virtual, layout, layout.root_vaddr, sections)
     if mem_maps is None and layout.extreme:
         try:
@@ -720,6 +760,9 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     makedumpfile's is_in_segs does; None looks at every pfn with a struct page.
     Raises Unsupported naming the missing VMCOREINFO key, or the architecture.
     """
+    if max_pfn > MAX_CLASSIFIED_PFNS:
+        raise Unsupported(f"the dump's memory reaches pfn {max_pfn:#x}; vmcap classifies pages "
+                          f"below pfn {MAX_CLASSIFIED_PFNS:#x} only")
     if not walks_mem_map(vmcoreinfo, dump_level):
         counts = {name: 0 for name in CLASS_NAMES[1:]}
         return ExclusionResult(max_pfn, PfnBitmap(max_pfn), {**counts, "total_pages": 0}, dump_level)
