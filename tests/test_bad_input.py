@@ -591,3 +591,21 @@ def test_vmcoreinfo_getters_bound_what_they_return():
     assert vi.page_size({"PAGESIZE": "65536"}) == 65536
     assert vi.shown("x" * 5000).endswith("… (5000 characters)")
 
+
+
+@settings(max_examples=200, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(1, 50)), max_size=12),
+       st.integers(0, 400), st.integers(1, 100))
+def test_ram_ranges_are_found_by_search_as_by_testing_each(ranges, first_pfn, count):
+    """-d 31 on a core with 100,000 segments must not test every segment for every chunk."""
+    import numpy as np
+
+    from vmcap.pageclass import RamPfnRanges
+
+    pairs = [(start, start + length) for start, length in ranges]
+    expected = np.zeros(count, dtype=bool)
+    for start, end in pairs:
+        lo, hi = max(start, first_pfn) - first_pfn, min(end, first_pfn + count) - first_pfn
+        if lo < hi:
+            expected[lo:hi] = True
+    assert (RamPfnRanges(pairs).visit_mask(first_pfn, count) == expected).all()

@@ -44,6 +44,7 @@ Only x86_64 with SPARSEMEM (the mem_section tree; vmemmap or not) is handled.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -672,15 +673,31 @@ class ExclusionResult:
     dump_level: int
 
 
-def _visit_mask(first_pfn: int, count: int, ram_pfn_ranges: Sequence[tuple[int, int]] | None) -> np.ndarray | None:
-    if ram_pfn_ranges is None:
-        return None
-    visit = np.zeros(count, dtype=bool)
-    for start, end in ram_pfn_ranges:
-        lo, hi = max(start, first_pfn) - first_pfn, min(end, first_pfn + count) - first_pfn
-        if lo < hi:
-            visit[lo:hi] = True
-    return visit
+class RamPfnRanges:
+    """[start, end) pfn ranges of RAM, found per chunk by binary search.
+
+    A fragmented EFI memory map gives 100,000 segments; testing each of them
+    for each chunk of a large machine would take hours.
+    """
+
+    def __init__(self, ranges: Sequence[tuple[int, int]]):
+        ordered = sorted(ranges)
+        self.starts = [start for start, _ in ordered]
+        self.ends = [end for _, end in ordered]
+        # The furthest end so far: ascending even where ranges nest or overlap.
+        self.reach = np.maximum.accumulate(np.array(self.ends, dtype=np.int64)).tolist() \
+            if ordered else []
+
+    def visit_mask(self, first_pfn: int, count: int) -> np.ndarray:
+        visit = np.zeros(count, dtype=bool)
+        end_pfn = first_pfn + count
+        lo = bisect_right(self.reach, first_pfn)
+        hi = bisect_left(self.starts, end_pfn)
+        for start, end in zip(self.starts[lo:hi], self.ends[lo:hi]):
+            lo_index, hi_index = max(start, first_pfn) - first_pfn, min(end, end_pfn) - first_pfn
+            if lo_index < hi_index:
+                visit[lo_index:hi_index] = True
+        return visit
 
 
 def _range_pfns(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -710,6 +727,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     """
     chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
     excluded = PfnBitmap(max_pfn)
+    ram = None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges)
     class_pages = np.zeros(len(CLASS_NAMES), dtype=np.int64)
     looked_at = 0
     walked_to = 0  # the walk resumes here: everything before it is decided
@@ -717,7 +735,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     for run in sorted(runs, key=lambda r: r.start_pfn):
         for first_pfn, end_pfn in _chunks(run.start_pfn, min(run.end_pfn, max_pfn), chunk_pages):
             count = end_pfn - first_pfn
-            visit = _visit_mask(first_pfn, count, ram_pfn_ranges)
+            visit = None if ram is None else ram.visit_mask(first_pfn, count)
             if visit is not None and not visit.any():
                 continue
             vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
