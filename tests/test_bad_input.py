@@ -85,7 +85,7 @@ DAMAGED_KEYS = (
     "OFFSET(printk_ringbuffer.desc_ring)", "OFFSET(printk_ringbuffer.text_data_ring)",
     "SIZE(prb_desc)", "OFFSET(prb_desc.state_var)", "SIZE(printk_info)",
     "OFFSET(printk_info.text_len)", "OFFSET(prb_data_ring.size_bits)", "OFFSET(atomic_long_t.counter)",
-    "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", "OFFSET(page.compound_order)",
+    "NUMBER(PAGE_BUDDY_MAPCOUNT_VALUE)", "OFFSET(page.compound_order)", "OSRELEASE", "CRASHTIME",
 )
 
 
@@ -590,6 +590,18 @@ def test_vmcoreinfo_getters_bound_what_they_return():
             vi.page_size({"PAGESIZE": bad})
     assert vi.page_size({"PAGESIZE": "65536"}) == 65536
     assert vi.shown("x" * 5000).endswith("… (5000 characters)")
+
+
+def test_huge_osrelease_and_crashtime_are_ignored_not_crashed_on(tmp_path):
+    from vmcap.pageclass import kernel_version
+
+    assert kernel_version("9" * 5000 + ".1") is None
+    path = tmp_path / "v"
+    sample.build_vmcore(path, spec(vmcoreinfo={**KERNEL_INFO, "CRASHTIME": "9" * 4000,
+                                               "OSRELEASE": "4" * 5000 + ".1"}, content="zero"))
+    inspect = run_vmcap("inspect", "--json", path)
+    assert inspect.returncode == 0, inspect.stderr
+    assert json.loads(inspect.stdout)["crash_time"] is None
 
 
 

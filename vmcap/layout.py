@@ -132,9 +132,11 @@ class Layout:
     def crash_time(self) -> int | None:
         value = self.vmcoreinfo.get("CRASHTIME")
         try:
-            return int(value) if value is not None else None
+            seconds = int(value) if value is not None else None
         except ValueError:
             return None
+        # The kernel prints a time64_t; anything wider is a damaged note.
+        return seconds if seconds is not None and -(1 << 63) <= seconds < 1 << 63 else None
 
     @property
     def memory_bytes(self) -> int:

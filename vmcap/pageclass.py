@@ -143,7 +143,8 @@ class PageRules:
 
 def kernel_version(osrelease: str | None) -> tuple[int, int, int] | None:
     """(major, minor, patch) from OSRELEASE such as "6.1.0-56-amd64"."""
-    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", osrelease or "")
+    # A damaged note may hold any number of digits; no kernel version has more than a few.
+    found = re.match(r"(\d{1,9})\.(\d{1,9})(?:\.(\d{1,9}))?(?!\d)", osrelease or "")
     if not found:
         return None
     return int(found[1]), int(found[2]), int(found[3] or 0)
@@ -197,7 +198,8 @@ def compound_layout(info: vi.VmcoreInfo) -> CompoundLayout:
         if version is None:
             raise Unsupported("VMCOREINFO lacks OSRELEASE (needed for the width of page.compound_order)")
         if version < (4, 4, 0):
-            raise Unsupported(f"kernel {info.get('OSRELEASE')}: compound pages before 4.4 are not supported")
+            raise Unsupported(f"kernel {vi.shown(info['OSRELEASE'])}: compound pages before 4.4 "
+                              "are not supported")
         width = 1 if version >= (4, 16, 0) else 2
         compound_dtor = vi.offset(info, "page.compound_dtor")
         return CompoundLayout(
