@@ -69,6 +69,9 @@ DESC_COMMITTED = 1
 DESC_FINALIZED = 2
 # printk's LOG_BUF_LEN_MAX is 1 << 31; anything larger is not a ring buffer.
 MAX_RING_BITS = 31
+# All of a log's arrays together; a kernel log is a few MiB (CONFIG_LOG_BUF_SHIFT
+# is at most 25), larger only by log_buf_len= on the command line.
+MAX_LOG_BYTES = 256 << 20
 ID_BYTES = 8  # each data block starts with the unsigned long descriptor id
 
 
@@ -131,6 +134,41 @@ def ringbuffer_layout(info: vi.VmcoreInfo) -> RingbufferLayout:
     )
 
 
+def _check_fields(struct_key: str, struct_size: int, fields: dict[str, tuple[int, int]]) -> None:
+    """BadSource naming the key when a field (offset, width) does not lie inside its struct."""
+    for key, (at, width) in fields.items():
+        if at + width > struct_size:
+            raise BadSource(f"VMCOREINFO {key}={at} (+{width} bytes) lies outside "
+                            f"{struct_key}={struct_size}")
+
+
+def check_ringbuffer_layout(layout: RingbufferLayout) -> None:
+    """Every field the decoder reads lies inside its struct (a damaged note could put it anywhere)."""
+    desc_ring, data_ring = layout.desc_ring, layout.text_data_ring
+    _check_fields("SIZE(printk_ringbuffer)", layout.ringbuffer_size, {
+        "OFFSET(printk_ringbuffer.desc_ring) + OFFSET(prb_desc_ring.count_bits)": (desc_ring + layout.count_bits, 4),
+        "OFFSET(printk_ringbuffer.desc_ring) + OFFSET(prb_desc_ring.descs)": (desc_ring + layout.descs, 8),
+        "OFFSET(printk_ringbuffer.desc_ring) + OFFSET(prb_desc_ring.infos)": (desc_ring + layout.infos, 8),
+        "OFFSET(printk_ringbuffer.desc_ring) + OFFSET(prb_desc_ring.head_id)": (desc_ring + layout.head_id, 8),
+        "OFFSET(printk_ringbuffer.desc_ring) + OFFSET(prb_desc_ring.tail_id)": (desc_ring + layout.tail_id, 8),
+        "OFFSET(printk_ringbuffer.text_data_ring) + OFFSET(prb_data_ring.size_bits)": (data_ring + layout.size_bits, 4),
+        "OFFSET(printk_ringbuffer.text_data_ring) + OFFSET(prb_data_ring.data)": (data_ring + layout.data, 8),
+    })
+    _check_fields("SIZE(prb_desc)", layout.desc_size, {
+        "OFFSET(prb_desc.state_var)": (layout.state_var, 8),
+        "OFFSET(prb_desc.text_blk_lpos) + OFFSET(prb_data_blk_lpos.begin)": (layout.text_begin, 8),
+        "OFFSET(prb_desc.text_blk_lpos) + OFFSET(prb_data_blk_lpos.next)": (layout.text_next, 8),
+    })
+    fields = {
+        "OFFSET(printk_info.seq)": (layout.seq, 8),
+        "OFFSET(printk_info.ts_nsec)": (layout.ts_nsec, 8),
+        "OFFSET(printk_info.text_len) (+ facility, level)": (layout.text_len, 4),
+    }
+    if layout.caller_id is not None:
+        fields["OFFSET(printk_info.caller_id)"] = (layout.caller_id, 4)
+    _check_fields("SIZE(printk_info)", layout.info_size, fields)
+
+
 def records_from_rings(layout: RingbufferLayout, ringbuffer: bytes, descs: bytes, infos: bytes,
                        text_data: bytes) -> list[LogRecord]:
     """Decode the records from tail_id to head_id (inclusive) as makedumpfile does.
@@ -187,6 +225,7 @@ def records_from_rings(layout: RingbufferLayout, ringbuffer: bytes, descs: bytes
 
 
 def _read_lockless(memory: VirtualMemory, layout: RingbufferLayout) -> list[LogRecord]:
+    check_ringbuffer_layout(layout)
     prb = _u64(memory.read_virtual(layout.prb_symbol, 8), 0)
     ringbuffer = memory.read_virtual(prb, layout.ringbuffer_size)
     desc_ring, data_ring = layout.desc_ring, layout.text_data_ring
@@ -197,6 +236,11 @@ def _read_lockless(memory: VirtualMemory, layout: RingbufferLayout) -> list[LogR
             f"printk ring buffer at {prb:#x}: count_bits {count_bits}, size_bits {size_bits} are not plausible"
         )
     count = 1 << count_bits
+    total = count * (layout.desc_size + layout.info_size) + (1 << size_bits)
+    if total > MAX_LOG_BYTES:
+        raise Unsupported(f"printk ring buffer at {prb:#x}: {count} descriptors and "
+                          f"{1 << size_bits} text bytes ({total} bytes); vmcap reads logs up to "
+                          f"{MAX_LOG_BYTES} bytes")
     descs = memory.read_virtual(_u64(ringbuffer, desc_ring + layout.descs), count * layout.desc_size)
     infos = memory.read_virtual(_u64(ringbuffer, desc_ring + layout.infos), count * layout.info_size)
     text_data = memory.read_virtual(_u64(ringbuffer, data_ring + layout.data), 1 << size_bits)
@@ -241,8 +285,22 @@ def log_buf_layout(info: vi.VmcoreInfo) -> LogBufLayout:
     )
 
 
+def check_log_buf_layout(layout: LogBufLayout) -> None:
+    """Every field of the record header lies inside it (a damaged note could put it anywhere)."""
+    fields = {
+        "OFFSET(printk_log.ts_nsec)": (layout.ts_nsec, 8),
+        "OFFSET(printk_log.len)": (layout.len, 2),
+        "OFFSET(printk_log.text_len)": (layout.text_len, 2),
+        "OFFSET(printk_log.dict_len) (+ facility, level)": (layout.facility, 2),
+    }
+    if layout.caller_id is not None:
+        fields["OFFSET(printk_log.caller_id)"] = (layout.caller_id, 4)
+    _check_fields("SIZE(printk_log)", layout.header_size, fields)
+
+
 def records_from_log_buf(layout: LogBufLayout, log_buf: bytes, first_idx: int, next_idx: int) -> list[LogRecord]:
     """Walk log_buf from first_idx to next_idx as makedumpfile's dump_dmesg does."""
+    check_log_buf_layout(layout)
     header = layout.header_size
     # Each step advances by at least one header, so more steps than this is a cycle.
     max_records = len(log_buf) // header
@@ -289,6 +347,8 @@ def _read_log_buf(memory: VirtualMemory, layout: LogBufLayout) -> list[LogRecord
     next_idx = _u32(memory.read_virtual(layout.next_idx_symbol, 4), 0)
     if not 0 < log_buf_len <= 1 << MAX_RING_BITS:
         raise BadSource(f"log_buf_len {log_buf_len:#x} at {layout.log_buf_len_symbol:#x} is not plausible")
+    if log_buf_len > MAX_LOG_BYTES:
+        raise Unsupported(f"log_buf_len {log_buf_len:#x}: vmcap reads logs up to {MAX_LOG_BYTES} bytes")
     return records_from_log_buf(layout, memory.read_virtual(log_buf, log_buf_len), first_idx, next_idx)
 
 

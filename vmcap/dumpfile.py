@@ -26,7 +26,7 @@ from itertools import accumulate
 
 from .errors import BadSource
 from .layout import Layout, Segment
-from .mmapio import FileSource, MmapRefused
+from .mmapio import FileSource, MmapRefused, open_source_fd
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -65,14 +65,14 @@ def detect_container(path: str) -> str:
     """'elf', 'zstd-seekable', 'zstd' (no seek table), 'kdump', 'kdump-flat' or 'unknown'."""
     from .flattened import DETECT_BYTES, is_flattened
 
+    fd = open_source_fd(path)
     try:
-        with open(path, "rb", buffering=0) as f:
-            head = f.read(DETECT_BYTES)
-            magic = head[:8]
-    except IsADirectoryError:
-        raise BadSource(f"{path}: is a directory, not a vmcore") from None
+        head = os.pread(fd, DETECT_BYTES, 0)
+        magic = head[:8]
     except OSError as e:
-        raise BadSource(f"{path}: cannot open: {e.strerror}") from None
+        raise BadSource(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
     if magic.startswith(b"\x7fELF"):
         return "elf"
     if magic == KDUMP_SIGNATURE:
@@ -88,7 +88,7 @@ def detect_container(path: str) -> str:
 
 def open_elf_source(path: str, *, allow_mmap: bool = True):
     """A Source over the ELF bytes of a plain or seekable-zstd dump."""
-    container = detect_container(path) if os.path.exists(path) else "elf"
+    container = detect_container(path)
     if container == "zstd-seekable":
         return ZstdSource(path)
     if container == "zstd":
@@ -187,7 +187,7 @@ def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
     from .layout import read_layout
     from .vmcoreinfo import parse_vmcoreinfo
 
-    container = detect_container(path) if os.path.isfile(path) else "elf"
+    container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .kdump import KdumpReader
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from .dumpfile import detect_container, open_elf_source
 from .elfwriter import find_vmcap_note
 from .fraction import plan_copy
@@ -30,7 +28,7 @@ def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False
 
 
 def _describe(path: str, page_size: int | None) -> dict:
-    container = detect_container(path) if os.path.isfile(path) else "elf"
+    container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .kdumpsave import describe_kdump
 

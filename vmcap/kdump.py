@@ -40,6 +40,7 @@ from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa:
                      PageDataError, PageDecoder, encode_pages, page_compressor)
 from .errors import BadSource, CorruptOutput, OutputError, Unsupported
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES, FlattenedFile, is_flattened
+from .mmapio import open_source_fd
 from . import vmcoreinfo as vi
 from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
                      EM_S390, EM_X86_64, NoteSpan, build_note, iter_note_spans)
@@ -868,7 +869,7 @@ class KdumpReader:
         else:
             self._name = os.fsdecode(path_or_fd)
             try:
-                self._fd = os.open(path_or_fd, os.O_RDONLY)
+                self._fd = open_source_fd(path_or_fd)
             except OSError as e:
                 raise BadSource(f"{self._name}: cannot open: {e.strerror or e}") from e
             self._owns_fd = True

@@ -17,12 +17,11 @@ import io
 import struct
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from .errors import BadSource
 from .mmapio import Source
-from .vmcoreinfo import parse_vmcoreinfo
+from .vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
 
 PT_LOAD = 1
 PT_NOTE = 4
@@ -133,9 +132,11 @@ class Layout:
     def crash_time(self) -> int | None:
         value = self.vmcoreinfo.get("CRASHTIME")
         try:
-            return int(value) if value is not None else None
+            seconds = int(value) if value is not None else None
         except ValueError:
             return None
+        # The kernel prints a time64_t; anything wider is a damaged note.
+        return seconds if seconds is not None and -(1 << 63) <= seconds < 1 << 63 else None
 
     @property
     def memory_bytes(self) -> int:
@@ -245,10 +246,6 @@ def parse_notes(data: bytes, byte_order: str, where: int = 0,
             for span in iter_note_spans(data, byte_order, truncated)]
 
 
-def _valid_page_size(value: int) -> bool:
-    return 512 <= value <= (1 << 24) and value & (value - 1) == 0
-
-
 def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
     """Read the ELF header, program headers and notes of a vmcore."""
     name = source.name
@@ -273,8 +270,9 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
     try:
         elf = ELFFile(ExactReader(source, min(limit, ehdr_size)))
         header = elf.header
-    except (ELFError, struct.error, ValueError) as e:
-        raise BadSource(f"{name}: unreadable ELF header: {e}") from None
+    except Exception as e:  # pyelftools raises its own and construct's errors, unrelated classes
+        raise BadSource(f"{name}: unreadable ELF header: {type(e).__name__}: "
+                        f"{shown(str(e))}") from None
 
     if header["e_type"] != "ET_CORE":
         raise BadSource(f"{name}: not a core file (e_type is {header['e_type']}, "
@@ -355,6 +353,10 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
             note_chunks.append(data)
             notes.extend(parse_notes(data, byte_order, offset, warnings))
 
+    if not segments:
+        warnings.append(f"no PT_LOAD program header among the {phnum} at {phoff:#x}: "
+                        "the core holds no memory")
+
     vmcoreinfo_raw = b""
     for note in notes:
         if note.name == "VMCOREINFO":
@@ -363,7 +365,7 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
     vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_raw)
 
     if page_size is not None:
-        if not _valid_page_size(page_size):
+        if not is_page_size(page_size):
             raise BadSource(f"--page-size {page_size} is not a power of two between 512 "
                             "and 16 MiB")
         origin = "option"
@@ -376,10 +378,10 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
                 value = int(text)
             except ValueError:
                 value = -1
-            if _valid_page_size(value):
+            if is_page_size(value):
                 page_size, origin = value, "vmcoreinfo"
             else:
-                warnings.append(f"VMCOREINFO PAGESIZE={text!r} is not a valid page size; "
+                warnings.append(f"VMCOREINFO PAGESIZE={shown(text)} is not a valid page size; "
                                 f"using {page_size}")
 
     return Layout(
@@ -388,3 +390,10 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
         e_phoff=phoff, page_size=page_size, page_size_origin=origin,
         segments=tuple(segments), notes=tuple(notes), note_bytes=b"".join(note_chunks),
         vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=vmcoreinfo, warnings=tuple(warnings))
+
+
+def require_memory(layout: Layout) -> None:
+    """BadSource unless the core has a PT_LOAD: saving one without memory saves nothing."""
+    if not layout.segments:
+        raise BadSource(f"{layout.source_name}: no PT_LOAD program header (e_phoff "
+                        f"{layout.e_phoff:#x}): the core holds no memory to save")

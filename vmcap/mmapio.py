@@ -52,32 +52,53 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+def open_source_fd(path) -> int:
+    """A read-only fd for a dump or source path, refusing what cannot be one without blocking.
+
+    Opening a FIFO for reading blocks until a writer appears, so the open is
+    non-blocking and the file type is checked before anything reads. Regular
+    files (saved dumps, /proc/vmcore) and block devices are accepted; a
+    directory, FIFO, socket or character device (/dev/null, /dev/zero, a tty)
+    is BadSource. The fd is returned in blocking mode again.
+    """
+    name = os.fsdecode(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except IsADirectoryError:
+        raise BadSource(f"{name}: is a directory, not a vmcore") from None
+    except OSError as e:
+        raise BadSource(f"{name}: cannot open: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise BadSource(f"{name}: is a directory, not a vmcore")
+        if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            raise BadSource(f"{name}: is a pipe or socket; vmcap needs positional reads "
+                            "(save it to a file first)")
+        if stat.S_ISCHR(mode):
+            raise BadSource(f"{name}: is a character device, not a vmcore "
+                            "(vmcap reads regular files, /proc/vmcore and block devices)")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise BadSource(f"{name}: is not a regular file or block device")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class FileSource:
-    """A vmcore on disk, /proc/vmcore, or a block/char device."""
+    """A vmcore on disk, /proc/vmcore, or a block device."""
 
     def __init__(self, path: str, *, allow_mmap: bool = True):
         self.name = str(path)
         self.allow_mmap = allow_mmap
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except IsADirectoryError:
-            raise BadSource(f"{path}: is a directory, not a vmcore") from None
-        except OSError as e:
-            raise BadSource(f"{path}: cannot open: {e.strerror}") from None
+        self._fd = open_source_fd(path)
         st = os.fstat(self._fd)
-        if stat.S_ISDIR(st.st_mode):
-            os.close(self._fd)
-            raise BadSource(f"{path}: is a directory, not a vmcore")
-        if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
-            os.close(self._fd)
-            raise BadSource(f"{path}: is a pipe or socket; vmcap needs positional reads "
-                            "(save it to a file first)")
         if stat.S_ISREG(st.st_mode):
             self.size: int | None = st.st_size
-        elif stat.S_ISBLK(st.st_mode):
+        else:  # a block device (open_source_fd refused everything else)
             self.size = os.lseek(self._fd, 0, os.SEEK_END)
-        else:
-            self.size = None
 
     def pread(self, offset: int, length: int) -> bytes:
         buffer = bytearray(length)

@@ -44,6 +44,7 @@ Only x86_64 with SPARSEMEM (the mem_section tree; vmemmap or not) is handled.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -78,6 +79,13 @@ KERNEL_HALF = 1 << 63  # x86_64 kernel addresses have the top bit set
 X86_64_DEFAULT_MAX_PHYSMEM_BITS = {False: 46, True: 52}  # by 5-level paging
 # Orders beyond this exceed any pfn range; capping keeps 1 << order in int64.
 ORDER_CAP = 40
+# struct page is 64 bytes on most configurations, 80-odd with debugging options.
+MAX_STRUCT_PAGE_BYTES = 1024
+# The walk keeps one bit per pfn and one list entry per mem_section up to the
+# dump's highest pfn: 2**34 pfns (64 TiB of 4 KiB pages) is a 2 GiB bitmap, and
+# 2**20 sections (128 TiB of x86_64 sections) a few seconds of Python.
+MAX_CLASSIFIED_PFNS = 1 << 34
+MAX_MEM_SECTIONS = 1 << 20
 
 
 # --- rules: what VMCOREINFO says about struct page ----------------------------------
@@ -135,7 +143,8 @@ class PageRules:
 
 def kernel_version(osrelease: str | None) -> tuple[int, int, int] | None:
     """(major, minor, patch) from OSRELEASE such as "6.1.0-56-amd64"."""
-    found = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", osrelease or "")
+    # A damaged note may hold any number of digits; no kernel version has more than a few.
+    found = re.match(r"(\d{1,9})\.(\d{1,9})(?:\.(\d{1,9}))?(?!\d)", osrelease or "")
     if not found:
         return None
     return int(found[1]), int(found[2]), int(found[3] or 0)
@@ -146,6 +155,14 @@ def _type_value(info: vi.VmcoreInfo, name: str) -> int | None:
     # page_type is a 32-bit field, so compare the low 32 bits.
     value = vi.number(info, name)
     return None if value is None else value & 0xFFFF_FFFF
+
+
+def _page_flag(info: vi.VmcoreInfo, name: str, *, required: bool = False) -> int | None:
+    """NUMBER(PG_x): a bit number in the 64-bit page.flags; BadSource if it is not one."""
+    bit = vi.number(info, name, required=required)
+    if bit is not None and not 0 <= bit < 64:
+        raise BadSource(f"VMCOREINFO NUMBER({name})={bit} is not a bit of page.flags (0-63)")
+    return bit
 
 
 def _first_offset(info: vi.VmcoreInfo, *names: str) -> int:
@@ -162,7 +179,7 @@ def compound_layout(info: vi.VmcoreInfo) -> CompoundLayout:
     hugetlb_type = _type_value(info, "PAGE_HUGETLB_MAPCOUNT_VALUE")
     if hugetlb_type is not None:
         return CompoundLayout(flags_offset, 1, hugetlb_head_type=hugetlb_type)
-    pg_hugetlb = vi.number(info, "PG_hugetlb")
+    pg_hugetlb = _page_flag(info, "PG_hugetlb")
     if pg_hugetlb is not None:
         return CompoundLayout(flags_offset, 1, hugetlb_tail_flag_bit=pg_hugetlb)
     hugetlb_dtor = vi.number(info, "HUGETLB_PAGE_DTOR")  # absent without CONFIG_HUGETLB_PAGE
@@ -181,7 +198,8 @@ def compound_layout(info: vi.VmcoreInfo) -> CompoundLayout:
         if version is None:
             raise Unsupported("VMCOREINFO lacks OSRELEASE (needed for the width of page.compound_order)")
         if version < (4, 4, 0):
-            raise Unsupported(f"kernel {info.get('OSRELEASE')}: compound pages before 4.4 are not supported")
+            raise Unsupported(f"kernel {vi.shown(info['OSRELEASE'])}: compound pages before 4.4 "
+                              "are not supported")
         width = 1 if version >= (4, 16, 0) else 2
         compound_dtor = vi.offset(info, "page.compound_dtor")
         return CompoundLayout(
@@ -210,7 +228,7 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
     wants_free = bool(dump_level & DL_FREE)
 
     slab_type = _type_value(info, "PAGE_SLAB_MAPCOUNT_VALUE")  # 6.10+
-    slab_bit = vi.number(info, "PG_slab")                       # before 6.10
+    slab_bit = _page_flag(info, "PG_slab")                      # before 6.10
     if (wants_cache or wants_user or wants_free) and slab_type is None and slab_bit is None:
         raise Unsupported("VMCOREINFO lacks NUMBER(PG_slab) and NUMBER(PAGE_SLAB_MAPCOUNT_VALUE)")
     buddy_type = _type_value(info, "PAGE_BUDDY_MAPCOUNT_VALUE")
@@ -228,6 +246,12 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
         except Unsupported:
             compound = None
     head_mask = vi.number(info, "PG_head_mask", required=needs_mapping)
+    if head_mask is not None:
+        head_mask &= (1 << 64) - 1  # printed with %ld
+    free_area_orders = vi.length(info, "zone.free_area")
+    if free_area_orders is not None and not 1 <= free_area_orders <= ORDER_CAP:
+        raise BadSource(f"VMCOREINFO LENGTH(zone.free_area)={free_area_orders} is not a number "
+                        f"of page orders (1-{ORDER_CAP})")
     return PageRules(
         dump_level=dump_level,
         struct_page_size=vi.size(info, "page", required=True),
@@ -237,17 +261,17 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
         private_offset=vi.offset(info, "page.private", required=wants_free) or 0,
         compound_head_offset=_first_offset(info, "page.compound_head", "page.compound_info"),
         head_mask=head_mask or 0,
-        lru_bit=vi.number(info, "PG_lru", required=wants_cache),
-        private_bit=vi.number(info, "PG_private", required=wants_cache),
-        swapcache_bit=vi.number(info, "PG_swapcache", required=wants_cache),
-        swapbacked_bit=vi.number(info, "PG_swapbacked"),  # before 4.10 swap cache had no PG_swapbacked
-        hwpoison_bit=vi.number(info, "PG_hwpoison"),      # only with CONFIG_MEMORY_FAILURE
+        lru_bit=_page_flag(info, "PG_lru", required=wants_cache),
+        private_bit=_page_flag(info, "PG_private", required=wants_cache),
+        swapcache_bit=_page_flag(info, "PG_swapcache", required=wants_cache),
+        swapbacked_bit=_page_flag(info, "PG_swapbacked"),  # before 4.10 swap cache had no PG_swapbacked
+        hwpoison_bit=_page_flag(info, "PG_hwpoison"),      # only with CONFIG_MEMORY_FAILURE
         slab_bit=slab_bit if slab_type is None else None,
         slab_type=slab_type,
         buddy_type=buddy_type,
         offline_type=_type_value(info, "PAGE_OFFLINE_MAPCOUNT_VALUE"),
         unaccepted_type=_type_value(info, "PAGE_UNACCEPTED_MAPCOUNT_VALUE"),
-        free_area_orders=vi.length(info, "zone.free_area"),
+        free_area_orders=free_area_orders,
         compound=compound if head_mask else None,
     )
 
@@ -255,7 +279,7 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
 def walks_mem_map(info: vi.VmcoreInfo, dump_level: int) -> bool:
     """Whether makedumpfile walks struct pages at this level: any of 2/4/8/16, or PG_hwpoison known."""
     return bool(dump_level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE)) \
-        or vi.number(info, "PG_hwpoison") is not None
+        or _page_flag(info, "PG_hwpoison") is not None
 
 
 # --- decoding struct pages ----------------------------------------------------------------
@@ -458,7 +482,23 @@ def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
     max_physmem_bits = vi.number(info, "MAX_PHYSMEM_BITS")
     if max_physmem_bits is None:  # before 5.x; x86_64's defaults
         max_physmem_bits = X86_64_DEFAULT_MAX_PHYSMEM_BITS[bool(vi.number(info, "pgtable_l5_enabled"))]
+    elif not page_shift < max_physmem_bits <= 64:
+        raise BadSource(f"VMCOREINFO NUMBER(MAX_PHYSMEM_BITS)={max_physmem_bits} is not a physical "
+                        f"address size (PAGESIZE={page_size}: {page_shift + 1} to 64 bits)")
+    if not page_shift <= section_size_bits <= max_physmem_bits:
+        raise BadSource(f"VMCOREINFO NUMBER(SECTION_SIZE_BITS)={section_size_bits} is not a section size "
+                        f"(PAGESIZE={page_size}, MAX_PHYSMEM_BITS={max_physmem_bits}: "
+                        f"{page_shift} to {max_physmem_bits} bits)")
     mem_section_size = vi.size(info, "mem_section", required=True)
+    section_mem_map_offset = vi.offset(info, "mem_section.section_mem_map", required=True)
+    if not section_mem_map_offset + POINTER_BYTES <= mem_section_size <= page_size:
+        raise BadSource(f"VMCOREINFO SIZE(mem_section)={mem_section_size} does not hold "
+                        f"OFFSET(mem_section.section_mem_map)={section_mem_map_offset} "
+                        f"or exceeds PAGESIZE={page_size}")
+    struct_page_size = vi.size(info, "page", required=True)
+    if not POINTER_BYTES <= struct_page_size <= MAX_STRUCT_PAGE_BYTES:
+        raise BadSource(f"VMCOREINFO SIZE(page)={struct_page_size} is not the size of a struct page "
+                        f"({POINTER_BYTES} to {MAX_STRUCT_PAGE_BYTES} bytes)")
     nr_mem_sections = 1 << (max_physmem_bits - section_size_bits)
     per_root_extreme = page_size // mem_section_size
     roots = vi.length(info, "mem_section")
@@ -467,11 +507,11 @@ def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
         root_vaddr=vi.symbol(info, "mem_section", required=True),
         extreme=extreme,
         mem_section_size=mem_section_size,
-        section_mem_map_offset=vi.offset(info, "mem_section.section_mem_map", required=True),
+        section_mem_map_offset=section_mem_map_offset,
         pages_per_section=1 << (section_size_bits - page_shift),
         sections_per_root=per_root_extreme if extreme else 1,
         nr_mem_sections=nr_mem_sections,
-        struct_page_size=vi.size(info, "page", required=True),
+        struct_page_size=struct_page_size,
     )
 
 
@@ -531,6 +571,9 @@ def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int) -
     sections = min(-(-max_pfn // layout.pages_per_section), layout.nr_mem_sections)
     if sections <= 0:
         return ()
+    if sections > MAX_MEM_SECTIONS:
+        raise Unsupported(f"memory up to pfn {max_pfn:#x} spans {sections} mem_sections of "
+                          f"{layout.pages_per_section} pages; vmcap walks at most {MAX_MEM_SECTIONS}")
     mem_maps = _section_mem_maps(read_virtual, layout, layout.root_vaddr, sections)
     if mem_maps is None and layout.extreme:
         try:
@@ -632,15 +675,31 @@ class ExclusionResult:
     dump_level: int
 
 
-def _visit_mask(first_pfn: int, count: int, ram_pfn_ranges: Sequence[tuple[int, int]] | None) -> np.ndarray | None:
-    if ram_pfn_ranges is None:
-        return None
-    visit = np.zeros(count, dtype=bool)
-    for start, end in ram_pfn_ranges:
-        lo, hi = max(start, first_pfn) - first_pfn, min(end, first_pfn + count) - first_pfn
-        if lo < hi:
-            visit[lo:hi] = True
-    return visit
+class RamPfnRanges:
+    """[start, end) pfn ranges of RAM, found per chunk by binary search.
+
+    A fragmented EFI memory map gives 100,000 segments; testing each of them
+    for each chunk of a large machine would take hours.
+    """
+
+    def __init__(self, ranges: Sequence[tuple[int, int]]):
+        ordered = sorted(ranges)
+        self.starts = [start for start, _ in ordered]
+        self.ends = [end for _, end in ordered]
+        # The furthest end so far: ascending even where ranges nest or overlap.
+        self.reach = np.maximum.accumulate(np.array(self.ends, dtype=np.int64)).tolist() \
+            if ordered else []
+
+    def visit_mask(self, first_pfn: int, count: int) -> np.ndarray:
+        visit = np.zeros(count, dtype=bool)
+        end_pfn = first_pfn + count
+        lo = bisect_right(self.reach, first_pfn)
+        hi = bisect_left(self.starts, end_pfn)
+        for start, end in zip(self.starts[lo:hi], self.ends[lo:hi]):
+            lo_index, hi_index = max(start, first_pfn) - first_pfn, min(end, end_pfn) - first_pfn
+            if lo_index < hi_index:
+                visit[lo_index:hi_index] = True
+        return visit
 
 
 def _range_pfns(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -670,6 +729,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     """
     chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
     excluded = PfnBitmap(max_pfn)
+    ram = None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges)
     class_pages = np.zeros(len(CLASS_NAMES), dtype=np.int64)
     looked_at = 0
     walked_to = 0  # the walk resumes here: everything before it is decided
@@ -677,7 +737,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     for run in sorted(runs, key=lambda r: r.start_pfn):
         for first_pfn, end_pfn in _chunks(run.start_pfn, min(run.end_pfn, max_pfn), chunk_pages):
             count = end_pfn - first_pfn
-            visit = _visit_mask(first_pfn, count, ram_pfn_ranges)
+            visit = None if ram is None else ram.visit_mask(first_pfn, count)
             if visit is not None and not visit.any():
                 continue
             vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
@@ -720,6 +780,9 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     makedumpfile's is_in_segs does; None looks at every pfn with a struct page.
     Raises Unsupported naming the missing VMCOREINFO key, or the architecture.
     """
+    if max_pfn > MAX_CLASSIFIED_PFNS:
+        raise Unsupported(f"the dump's memory reaches pfn {max_pfn:#x}; vmcap classifies pages "
+                          f"below pfn {MAX_CLASSIFIED_PFNS:#x} only")
     if not walks_mem_map(vmcoreinfo, dump_level):
         counts = {name: 0 for name in CLASS_NAMES[1:]}
         return ExclusionResult(max_pfn, PfnBitmap(max_pfn), {**counts, "total_pages": 0}, dump_level)

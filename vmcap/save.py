@@ -15,7 +15,7 @@ from .exclude import runs_from_mask, scan_excluded_runs, split_segments
 from .elfwriter import ElfStreamWriter, OutputSegment, aligned_notes, plan_elf_image, vmcap_note
 from .errors import BadSource, OutputError, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
-from .layout import Layout, read_layout
+from .layout import Layout, read_layout, require_memory
 from .mmapio import FileSource, Source
 from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
 from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
@@ -290,6 +290,7 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
         layout = read_layout(source, page_size=options.page_size)
+        require_memory(layout)
         capture = Capture(source, layout, options, progress)
         # Kernel page classes come from a few MiB of struct pages, read first.
         capture.classification = classify_source(layout, source, options.dump_level)

@@ -36,6 +36,7 @@ import xxhash
 import zstandard
 
 from vmcap.errors import CorruptOutput, OutputError
+from vmcap.mmapio import open_source_fd
 
 __all__ = [
     "DEFAULT_FRAME_BYTES",
@@ -612,7 +613,7 @@ def _open_for_reading(fd_or_path) -> tuple[int, bool]:
     """(fd, whether we opened it)."""
     if isinstance(fd_or_path, int):
         return fd_or_path, False
-    return os.open(fd_or_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)), True
+    return open_source_fd(fd_or_path), True
 
 
 def _read_seek_table(fd: int) -> tuple[FrameEntry, ...]:

@@ -44,12 +44,37 @@ def parse_vmcoreinfo(text: bytes) -> dict[str, str]:
     return info
 
 
+# Longest value echoed in a message: a damaged note can hold a 5,000-digit "number".
+SHOWN_VALUE_CHARS = 40
+# Struct sizes and field offsets are a few KiB at most; anything near this is
+# a damaged note, and would make readers allocate or index without bound.
+MAX_STRUCT_BYTES = 1 << 20
+# Array lengths (LENGTH(mem_section) is the largest: NR_SECTION_ROOTS).
+MAX_LENGTH = 1 << 32
+# Page sizes vmcap accepts: any power of two in this range (Linux uses 4 KiB-1 MiB).
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 512, 1 << 24
+
+
+def shown(value: str) -> str:
+    """A value for a one-line message: repr, cut to SHOWN_VALUE_CHARS with "…"."""
+    if len(value) > SHOWN_VALUE_CHARS:
+        return repr(value[:SHOWN_VALUE_CHARS]) + f"… ({len(value)} characters)"
+    return repr(value)
+
+
+def is_page_size(value: int) -> bool:
+    return MIN_PAGE_SIZE <= value <= MAX_PAGE_SIZE and value & (value - 1) == 0
+
+
 def _parse_hex(info: VmcoreInfo, key: str) -> int:
     value = info[key]
     try:
-        return int(value, 16)  # int(..., 16) also accepts a leading 0x
+        number = int(value, 16)  # int(..., 16) also accepts a leading 0x
     except ValueError:
-        raise BadSource(f"VMCOREINFO {key}={value!r} is not a hex number") from None
+        raise BadSource(f"VMCOREINFO {key}={shown(value)} is not a hex number") from None
+    if not 0 <= number < 1 << 64:
+        raise BadSource(f"VMCOREINFO {key}={shown(value)} is not a 64-bit address")
+    return number
 
 
 def _parse_decimal(info: VmcoreInfo, key: str, allow_hex: bool = False) -> int:
@@ -57,10 +82,22 @@ def _parse_decimal(info: VmcoreInfo, key: str, allow_hex: bool = False) -> int:
     try:
         digits = value.lstrip("-")
         if allow_hex and digits[:2].lower() == "0x":
-            return int(value, 16)
-        return int(value, 10)
-    except ValueError:
-        raise BadSource(f"VMCOREINFO {key}={value!r} is not a decimal number") from None
+            number = int(value, 16)
+        else:
+            number = int(value, 10)
+    except ValueError:  # also a number too long for int() (sys.get_int_max_str_digits)
+        raise BadSource(f"VMCOREINFO {key}={shown(value)} is not a decimal number") from None
+    if not -(1 << 63) <= number < 1 << 64:  # %ld or %lu
+        raise BadSource(f"VMCOREINFO {key}={shown(value)} does not fit in 64 bits")
+    return number
+
+
+def _bounded(info: VmcoreInfo, key: str, limit: int) -> int:
+    number = _parse_decimal(info, key)
+    if not 0 <= number < limit:
+        raise BadSource(f"VMCOREINFO {key}={shown(info[key])} is not plausible "
+                        f"(expected 0 to {limit - 1})")
+    return number
 
 
 def _missing(key: str, required: bool) -> None:
@@ -86,7 +123,7 @@ def size(info: VmcoreInfo, name: str, *, required: bool = False) -> int | None: 
 def size(info: VmcoreInfo, name: str, *, required: bool = False) -> int | None:
     """SIZE(name): sizeof(struct name) (or of a typedef) in bytes."""
     key = f"SIZE({name})"
-    return _parse_decimal(info, key) if key in info else _missing(key, required)
+    return _bounded(info, key, MAX_STRUCT_BYTES) if key in info else _missing(key, required)
 
 
 @overload
@@ -96,7 +133,7 @@ def offset(info: VmcoreInfo, name: str, *, required: bool = False) -> int | None
 def offset(info: VmcoreInfo, name: str, *, required: bool = False) -> int | None:
     """OFFSET(struct.field): offsetof(struct, field) in bytes; name is "struct.field"."""
     key = f"OFFSET({name})"
-    return _parse_decimal(info, key) if key in info else _missing(key, required)
+    return _bounded(info, key, MAX_STRUCT_BYTES) if key in info else _missing(key, required)
 
 
 @overload
@@ -106,7 +143,7 @@ def length(info: VmcoreInfo, name: str, *, required: bool = False) -> int | None
 def length(info: VmcoreInfo, name: str, *, required: bool = False) -> int | None:
     """LENGTH(name): an array's element count."""
     key = f"LENGTH({name})"
-    return _parse_decimal(info, key) if key in info else _missing(key, required)
+    return _bounded(info, key, MAX_LENGTH) if key in info else _missing(key, required)
 
 
 @overload
@@ -134,6 +171,12 @@ def page_size(info: VmcoreInfo, *, required: Literal[True]) -> int: ...
 @overload
 def page_size(info: VmcoreInfo, *, required: bool = False) -> int | None: ...
 def page_size(info: VmcoreInfo, *, required: bool = False) -> int | None:
-    """PAGESIZE: the crashed kernel's page size in bytes."""
+    """PAGESIZE: the crashed kernel's page size in bytes; BadSource unless a power of two, 512 B-16 MiB."""
     key = "PAGESIZE"
-    return _parse_decimal(info, key) if key in info else _missing(key, required)
+    if key not in info:
+        return _missing(key, required)
+    number = _parse_decimal(info, key)
+    if not is_page_size(number):
+        raise BadSource(f"VMCOREINFO {key}={shown(info[key])} is not a page size "
+                        f"(a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE})")
+    return number
