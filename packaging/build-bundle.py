@@ -200,8 +200,8 @@ class Bundle:
 
 
 # Imported on the way but not used by a capture, and optional where they are imported:
-# hashlib/hmac (via secrets, random) fall back to the builtin _sha512/_md5 when _hashlib
-# is missing, and _hashlib and _ssl pull in OpenSSL (libcrypto, 4.7 MB). The guest
+# hashlib/hmac (via secrets, random) fall back to the builtin hashes when _hashlib is
+# missing, and _hashlib and _ssl pull in OpenSSL (libcrypto, 4.7 MB). The guest
 # captures in tests/test_capture_kernel.py run without them.
 EXCLUDED = ("_hashlib.", "_ssl.")
 
@@ -275,6 +275,12 @@ def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path) -> Bundle
         add_module_file(os.path.join(stdlib, name))
     for py in sorted(Path(stdlib, "encodings").glob("*.py")):
         add_module_file(str(py))
+    # hashlib (imported via secrets and random) builds every algorithm at import and logs an
+    # error for each it cannot: without _hashlib it needs the builtin ones (small).
+    dynload = Path(sysconfig.get_config_var("DESTSHARED") or "")
+    for name in ("_md5", "_sha1", "_sha256", "_sha512", "_sha3", "_blake2"):
+        for so in dynload.glob(f"{name}.*.so"):
+            add_module_file(str(so))
     # vmcap itself: every module (error paths import lazily), sources compiled like the rest.
     for py in sorted(vmcap_dir.glob("*.py")):
         bundle.add_python(str(py), f"{libdir}/site-packages/vmcap/{py.name}", "vmcap")
@@ -292,9 +298,10 @@ exec $B/lib/{loader} --library-path $B/lib $B/bin/{PYVER} -s -c 'import sys; fro
     usr_bin = root / "usr" / "bin"
     usr_bin.mkdir(parents=True, exist_ok=True)
     for name, module in (("vmcap", "vmcap.entry"), ("vmcap-makedumpfile", "vmcap.makedumpfile_cli")):
-        path = usr_bin / name
-        path.write_text(wrapper % (module, name))
-        path.chmod(0o755)
+        # /usr/bin/NAME for an appended cpio; PREFIX/bin/NAME for the dracut module to install
+        for path in (usr_bin / name, bundle.base / "bin" / name):
+            path.write_text(wrapper % (module, name))
+            path.chmod(0o755)
     return bundle
 
 
