@@ -42,7 +42,8 @@ measure collector %(collector)s -l --message-level 7 -d 31 /proc/vmcore /mnt/out
 """
 
 
-def probe(work: Path, kernel, collector: str, bundle: Path, crashkernel_mib: int) -> dict:
+def probe(work: Path, kernel, collector: str, bundle: Path, crashkernel_mib: int,
+          append_extra: str = "") -> dict:
     work.mkdir(parents=True, exist_ok=True)
     measure = (PROJECT / "tests" / "capture" / "measure.sh").read_text()
     if collector == "vmcap":
@@ -52,17 +53,19 @@ def probe(work: Path, kernel, collector: str, bundle: Path, crashkernel_mib: int
         capture = harness.capture_image(work, kernel, None,
                                         JOB % {"measure": measure, "collector": "makedumpfile"},
                                         {"/usr/bin/": Path("/usr/bin/makedumpfile")})
-    main = harness.main_image(work, kernel, capture, harness.CAPTURE_APPEND, ["bench"])
+    main = harness.main_image(work, kernel, capture, f"{harness.CAPTURE_APPEND} {append_extra}".strip(),
+                              ["bench"])
     out = harness.make_ext4(work / "out.img", 1024)
     run = harness.run_qemu(work, kernel, main, crashkernel=f"{crashkernel_mib}M",
                            disks={"out": out}, timeout=600)
     (work / "console.log").write_text(run.console)
-    result = {"collector": collector, "crashkernel_mib": crashkernel_mib,
+    result = {"collector": collector, "crashkernel_mib": crashkernel_mib, "append_extra": append_extra,
               "capture_image_bytes": capture.stat().st_size, "seconds": round(run.seconds, 1)}
     files = harness.ext4_files(out)
     if "job.rc" not in files:
         lines = run.console.splitlines()
         reason = next((line for line in lines if "kexec -p failed" in line or "Out of memory" in line
+                       or "Initramfs unpacking failed" in line
                        or "Kernel panic" in line and "sysrq" not in line), None)
         result.update(ok=False, reason=(reason or "no result: " + (lines[-1] if lines else "no console")))
         return result
@@ -89,16 +92,18 @@ def probe(work: Path, kernel, collector: str, bundle: Path, crashkernel_mib: int
             result["reason"] = "verify: " + verify.stderr.strip()
         dump.unlink()
     else:
-        result["reason"] = text("collector.err")[-300:]
+        unpack = [line for line in run.console.splitlines() if "Initramfs unpacking failed" in line]
+        result["reason"] = (unpack[0] if unpack else "") or text("collector.err")[-300:] \
+            or text("job.log")[-300:]
     result["ok"] = ok
     return result
 
 
 def search(work: Path, kernel, collector: str, bundle: Path, low: int, high: int, step: int,
-           results: list) -> int | None:
+           results: list, append_extra: str = "") -> int | None:
     """Smallest multiple of `step` in [low, high] that succeeds (None if `high` fails)."""
     def attempt(mib: int) -> bool:
-        r = probe(work / f"{collector}-{mib}M", kernel, collector, bundle, mib)
+        r = probe(work / f"{collector}-{mib}M", kernel, collector, bundle, mib, append_extra)
         results.append(r)
         print(json.dumps(r), flush=True)
         return r["ok"]
@@ -125,6 +130,9 @@ def main() -> int:
     ap.add_argument("--step", type=int, default=16, help="MiB")
     ap.add_argument("--json", help="write every probe and the answer here")
     ap.add_argument("--bundle", help="a bundle cpio.gz already built by packaging/build-bundle.py")
+    ap.add_argument("--append-extra", default="",
+                    help="more capture-kernel options, e.g. root=/dev/ram0: with any root= the "
+                         "kernel unpacks the initramfs into ramfs, not a tmpfs capped at half of RAM")
     args = ap.parse_args()
     missing = harness.missing_prerequisites()
     if missing:
@@ -138,7 +146,7 @@ def main() -> int:
     answer = {}
     for collector in args.collectors.split(","):
         answer[collector] = search(work, kernel, collector, bundle, args.low, args.high,
-                                   args.step, results)
+                                   args.step, results, args.append_extra)
         print(f"{collector}: smallest crashkernel= that worked: {answer[collector]}M", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"smallest_mib": answer, "probes": results}, indent=1))
