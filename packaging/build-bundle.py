@@ -287,13 +287,15 @@ def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path) -> Bundle
     # lib-dynload must exist for getpath's exec_prefix landmark.
     (bundle.base / libdir / "lib-dynload").mkdir(parents=True, exist_ok=True)
 
+    # -S and an explicit PYTHONPATH: no site.py, whose site-packages paths differ between
+    # builds (Debian's python looks in dist-packages), and no .pth hooks.
     wrapper = f"""#!/bin/sh
 # vmcap from its bundle ({prefix}): its own loader and libraries, nothing from this system's.
 B={prefix}
 # OpenBLAS (numpy's, unused by vmcap) starts one thread with a buffer per CPU unless told.
-PYTHONHOME=$B PYTHONNOUSERSITE=1 PYTHONDONTWRITEBYTECODE=1 PYTHONPATH= \\
+PYTHONHOME=$B PYTHONPATH=$B/{libdir}/site-packages PYTHONDONTWRITEBYTECODE=1 \\
 OPENBLAS_NUM_THREADS=${{OPENBLAS_NUM_THREADS:-1}} \\
-exec $B/lib/{loader} --library-path $B/lib $B/bin/{PYVER} -s -c 'import sys; from %s import run; sys.argv[0] = "%s"; run()' "$@"
+exec $B/lib/{loader} --library-path $B/lib $B/bin/{PYVER} -S -c 'import sys; from %s import run; sys.argv[0] = "%s"; run()' "$@"
 """
     usr_bin = root / "usr" / "bin"
     usr_bin.mkdir(parents=True, exist_ok=True)
