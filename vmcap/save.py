@@ -152,23 +152,29 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     if options.dump_level:
         # The headers come first, so exclusions must be known before writing.
         mask = classification.excluded if classification is not None else None
+        zero_seen = 0
         if options.dump_level & 1:
-            runs = scan_excluded_runs(lambda scan: capture.copier(scan, PHASE_SCAN), plan,
+            scan = scan_excluded_runs(lambda scan: capture.copier(scan, PHASE_SCAN), plan,
                                       {s.index: s for s in segments},
                                       page, exclude_zero=True, class_excluded=mask)
+            runs, zero_seen = scan.runs, scan.zero_pages
         else:
             runs = runs_from_mask(segments, mask, page)
         run_pages = sum(run.length for run in runs) // page
         excluded_counts.update(class_counts(classification))
+        # makedumpfile -E writes runs shorter than 256 pages as they are:
+        # excludable pages (of a kernel class, or zero) that stay in the output.
+        kept = 0
         if mask is not None:
             in_runs = sum(int(mask[r.paddr // page:(r.paddr + r.length) // page].sum())
                           for r in runs)
-            # makedumpfile -E writes runs shorter than 256 pages as they are.
-            excluded_counts["kept_in_short_runs"] = mask.count() - in_runs
+            kept += mask.count() - in_runs
         else:
             in_runs = 0
         if options.dump_level & 1:
             excluded_counts["zero"] = run_pages - in_runs
+            kept += zero_seen - excluded_counts["zero"]
+        excluded_counts["kept_in_short_runs"] = kept
         segments = tuple(split_segments(segments, runs))
         plan = plan_copy(segments, page)
     copier = capture.copier(plan)
