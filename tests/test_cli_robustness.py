@@ -252,5 +252,5 @@ def test_zelf_and_kdump_count_the_same_zero_pages(make_vmcore, tmp_path):
     kdump = json.loads(vmcap("save", "--json", "-d", "1", "--format", "kdump", src,
                              tmp_path / "b").stdout)
     counts = zelf["pages_excluded"]
-    assert counts["kept_in_short_runs"] > 0 and counts["zero"] > 0
+    assert counts["kept_in_short_runs"] > 0
     assert counts["zero"] + counts["kept_in_short_runs"] == kdump["pages_excluded"]["zero_shared"]
