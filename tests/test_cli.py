@@ -65,7 +65,7 @@ def test_inspect_fractional_lists_exactly_the_fractional_pages(make_vmcore):
 
 def test_inspect_segments_and_vmcoreinfo(make_vmcore):
     path, _ = make_vmcore(spec())
-    result = run("inspect", "--segments", "--vmcoreinfo", path)
+    result = run("inspect", "--segments", "--show-vmcoreinfo", path)
     assert result.exit_code == 0
     assert "0x300400" in result.output
     assert "OSRELEASE=6.1.0-vmcap-sample" in result.output

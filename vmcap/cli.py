@@ -190,6 +190,22 @@ class PathArgument(click.ParamType):
 PATH = PathArgument()
 
 
+def _vmcoreinfo_option(f):
+    return click.option("--vmcoreinfo", "vmcoreinfo_path", type=PATH, default=None,
+                        metavar="FILE",
+                        help="VMCOREINFO from FILE (KEY=VALUE lines, as `makedumpfile -g` or "
+                             "`vmcap inspect --show-vmcoreinfo` write them), for a dump "
+                             "without the note or with a damaged one.")(f)
+
+
+def _read_vmcoreinfo(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    from .vmcoreinfo import read_vmcoreinfo_file
+
+    return read_vmcoreinfo_file(path)
+
+
 def _page_size_option(f):
     return click.option("--page-size", type=PageSize(), default=None, metavar="BYTES",
                         help="Page size of the dumped kernel, a power of two from 1K to 1M "
@@ -268,14 +284,16 @@ def main():
 @click.option("--segments", "show_segments", is_flag=True, help="List the PT_LOAD segments.")
 @click.option("--fractional", "show_fractional", is_flag=True,
               help="List every fractional page and its RAM pieces.")
-@click.option("--vmcoreinfo", "show_vmcoreinfo", is_flag=True, help="Print the VMCOREINFO text.")
+@click.option("--show-vmcoreinfo", "show_vmcoreinfo", is_flag=True,
+              help="Print the VMCOREINFO text.")
+@_vmcoreinfo_option
 @click.option("--mem-usage", "show_mem_usage", is_flag=True,
               help="Count pages per class (cache, user, free, kernel) like makedumpfile "
                    "--mem-usage; reads the kernel's struct pages (x86_64, arm64; needs VMCOREINFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
 @_page_size_option
-def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage, as_json,
-            page_size):
+def inspect(src, show_segments, show_fractional, show_vmcoreinfo, vmcoreinfo_path,
+            show_mem_usage, as_json, page_size):
     """Describe a vmcore: /proc/vmcore, a saved dump, or a vmcap output.
 
     SRC defaults to /proc/vmcore.
@@ -283,7 +301,8 @@ def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage
     from .inspect import describe
 
     with _errors_to_exit_codes():
-        report = describe(src, page_size=page_size, mem_usage=show_mem_usage)
+        report = describe(src, page_size=page_size, mem_usage=show_mem_usage,
+                          vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path))
         if as_json:
             click.echo(json.dumps(report, indent=2))
             return
@@ -414,9 +433,10 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
               help="Progress on stderr: a bar on a terminal, plain lines elsewhere (at most "
                    "one per 3 s and per 5%), or none.")
 @_page_size_option
+@_vmcoreinfo_option
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
          dump_level, compress, zero_pages, dmesg_path, force, as_json, quiet, progress_mode,
-         page_size):
+         page_size, vmcoreinfo_path):
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
@@ -442,7 +462,7 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
                           dump_level=dump_level, compress=compress, zero_pages=zero_pages,
-                          dmesg_path=dmesg_path)
+                          dmesg_path=dmesg_path, vmcoreinfo_path=vmcoreinfo_path)
     from .progress import progress_reporter
 
     with _errors_to_exit_codes():
@@ -490,12 +510,13 @@ def _render_save(s, err: bool) -> None:
               help="Also compare every segment byte with this source vmcore.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def verify(dump, source_path, as_json, quiet):
+@_vmcoreinfo_option
+def verify(dump, source_path, as_json, quiet, vmcoreinfo_path):
     """Check a vmcap output: seek table and every frame; with --source, every byte."""
     from .verify import verify as run_verify
 
     with _errors_to_exit_codes():
-        result = run_verify(dump, source_path)
+        result = run_verify(dump, source_path, vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path))
         if as_json:
             click.echo(json.dumps(result, indent=2))
         elif not quiet:
@@ -521,7 +542,8 @@ def decompress(dump, plain, force):
 @click.option("--caller-id", is_flag=True,
               help="Add the [T<pid>]/[C<cpu>] caller column, as makedumpfile 1.7.5+ prints it.")
 @_page_size_option
-def dmesg(src, as_json, caller_id, page_size):
+@_vmcoreinfo_option
+def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
     """Print the crashed kernel's log (like makedumpfile --dump-dmesg).
 
     Works on /proc/vmcore, saved ELF dumps, zelf and kdump files; needs
@@ -531,7 +553,8 @@ def dmesg(src, as_json, caller_id, page_size):
     from .dumpfile import kernel_log, open_dump
 
     with _errors_to_exit_codes():
-        with open_dump(src, page_size=page_size) as dump:
+        with open_dump(src, page_size=page_size,
+                       vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path)) as dump:
             records = kernel_log(dump)
         if as_json:
             click.echo(json.dumps([_record_json(r) for r in records], indent=2))

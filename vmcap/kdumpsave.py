@@ -260,7 +260,7 @@ class KdumpPhysicalView:
         return [(first * page, count * page) for first, count in self.reader.iter_dumped_runs()]
 
 
-def verify_kdump(path: str, source_path: str | None) -> dict:
+def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None = None) -> dict:
     """Check structure and digests, decompress every dumped page; with a source, compare."""
     from .digest import UNKNOWN
     from .verify import check_kdump_digests, compare_with_source, vmcap_note_in
@@ -288,6 +288,7 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
         if source_path is not None:
             result["dump_level"] = reader.header.dump_level
             result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
-                                              dump_level=reader.header.dump_level))
+                                              dump_level=reader.header.dump_level,
+                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo))
     result["status"] = "ok"
     return result

@@ -252,7 +252,8 @@ def save_options(request: Request):
     return SaveOptions(output_format=output_format, compress=request.compress,
                        dump_level=request.dump_levels[0],
                        threads=request.threads if request.threads is not None else 0,
-                       allow_mmap=request.allow_mmap, force=request.force)
+                       allow_mmap=request.allow_mmap, force=request.force,
+                       vmcoreinfo_path=request.vmcoreinfo_path)
 
 
 def execute(request: Request, *, stderr_is_terminal: bool) -> int:
@@ -273,7 +274,8 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
                                       f"({size} bytes).")
         return 0
     if request.action == "dmesg":
-        count = write_kernel_log(request.source, request.output, force=request.force)
+        count = write_kernel_log(request.source, request.output, force=request.force,
+                                 vmcoreinfo_path=request.vmcoreinfo_path)
         _say(request, MESSAGE_COMMON, f"The dmesg log is saved to {request.output} "
                                       f"({count} records).")
         return 0
@@ -295,15 +297,22 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
     return 0
 
 
-def write_kernel_log(source_path: str, log_path: str, *, force: bool = False) -> int:
+def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
+                     vmcoreinfo_path: str | None = None) -> int:
     """`--dump-dmesg VMCORE LOGFILE`: the log as makedumpfile writes it; returns the record count."""
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump
     from .output import OutputFile, check_output_target, refuse_same_files
 
-    refuse_same_files([("VMCORE", source_path)], [("LOGFILE", log_path)])
+    from .vmcoreinfo import read_vmcoreinfo_file
+
+    inputs = [("VMCORE", source_path)]
+    if vmcoreinfo_path:
+        inputs.append(("-i VMCOREINFO", vmcoreinfo_path))
+    refuse_same_files(inputs, [("LOGFILE", log_path)])
     check_output_target(log_path, force)
-    with open_dump(source_path) as dump:
+    vmcoreinfo = read_vmcoreinfo_file(vmcoreinfo_path) if vmcoreinfo_path else None
+    with open_dump(source_path, vmcoreinfo=vmcoreinfo) as dump:
         records = kernel_log(dump)
     out = OutputFile(log_path, force=force, mode=0o600)
     try:

@@ -58,6 +58,7 @@ class SaveOptions:
     # zero page, as makedumpfile does); "exclude" clears them from bitmap 2.
     zero_pages: str = "shared"
     dmesg_path: str | None = None  # also write the kernel log here
+    vmcoreinfo_path: str | None = None  # VMCOREINFO file for a dump without (or with a bad) note
 
 
 @dataclass(frozen=True)
@@ -268,8 +269,10 @@ def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> N
     the log file may be one file: ``save --force X X`` would replace the
     source with its own dump.
     """
-    refuse_same_files([("SRC", source_path)],
-                      [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
+    inputs = [("SRC", source_path)]
+    if options.vmcoreinfo_path:
+        inputs.append(("--vmcoreinfo FILE", options.vmcoreinfo_path))
+    refuse_same_files(inputs, [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
     check_output_target(output_path, options.force)
     if options.dmesg_path:
         check_output_target(options.dmesg_path, options.force)
@@ -295,7 +298,12 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
-        layout = read_layout(source, page_size=options.page_size)
+        vmcoreinfo = None
+        if options.vmcoreinfo_path:
+            from .vmcoreinfo import read_vmcoreinfo_file
+
+            vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
+        layout = read_layout(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
         require_memory(layout)
         capture = Capture(source, layout, options, progress)
         # Kernel page classes come from a few MiB of struct pages, read first.

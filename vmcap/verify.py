@@ -37,13 +37,18 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return int(diff[0])
 
 
-def verify(dump_path: str, source_path: str | None = None) -> dict:
-    """Check a dump's container and digests; with a source, that it holds what it should."""
+def verify(dump_path: str, source_path: str | None = None, *,
+           vmcoreinfo: bytes | None = None) -> dict:
+    """Check a dump's container and digests; with a source, that it holds what it should.
+
+    ``vmcoreinfo`` (a file's text) stands in for a source without the note;
+    by default the VMCOREINFO the dump carries does.
+    """
     container = detect_container(dump_path)
     if container in ("kdump", "kdump-flat"):
         from .kdumpsave import verify_kdump
 
-        return verify_kdump(dump_path, source_path)
+        return verify_kdump(dump_path, source_path, vmcoreinfo=vmcoreinfo)
     if container == "unknown":
         raise CorruptOutput(f"{dump_path}: not a vmcap output (no ELF, zstd or kdump signature)")
     result: dict = {"dump": dump_path, "container": container}
@@ -73,7 +78,8 @@ def verify(dump_path: str, source_path: str | None = None) -> dict:
             dump_level = int((note or {}).get("DUMP_LEVEL") or 0)
             result["dump_level"] = dump_level
             result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
-                                              dump_level=dump_level))
+                                              dump_level=dump_level,
+                                              vmcoreinfo=vmcoreinfo or layout.vmcoreinfo_raw))
     finally:
         out_source.close()
     result["status"] = "ok"
@@ -260,7 +266,8 @@ class _SourceChecker:
             self.zero_checked += run_hi - run_lo  # also counted in compared
 
 
-def compare_with_source(view, source_path: str, *, dump_level: int = 0) -> dict:
+def compare_with_source(view, source_path: str, *, dump_level: int = 0,
+                        vmcoreinfo: bytes | None = None) -> dict:
     """Check that the dump holds every source byte that ``dump_level`` keeps.
 
     The page classes of dump level bits 2-16 are classified again on the
@@ -273,6 +280,10 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0) -> dict:
     source = FileSource(source_path)
     try:
         src_layout = read_layout(source)
+        if vmcoreinfo and not src_layout.vmcoreinfo_raw:
+            # A source without the note (saved with --vmcoreinfo FILE): classify
+            # it with the VMCOREINFO given, or the one its dump carries.
+            src_layout = read_layout(source, vmcoreinfo=vmcoreinfo)
         classification = classify_source(src_layout, source, dump_level)
         excluded = classification.excluded if classification is not None else None
         checker = _SourceChecker(source, source_path, view, src_layout.page_size, excluded,
