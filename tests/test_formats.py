@@ -103,11 +103,29 @@ def test_kernel_page_classes_need_vmcoreinfo_and_say_which_key(make_vmcore, tmp_
     # The sample has VMCOREINFO but no mem_map description: nothing to classify with.
     src, _ = make_vmcore(spec())
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "-d", "31", src, str(out)],
-                            capture_output=True, text=True, env=env_without_debug())
+    # --strict: today's refusal, exit 8, nothing written.
+    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--strict", "-d", "31", src,
+                             str(out)], capture_output=True, text=True, env=env_without_debug())
     assert result.returncode == 8, result.stderr
     assert len(error_lines(result.stderr)) == 1 and "VMCOREINFO" in result.stderr
     assert not out.exists() and not temp_outputs(tmp_path)
+    # Without it, a scripted capture still ends with a dump: level 1, a warning naming the key.
+    for fmt in ("zelf", "kdump"):
+        target = tmp_path / f"out.{fmt}"
+        result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--json", "--format", fmt,
+                                 "-d", "31", src, str(target)],
+                                capture_output=True, text=True, env=env_without_debug())
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["dump_level"] == 1
+        assert any("VMCOREINFO" in w and "dump level 1" in w for w in summary["warnings"])
+        assert "warning:" in result.stderr and "VMCOREINFO" in result.stderr
+        report = json.loads(subprocess.run([sys.executable, "-m", "vmcap", "inspect", "--json",
+                                            str(target)], capture_output=True, text=True,
+                                           check=True).stdout)
+        assert report["vmcap"]["DUMP_LEVEL"] == "1"
+        if fmt == "kdump":
+            assert report["kdump"]["dump_level"] == 1
 
 
 # makedumpfile 1.7.2 on the same dump (copy with program headers at 64), -d 31.

@@ -45,6 +45,12 @@ EXIT_CODES = {
 DEFAULT_SOURCE = "/proc/vmcore"
 
 
+def exit_code(error: Exception) -> int:
+    """By class, so a subclass (OutputFull) keeps its family's code."""
+    return next((code for cls, code in EXIT_CODES.items() if isinstance(error, cls)),
+                EXIT_INTERNAL)
+
+
 @contextmanager
 def _errors_to_exit_codes():
     """The one place where exceptions become a message line and an exit code."""
@@ -52,7 +58,7 @@ def _errors_to_exit_codes():
         yield
     except VmcapError as error:
         click.echo(f"vmcap: error: {_one_line(str(error))}", err=True)
-        sys.exit(EXIT_CODES.get(type(error), EXIT_INTERNAL))
+        sys.exit(exit_code(error))
     except (KeyboardInterrupt, Interrupted) as stop:
         what = stop.args[0] if isinstance(stop, Interrupted) else "SIGINT"
         click.echo(f"vmcap: interrupted by {what}", err=True)
@@ -124,6 +130,7 @@ SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 FRAME_BYTES_RANGE = (64 << 10, 64 << 20)
 WINDOW_BYTES_RANGE = (64 << 10, 256 << 20)
 PAGE_SIZE_RANGE = (1 << 10, 1 << 20)
+SIZE_LIMIT_RANGE = (1 << 20, 1 << 60)
 
 
 class ByteSize(click.ParamType):
@@ -157,6 +164,24 @@ def _size_text(n: int) -> str:
         if n % unit == 0:
             return f"{n // unit}{suffix}"
     return str(n)
+
+
+class DumpLevels(click.ParamType):
+    """A dump level 0..31, or a comma-separated list of them tried in turn (1,31)."""
+
+    name = "LEVEL[,LEVEL...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        levels = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part.isdigit() or not 0 <= int(part) <= 31:
+                self.fail(f"{_one_line(repr(part), 60)} is not a dump level from 0 to 31",
+                          param, ctx)
+            levels.append(int(part))
+        return tuple(levels)
 
 
 class PageSize(click.ParamType):
@@ -367,6 +392,11 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
         pairs.append(("written by", f"vmcap {vmcap.get('VERSION', '?')} from "
                                     f"{vmcap.get('SOURCE', '?')}"))
         pairs.append(("read errors", f"{len(vmcap['error_ranges'])} range(s) zero-filled"))
+    if report.get("incomplete"):
+        from .elfwriter import describe_incomplete
+
+        pairs.append(("INCOMPLETE", f"the capture stopped early: "
+                                    f"{describe_incomplete(report['incomplete'])}"))
     _print_fields(pairs)
     for warning in report["warnings"]:
         click.echo(f"warning: {warning}", err=True)
@@ -411,9 +441,16 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @click.option("--on-error", type=click.Choice(["fail", "zero"]), default="fail",
               show_default=True,
               help="On a source read error: fail, or zero-fill the range, record it and go on.")
-@click.option("-d", "--dump-level", type=click.IntRange(0, 31), default=0, show_default=True,
+@click.option("-d", "--dump-level", type=DumpLevels(), default="0", show_default=True,
               help="makedumpfile dump level, bits added up: 1 zero pages, 2 cache, "
-                   "4 cache with private data, 8 user pages, 16 free pages (31: all).")
+                   "4 cache with private data, 8 user pages, 16 free pages (31: all). "
+                   "A list (1,31) tries the next level when the output does not fit.")
+@click.option("--size-limit", type=ByteSize(*SIZE_LIMIT_RANGE), default=None,
+              help="Largest output file, e.g. 2G (makedumpfile -L); past it the next dump "
+                   "level is tried, after the last an incomplete dump is kept.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 8) when the dump level needs kernel knowledge vmcap lacks, "
+                   "instead of saving at level 1 (or 0) with a warning.")
 @click.option("--compress", type=click.Choice(["zstd", "zlib", "lzo", "snappy", "none"]),
               default="zstd", show_default=True,
               help="Page compression for --format kdump and kdump-flat (makedumpfile -z, -c, "
@@ -435,8 +472,8 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @_page_size_option
 @_vmcoreinfo_option
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
-         dump_level, compress, zero_pages, dmesg_path, force, as_json, quiet, progress_mode,
-         page_size, vmcoreinfo_path):
+         dump_level, size_limit, strict, compress, zero_pages, dmesg_path, force, as_json, quiet,
+         progress_mode, page_size, vmcoreinfo_path):
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
@@ -461,8 +498,10 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
-                          dump_level=dump_level, compress=compress, zero_pages=zero_pages,
-                          dmesg_path=dmesg_path, vmcoreinfo_path=vmcoreinfo_path)
+                          dump_level=dump_level[0], retry_levels=dump_level[1:],
+                          size_limit=size_limit, strict=strict, compress=compress,
+                          zero_pages=zero_pages, dmesg_path=dmesg_path,
+                          vmcoreinfo_path=vmcoreinfo_path)
     from .progress import progress_reporter
 
     with _errors_to_exit_codes():
@@ -636,7 +675,7 @@ def makedumpfile(args):
         except VmcapError as error:
             if not request.message_level & mdf.MESSAGE_ERROR:
                 # --message-level without the error bit: the exit code alone says it.
-                sys.exit(EXIT_CODES.get(type(error), EXIT_INTERNAL))
+                sys.exit(exit_code(error))
             raise
     sys.exit(code)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .dumpfile import detect_container, open_elf_source
-from .elfwriter import find_vmcap_note
+from .elfwriter import find_vmcap_note, incomplete_info
 from .fraction import plan_copy
 from .layout import read_layout
 
@@ -82,4 +82,7 @@ def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None)
     vmcap = find_vmcap_note(layout.notes)
     if vmcap is not None:
         report["vmcap"] = vmcap
+    incomplete = incomplete_info(vmcap)
+    if incomplete is not None:
+        report["incomplete"] = incomplete
     return report

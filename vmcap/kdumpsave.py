@@ -14,11 +14,13 @@ import numpy as np
 
 from .copy import PlanCopier
 from .digest import PLACEHOLDER, UNKNOWN, note_lines
-from .elfwriter import aligned_notes, find_vmcap_note, vmcap_note
+from .elfwriter import (aligned_notes, describe_incomplete, find_vmcap_note, incomplete_info,
+                        incomplete_lines, vmcap_note)
 from .errors import BadSource, CorruptOutput, Unsupported
 from .flattened import FlattenedWriter
 from .fraction import CopyPlan, disjoint_segments, present_page_count
-from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
+from .kdump import (BITMAP_WINDOW_BYTES, DUMP_DH_COMPRESSED_INCOMPLETE, KdumpHeaderInfo, KdumpLayout,
+                    KdumpReader, KdumpWriter, utsname_machine)
 from .layout import Layout, parse_notes
 from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
@@ -113,6 +115,46 @@ class PageStream:
         self._flush_partial()
 
 
+def ram_pfn_runs(segments, page_size: int) -> list[tuple[int, int]]:
+    """(first pfn, count) of every page the segments touch, merged, in increasing order."""
+    runs: list[list[int]] = []
+    for seg in sorted(segments, key=lambda s: s.paddr):
+        if not seg.memsz:
+            continue
+        first, end = seg.paddr // page_size, -(-(seg.paddr + seg.memsz) // page_size)
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([first, end])
+    return [(first, end - first) for first, end in runs]
+
+
+def metadata_ranges(layout: KdumpLayout, ram_runs) -> list[tuple[int, int]]:
+    """(offset, length) of what the kdump metadata can occupy: the header blocks,
+    the bitmap windows that hold RAM pfns (the rest stay holes) and the
+    descriptor table. Reserved before the data, so a full disk cannot stop it."""
+    window_pfns = BITMAP_WINDOW_BYTES * 8
+    windows = sorted({w for first, count in ram_runs
+                      for w in range(first // window_pfns, (first + count - 1) // window_pfns + 1)})
+    ranges = [(0, layout.present_bitmap_offset)]
+    for base in (layout.present_bitmap_offset, layout.dumped_bitmap_offset):
+        for window in windows:
+            start = window * BITMAP_WINDOW_BYTES
+            ranges.append((base + start, min(BITMAP_WINDOW_BYTES, layout.bitmap_bytes - start)))
+    ranges.append((layout.descriptor_offset, layout.data_offset - layout.descriptor_offset))
+    return ranges
+
+
+def flattened_metadata_bytes(layout: KdumpLayout, ram_runs) -> int:
+    """Most bytes the records written by close() take in a flattened stream:
+    the bitmap windows holding RAM pfns, the sub header with notes, the
+    header block, the size record and the end marker, with record headers."""
+    ranges = metadata_ranges(layout, ram_runs)
+    bitmaps = ranges[1:-1]
+    return (sum(length for _, length in bitmaps) + layout.present_bitmap_offset
+            + 16 * (len(bitmaps) + 8) + layout.block_size)
+
+
 def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFile,
                 options, excluded=None, counts: dict | None = None) -> dict:
     """Write a kdump-compressed file; ``plan`` must be made over disjoint segments."""
@@ -135,9 +177,10 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     digest_placeholders = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": PLACEHOLDER,
                            "DATA_XXH64": PLACEHOLDER, "DATA_OFFSET": PLACEHOLDER}
 
-    def all_notes(error_ranges, values=digest_placeholders) -> bytes:
+    def all_notes(error_ranges, values=digest_placeholders, more=()) -> bytes:
         return notes + vmcap_note(layout.byte_order, **note_args,
-                                  extra=extra + note_lines(values), error_ranges=error_ranges)
+                                  extra=extra + list(more) + note_lines(values),
+                                  error_ranges=error_ranges)
 
     info = KdumpHeaderInfo(
         machine=utsname_machine(layout.e_machine, layout.elf_class, layout.byte_order),
@@ -169,7 +212,43 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
                          level=level, threads=options.threads,
                          exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
-                         dump_level=options.dump_level)
+                         dump_level=options.dump_level,
+                         size_limit=options.size_limit if flat is None else None)
+    # Room for the metadata, taken before the data: when the disk fills up,
+    # what was written can still be finished as a readable dump.
+    ram_runs = ram_pfn_runs(segments, page)
+    if flat is None:
+        for offset, length in metadata_ranges(writer.layout, ram_runs):
+            out.reserve_range(offset, length)
+    else:
+        out.set_tail_reserve(flattened_metadata_bytes(writer.layout, ram_runs))
+    ram_pages = sum(count for _, count in ram_runs)
+
+    def finish_incomplete() -> str | None:
+        """After an output failure: close the pages stored so far as a flagged incomplete dump."""
+        cut = writer.stored_through
+        saved = sum(max(0, min(count, cut - first)) for first, count in ram_runs)
+        if saved == 0:
+            writer.close(incomplete_present=[])  # stops the compressor threads
+            return None
+        if flat is not None:
+            out.truncate(flat.record_end)
+        info = {"saved_bytes": saved * page, "memory_bytes": ram_pages * page,
+                "data_end_paddr": cut * page}
+        more = incomplete_lines(info["saved_bytes"], info["memory_bytes"], cut * page)
+        errors = copier.stats.error_ranges
+        if flat is None:
+            stats = writer.close(lambda values: all_notes(errors, values, more),
+                                 incomplete_present=ram_runs)
+            out.position = stats.file_bytes
+        else:
+            writer.replace_notes(all_notes(errors, dict.fromkeys(digest_placeholders, UNKNOWN),
+                                           more))
+            writer.close(incomplete_present=ram_runs)
+            flat.close()
+        return describe_incomplete(info)
+
+    out.keep_incomplete(finish_incomplete)
     try:
         stream = PageStream(writer, page, excluded)
         for chunk in copier:
@@ -243,6 +322,14 @@ def describe_kdump(path: str) -> dict:
     vmcap = find_vmcap_note(notes)
     if vmcap is not None:
         report["vmcap"] = vmcap
+    incomplete = incomplete_info(vmcap)
+    if incomplete is None and header.status & DUMP_DH_COMPRESSED_INCOMPLETE:
+        # makedumpfile's own incomplete dumps: only the page counts say how much.
+        incomplete = {"saved_bytes": dumped * page, "memory_bytes": present * page,
+                      "data_end_paddr": None}
+    if incomplete is not None:
+        incomplete["pages_dumped"] = dumped
+        report["incomplete"] = incomplete
     return report
 
 

@@ -250,7 +250,8 @@ def save_options(request: Request):
     else:
         output_format = "kdump-flat" if request.action == "flatten" else "kdump"
     return SaveOptions(output_format=output_format, compress=request.compress,
-                       dump_level=request.dump_levels[0],
+                       dump_level=request.dump_levels[0], retry_levels=request.dump_levels[1:],
+                       size_limit=request.size_limit,
                        threads=request.threads if request.threads is not None else 0,
                        allow_mmap=request.allow_mmap, force=request.force,
                        vmcoreinfo_path=request.vmcoreinfo_path)
