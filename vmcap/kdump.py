@@ -391,6 +391,19 @@ def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
 BITMAP_WINDOW_BYTES = 1 << 20  # 8 Mi pfns: the bitmaps are written in windows this size
 
 
+def _set_bit_range(bitmap: np.ndarray, lo: int, hi: int) -> None:
+    """Set LSB-first bits lo .. hi-1: whole bytes at once, the partial ones bit by bit."""
+    if hi <= lo:
+        return
+    head_end = min(hi, -(-lo // 8) * 8)
+    for bit in range(lo, head_end):
+        bitmap[bit >> 3] |= 1 << (bit & 7)
+    tail_start = max(head_end, hi - hi % 8)
+    bitmap[head_end >> 3:tail_start >> 3] = 0xFF
+    for bit in range(tail_start, hi):
+        bitmap[bit >> 3] |= 1 << (bit & 7)
+
+
 class _StreamedBitmap:
     """A bitmap written to the file as the pfns pass, in bounded memory.
 
@@ -425,6 +438,22 @@ class _StreamedBitmap:
             part = pfns[windows == index] - index * window_pfns
             _set_bits(self._window, part)
             self._dirty = True
+
+    def set_range(self, first: int, count: int) -> None:
+        """Set the bits of pfns first .. first+count-1 (same order rule as set), a window at a time."""
+        window_pfns = self.WINDOW_BYTES * 8
+        position, end = first, first + count
+        while position < end:
+            index = position // window_pfns
+            if index != self._window_index:
+                self._flush()
+                self._window[:] = 0
+                self._window_index = index
+            base = index * window_pfns
+            stop = min(end, base + window_pfns)
+            _set_bit_range(self._window, position - base, stop - base)
+            self._dirty = True
+            position = stop
 
     def _flush(self) -> None:
         if self._dirty:
@@ -637,7 +666,12 @@ class KdumpWriter:
             raise ValueError(f"pages {pfn:#x}..{pfn + count - 1:#x} go past max_mapnr {self._max_mapnr:#x}")
         if count <= 0:
             return
-        self._present_bitmap.set(np.arange(pfn, pfn + count, dtype=np.int64))
+        # Staged pages come before pfn and set their bits when stored: store
+        # them first, or a range in a later bitmap window would be written
+        # before them and theirs would overwrite that window's earlier bits.
+        self._flush_staged()
+        # A range, not an array of pfns: a zero-filled segment may span 2**30 pages.
+        self._present_bitmap.set_range(pfn, count)
         self._pages_present += count
         self._next_pfn = pfn + count
         if not self._staged_count:
@@ -1273,9 +1307,21 @@ def _iter_runs(bitmap: np.ndarray, chunk_bytes: int = 1 << 20) -> Iterator[tuple
     """Runs of set bits, unpacking the bitmap a chunk at a time to bound memory."""
     run_start = run_end = -1
     for base in range(0, len(bitmap), chunk_bytes):
-        bits = np.unpackbits(bitmap[base:base + chunk_bytes], bitorder="little").astype(np.int8)
-        edges = np.diff(np.concatenate(([0], bits, [0])))
+        chunk = bitmap[base:base + chunk_bytes]
         first_pfn = base * 8
+        # Chunks all clear or all set (holes, a huge zero fill) need no unpacking.
+        if not chunk.any():
+            continue
+        if (chunk == 0xFF).all():
+            if run_end == first_pfn:
+                run_end += 8 * len(chunk)
+                continue
+            if run_end > run_start >= 0:
+                yield run_start, run_end - run_start
+            run_start, run_end = first_pfn, first_pfn + 8 * len(chunk)
+            continue
+        bits = np.unpackbits(chunk, bitorder="little").astype(np.int8)
+        edges = np.diff(np.concatenate(([0], bits, [0])))
         for start, end in zip((np.flatnonzero(edges == 1) + first_pfn).tolist(),
                               (np.flatnonzero(edges == -1) + first_pfn).tolist()):
             if start == run_end:
@@ -1289,13 +1335,20 @@ def _iter_runs(bitmap: np.ndarray, chunk_bytes: int = 1 << 20) -> Iterator[tuple
 
 
 def is_kdump(path_or_fd) -> bool:
-    """True if the file starts with the kdump-compressed signature."""
+    """True if the file starts with the kdump-compressed signature.
+
+    A path is opened as every source is (open_source_fd): a FIFO or a
+    character device is refused at once instead of blocking the caller.
+    """
     try:
         if isinstance(path_or_fd, int):
-            head = os.pread(path_or_fd, len(KDUMP_SIGNATURE), 0)
-        else:
-            with open(path_or_fd, "rb") as f:
-                head = f.read(len(KDUMP_SIGNATURE))
+            return os.pread(path_or_fd, len(KDUMP_SIGNATURE), 0) == KDUMP_SIGNATURE
+        fd = open_source_fd(path_or_fd)
+    except (OSError, BadSource):
+        return False
+    try:
+        return os.pread(fd, len(KDUMP_SIGNATURE), 0) == KDUMP_SIGNATURE
     except OSError:
         return False
-    return head == KDUMP_SIGNATURE
+    finally:
+        os.close(fd)

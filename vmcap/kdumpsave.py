@@ -6,6 +6,11 @@ for ``KdumpWriter``. A fractional page is assembled from its RAM pieces
 (each read once, with pread, by the copy engine) over zeros: its non-RAM
 part is zero in the output and the page is present, so every RAM byte of it
 survives (makedumpfile 1.7.2 drops such pages from kdump files).
+
+Pages wholly in a segment's zero fill (beyond p_filesz) hold no data in the
+source: like makedumpfile (exclude_nodata_pages) they are marked present in
+the 1st bitmap and left out of the 2nd, a range at a time. Written page by
+page, a p_memsz of 2**40 would take minutes and gigabytes of descriptors.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from .layout import Layout, parse_notes
 from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
 
-ZERO_CHUNK_BYTES = 4 << 20
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
 # load them: past this many pfns (32 TiB of physical address space with
 # 4 KiB pages) each bitmap would be over 1 GiB. Refuse, clearly.
@@ -40,11 +44,11 @@ class PageStream:
         self.page_size = page_size
         self._partial = bytearray(page_size)
         self._partial_pfn: int | None = None
-        self._zeros = bytes(min(ZERO_CHUNK_BYTES, max(page_size, ZERO_CHUNK_BYTES)))
         # Optional per-pfn exclusion (kernel page classes): such pages are
         # left out of the dump entirely (they stay present in bitmap 1).
         self._excluded = excluded
         self.pages_excluded_by_class = 0
+        self.zero_fill_pages = 0  # whole pages of zero fill, present but not dumped
 
     def _emit(self, pfn: int, pages) -> None:
         if self._excluded is None:
@@ -98,13 +102,9 @@ class PageStream:
         if whole_end > head_end:
             self._flush_partial()
             if data is None:
-                pfn = head_end // page
-                remaining = whole_end - head_end
-                while remaining:
-                    n = min(remaining, len(self._zeros) - len(self._zeros) % page)
-                    self._emit(pfn, memoryview(self._zeros)[:n])
-                    pfn += n // page
-                    remaining -= n
+                count = (whole_end - head_end) // page
+                self.writer.mark_present(head_end // page, count)
+                self.zero_fill_pages += count
             else:
                 self._emit(head_end // page, data[head_end - paddr:whole_end - paddr])
         tail_start = max(whole_end, head_end)
@@ -155,6 +155,28 @@ def flattened_metadata_bytes(layout: KdumpLayout, ram_runs) -> int:
             + 16 * (len(bitmaps) + 8) + layout.block_size)
 
 
+def zero_fill_page_runs(segments, page_size: int) -> list[tuple[int, int]]:
+    """(first pfn, count) of the pages wholly in a disjoint segment's zero fill.
+
+    PageStream marks exactly these present without dumping them: the zero
+    fill comes as one chunk per segment, and no other disjoint segment
+    touches a page that lies wholly inside this one.
+    """
+    runs = []
+    for s in segments:
+        first = -(-(s.paddr + s.filesz) // page_size)
+        end = (s.paddr + s.memsz) // page_size
+        if end > first:
+            runs.append((first, end - first))
+    return runs
+
+
+def _bits_set(bitmap, first: int, count: int, step: int = 1 << 24) -> int:
+    """Set bits of a per-pfn bitmap in [first, first+count), unpacked a bounded piece at a time."""
+    end = min(first + count, len(bitmap))
+    return sum(int(bitmap[lo:min(lo + step, end)].sum()) for lo in range(first, end, step))
+
+
 def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFile,
                 options, excluded=None, counts: dict | None = None) -> dict:
     """Write a kdump-compressed file; ``plan`` must be made over disjoint segments."""
@@ -195,9 +217,12 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # Page descriptors are reserved before the data: one per page that may
     # be dumped. Pages a kernel class excludes need none; zero pages are only
     # known while copying, so their share stays reserved (a sparse hole).
-    may_dump = present_page_count(segments, page)
+    zero_fill = zero_fill_page_runs(segments, page)
+    may_dump = present_page_count(segments, page) - sum(count for _, count in zero_fill)
     if excluded is not None:
-        may_dump -= excluded.count()
+        # A page both excluded and zero fill is left out once.
+        may_dump -= excluded.count() - sum(_bits_set(excluded, first, count)
+                                           for first, count in zero_fill)
     # Dump level 1: makedumpfile keeps zero pages in the 2nd bitmap, all
     # pointing at one stored zero page, so readers see zeros. Clearing them
     # from the bitmap (--zero-pages exclude) saves 24 bytes a page, but then
@@ -268,6 +293,8 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     if flat is None:
         out.position = stats.file_bytes
     result = dict(counts or {})
+    if stream.zero_fill_pages:
+        result["zero_fill"] = stream.zero_fill_pages
     if exclude_zero:
         result["zero"] = stats.zero_pages_excluded
     elif options.dump_level & 1:
@@ -336,8 +363,17 @@ def describe_kdump(path: str) -> dict:
 class KdumpPhysicalView:
     """Physical memory of a kdump file for comparisons; excluded pages read as zeros."""
 
+    # A kdump file never stores a page its dump level excludes.
+    stores_excluded_pages = False
+
     def __init__(self, reader: KdumpReader):
         self.reader = reader
+        self.granule = reader.header.page_size  # a present page is represented whole
+
+    def covered_ranges(self):
+        """(paddr, length) of the memory the file represents: its 1st bitmap."""
+        page = self.reader.header.page_size
+        return [(first * page, count * page) for first, count in self.reader.iter_present_runs()]
 
     def read_physical(self, paddr: int, length: int) -> bytes:
         return self.reader.pread_physical(paddr, length)
@@ -374,8 +410,12 @@ def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None
         result["pages_checked"] = pages
         if source_path is not None:
             result["dump_level"] = reader.header.dump_level
+            # vmcap's kdump files say whether zero pages were kept (one shared
+            # page) or left out at dump level bit 1.
+            keeps_zero = (note or {}).get("ZERO_PAGES") == "shared"
             result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
                                               dump_level=reader.header.dump_level,
-                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo))
+                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo,
+                                              keeps_zero_pages=keeps_zero))
     result["status"] = "ok"
     return result
