@@ -115,13 +115,18 @@ class PageStream:
         self._flush_partial()
 
 
-def ram_pfn_runs(segments, page_size: int) -> list[tuple[int, int]]:
-    """(first pfn, count) of every page the segments touch, merged, in increasing order."""
+def ram_pfn_runs(segments, page_size: int, *, data_only: bool = False) -> list[tuple[int, int]]:
+    """(first pfn, count) of every page the segments touch, merged, in increasing order.
+
+    ``data_only``: the pages of their file data (p_filesz), the only ones
+    that can be dumped; zero fill beyond it is present, never dumped.
+    """
     runs: list[list[int]] = []
     for seg in sorted(segments, key=lambda s: s.paddr):
-        if not seg.memsz:
+        size = seg.filesz if data_only else seg.memsz
+        if not size:
             continue
-        first, end = seg.paddr // page_size, -(-(seg.paddr + seg.memsz) // page_size)
+        first, end = seg.paddr // page_size, -(-(seg.paddr + size) // page_size)
         if runs and first <= runs[-1][1]:
             runs[-1][1] = max(runs[-1][1], end)
         else:
@@ -129,27 +134,32 @@ def ram_pfn_runs(segments, page_size: int) -> list[tuple[int, int]]:
     return [(first, end - first) for first, end in runs]
 
 
-def metadata_ranges(layout: KdumpLayout, ram_runs) -> list[tuple[int, int]]:
+def metadata_ranges(layout: KdumpLayout, ram_runs, data_runs=None) -> list[tuple[int, int]]:
     """(offset, length) of what the kdump metadata can occupy: the header blocks,
-    the bitmap windows that hold RAM pfns (the rest stay holes) and the
-    descriptor table. Reserved before the data, so a full disk cannot stop it."""
+    the bitmap windows that hold RAM pfns (the rest stay holes; for the 2nd
+    bitmap only pfns that can be dumped, ``data_runs``) and the descriptor
+    table. Reserved before the data, so a full disk cannot stop it."""
     window_pfns = BITMAP_WINDOW_BYTES * 8
-    windows = sorted({w for first, count in ram_runs
-                      for w in range(first // window_pfns, (first + count - 1) // window_pfns + 1)})
+
+    def windows_of(runs):
+        return sorted({w for first, count in runs
+                       for w in range(first // window_pfns, (first + count - 1) // window_pfns + 1)})
+
     ranges = [(0, layout.present_bitmap_offset)]
-    for base in (layout.present_bitmap_offset, layout.dumped_bitmap_offset):
-        for window in windows:
+    for base, runs in ((layout.present_bitmap_offset, ram_runs),
+                       (layout.dumped_bitmap_offset, ram_runs if data_runs is None else data_runs)):
+        for window in windows_of(runs):
             start = window * BITMAP_WINDOW_BYTES
             ranges.append((base + start, min(BITMAP_WINDOW_BYTES, layout.bitmap_bytes - start)))
     ranges.append((layout.descriptor_offset, layout.data_offset - layout.descriptor_offset))
     return ranges
 
 
-def flattened_metadata_bytes(layout: KdumpLayout, ram_runs) -> int:
+def flattened_metadata_bytes(layout: KdumpLayout, ram_runs, data_runs=None) -> int:
     """Most bytes the records written by close() take in a flattened stream:
     the bitmap windows holding RAM pfns, the sub header with notes, the
     header block, the size record and the end marker, with record headers."""
-    ranges = metadata_ranges(layout, ram_runs)
+    ranges = metadata_ranges(layout, ram_runs, data_runs)
     bitmaps = ranges[1:-1]
     return (sum(length for _, length in bitmaps) + layout.present_bitmap_offset
             + 16 * (len(bitmaps) + 8) + layout.block_size)
@@ -242,11 +252,12 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # Room for the metadata, taken before the data: when the disk fills up,
     # what was written can still be finished as a readable dump.
     ram_runs = ram_pfn_runs(segments, page)
+    data_runs = ram_pfn_runs(segments, page, data_only=True)
     if flat is None:
-        for offset, length in metadata_ranges(writer.layout, ram_runs):
+        for offset, length in metadata_ranges(writer.layout, ram_runs, data_runs):
             out.reserve_range(offset, length)
     else:
-        out.set_tail_reserve(flattened_metadata_bytes(writer.layout, ram_runs))
+        out.set_tail_reserve(flattened_metadata_bytes(writer.layout, ram_runs, data_runs))
     ram_pages = sum(count for _, count in ram_runs)
 
     def finish_incomplete() -> str | None:
