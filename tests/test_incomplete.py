@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import env_without_debug, error_lines, spec, temp_outputs
+from conftest import env_without_debug, error_lines, small_tmpfs, spec, temp_outputs
 from vmcap.dumpfile import open_dump
 from vmcap.errors import OutputError
 from vmcap.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
@@ -41,17 +41,9 @@ def vmcap(*args, **kwargs) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs: a real full disk (we are root)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount_point)],
-                            capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    """A 3 MiB tmpfs: a real full disk."""
+    with small_tmpfs(tmp_path / "small", "3m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def incomplete_report(path) -> dict:
@@ -178,16 +170,8 @@ def test_makedumpfile_level_list_and_size_limit(make_vmcore, tmp_path):
 
 @pytest.fixture
 def disk_24m(tmp_path):
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)],
-                            capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "24m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_real_dump_level_list_fits_a_full_disk_at_31(real_vmcore, disk_24m):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import error_lines, FRACTIONAL_RANGES, have, spec, temp_outputs
+from conftest import error_lines, FRACTIONAL_RANGES, have, small_tmpfs, spec, temp_outputs
 from vmcap.dumpfile import ElfPhysicalView, open_elf_source
 from vmcap.elfwriter import parse_vmcap_note
 from vmcap.errors import OutputError, SourceIOError
@@ -289,14 +289,8 @@ def test_real_dump_round_trip(real_vmcore, tmp_path):
 @pytest.fixture
 def tiny_filesystem(tmp_path):
     """A 1 MiB tmpfs: a real full disk. Needs root (CI and the capture kernel have it)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
-                            capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=False)
+    with small_tmpfs(tmp_path / "tiny", "1m") as mount_point:
+        yield mount_point
 
 
 @pytest.mark.parametrize("fmt", ["zelf", "elf", "kdump"])

@@ -318,7 +318,7 @@ def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
     """`--dump-dmesg VMCORE LOGFILE`: the log as makedumpfile writes it; returns the record count."""
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump
-    from .output import OutputFile, check_output_target, refuse_same_files
+    from .output import check_output_target, refuse_same_files, write_whole_file
 
     from .vmcoreinfo import read_vmcoreinfo_file
 
@@ -330,13 +330,8 @@ def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
     vmcoreinfo = read_vmcoreinfo_file(vmcoreinfo_path) if vmcoreinfo_path else None
     with open_dump(source_path, vmcoreinfo=vmcoreinfo) as dump:
         records = kernel_log(dump)
-    out = OutputFile(log_path, force=force, mode=0o600)
-    try:
-        out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+    write_whole_file(log_path, format_makedumpfile(records).encode("utf-8", "surrogateescape"),
+                     force=force)
     return len(records)
 
 

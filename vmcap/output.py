@@ -614,3 +614,14 @@ class SparseSink:
 
     def close(self) -> int:
         return self.out.position
+
+
+def write_whole_file(path: str, data: bytes, *, force: bool = False) -> None:
+    """A small output (a kernel log) written whole, with every OutputFile guarantee."""
+    out = OutputFile(path, force=force, mode=0o600)
+    try:
+        out.write(data)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise

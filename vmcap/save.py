@@ -18,7 +18,8 @@ from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupport
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout, require_memory
 from .mmapio import FileSource, Source
-from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
+from .output import (OutputFile, SparseSink, check_output_target, refuse_same_files,
+                     write_whole_file)
 from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
 
 FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
@@ -315,13 +316,9 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     from .dumpfile import elf_dump, kernel_log
 
     records = kernel_log(elf_dump(layout, source))
-    out = OutputFile(options.dmesg_path, force=options.force, mode=0o600)
-    try:
-        out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+    write_whole_file(options.dmesg_path,
+                     format_makedumpfile(records).encode("utf-8", "surrogateescape"),
+                     force=options.force)
     return len(records)
 
 
