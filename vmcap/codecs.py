@@ -20,7 +20,6 @@ makedumpfile decompress with liblzo2's lzo1x_decompress_safe.
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import zlib
 from typing import Callable, Protocol, Sequence
@@ -146,9 +145,13 @@ class _RowPages:
         self._make_compress = make_compress
         self._local = threading.local()
         self._workers = workers
-        self._pool = (concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                            thread_name_prefix=f"kdump-{name}")
-                      if workers > 1 else None)
+        self._pool = None
+        if workers > 1:
+            # Imported here: one CPU (a capture kernel's nr_cpus=1) needs no pool.
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                               thread_name_prefix=f"kdump-{name}")
 
     def _compress_rows(self, pages: np.ndarray, rows: Sequence[int]) -> list:
         compress = getattr(self._local, "compress", None)
@@ -208,6 +211,8 @@ def encode_pages(compressor: PageCompressor | None, flag: int, pages: np.ndarray
     compressed = unit_sizes < page_size
     sizes[compressed] = unit_sizes[compressed]
     flags[compressed] = flag
+    if compressed.all():  # the usual case: no per-page choice to make
+        return b"".join(units), sizes, flags
     pieces = [unit if is_small else pages[row]
               for unit, row, is_small in zip(units, rows.tolist(), compressed.tolist())]
     return b"".join(pieces), sizes, flags
