@@ -27,8 +27,9 @@ classify  -d 31 page classification alone (vmcap.pageclass.classify_mem_map
           builder cannot make for a 16 TiB space.
 
 Every command runs --repeat times; the table shows the median wall time
-(time.perf_counter around fork/exec/wait) and the largest peak RSS
-(os.wait4's ru_maxrss). The page cache is warmed once before each source's
+(time.perf_counter around fork/exec/wait), the median CPU time (user +
+system of every thread: steadier than wall time on a shared machine) and
+the largest peak RSS (os.wait4's ru_maxrss). The page cache is warmed once before each source's
 rows. makedumpfile-upstream is built by ../shared/lab/build-makedumpfile-upstream.sh;
 rows for it say "not installed" when it is absent.
 """
@@ -73,6 +74,7 @@ class Row:
     output: str | None = None
     seconds: list[float] = field(default_factory=list)
     rss_kib: list[int] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # user + system, all threads
     output_bytes: int | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
@@ -80,6 +82,10 @@ class Row:
     @property
     def median(self) -> float | None:
         return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
 
     @property
     def rss_mib(self) -> float | None:
@@ -103,20 +109,21 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - started
 with open(report, "w") as f:
-    f.write(f"{seconds} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}")
+    f.write(f"{seconds} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)} "
+            f"{usage.ru_utime + usage.ru_stime}")
 """
 
 
-def run_once(argv: list[str]) -> tuple[float, int, int, str]:
-    """(wall seconds, peak RSS KiB, exit status, stderr tail) of one child."""
+def run_once(argv: list[str]) -> tuple[float, int, int, str, float]:
+    """(wall seconds, peak RSS KiB, exit status, stderr tail, CPU seconds) of one child."""
     with tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile("r") as report:
         os.sync()  # the previous run's writeback is not on this run's clock
         subprocess.run([sys.executable, "-S", "-c", LAUNCHER, report.name, *argv],
                        stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env=child_env())
-        seconds, rss, status = report.read().split()
+        seconds, rss, status, cpu = report.read().split()
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()
-    return float(seconds), int(rss), int(status), (tail[-1] if tail else "")
+    return float(seconds), int(rss), int(status), (tail[-1] if tail else ""), float(cpu)
 
 
 PYCACHE = Path(tempfile.gettempdir()) / "vmcap-bench-pycache"
@@ -142,17 +149,19 @@ def measure(row: Row, repeat: int) -> Row:
     for _ in range(repeat):
         if row.output:
             Path(row.output).unlink(missing_ok=True)
-        seconds, rss, status, tail = run_once(row.argv)
+        seconds, rss, status, tail, cpu = run_once(row.argv)
         if status != 0:
             row.error = f"failed ({status}): {tail}"
             return row
         row.seconds.append(seconds)
+        row.cpu_seconds.append(cpu)
         row.rss_kib.append(rss)
         row.extra["stderr"] = tail
     if row.output and Path(row.output).exists():
         row.output_bytes = Path(row.output).stat().st_size
         Path(row.output).unlink()
-    print(f"  {row.key}: {row.median:.2f} s, {row.rss_mib:.1f} MiB", file=sys.stderr, flush=True)
+    print(f"  {row.key}: {row.median:.2f} s, CPU {row.cpu_median:.2f} s, {row.rss_mib:.1f} MiB",
+          file=sys.stderr, flush=True)
     return row
 
 
@@ -337,18 +346,18 @@ def fmt(size: int) -> str:
 
 
 def table(rows: list[Row], per_tib: bool = False) -> str:
-    head = "| command | median s | runs s | output MB | peak RSS MiB |" + (" s per TiB of space |" if per_tib else "")
-    rule = "|---|---:|---|---:|---:|" + ("---:|" if per_tib else "")
+    head = "| command | median s | runs s | CPU s | output MB | peak RSS MiB |" + (" s per TiB of space |" if per_tib else "")
+    rule = "|---|---:|---|---:|---:|---:|" + ("---:|" if per_tib else "")
     if rows and rows[0].section == "classify":
         head, rule = head + " child's own timing |", rule + "---|"
     lines = [head, rule]
     for r in rows:
         if r.error:
-            lines.append(f"| `{r.command}` | {r.error} | | | |" + (" |" if per_tib else ""))
+            lines.append(f"| `{r.command}` | {r.error} | | | | |" + (" |" if per_tib else ""))
             continue
         size = f"{r.output_bytes / MB:.2f}" if r.output_bytes is not None else "–"
         runs = ", ".join(f"{s:.2f}" for s in r.seconds)
-        line = f"| `{r.command}` | {r.median:.2f} | {runs} | {size} | {r.rss_mib:.1f} |"
+        line = f"| `{r.command}` | {r.median:.2f} | {runs} | {r.cpu_median:.2f} | {size} | {r.rss_mib:.1f} |"
         if per_tib:
             line += f" {r.median / (r.extra['space'] / TiB):.3f} |"
         if r.section == "classify":
