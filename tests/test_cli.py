@@ -292,14 +292,18 @@ def test_dump_level_1_needs_no_vmcoreinfo(make_vmcore, tmp_path):
 @pytest.mark.parametrize("cpus, asked, used", [({0}, 0, 1), ({0, 1, 2}, 0, 3), ({0}, 2, 2)])
 def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch, make_vmcore, tmp_path, cpus, asked, used):
     """nr_cpus=1 or a taskset of one CPU means one thread (no pool), whatever os.cpu_count() says."""
-    import vmcap.save
+    import vmcap.seekable
 
     seen = []
-    real_save = vmcap.save.save
+    real_init = vmcap.seekable.SeekableWriter.__init__
+
+    def recording_init(self, sink, **kwargs):
+        seen.append(kwargs["threads"])
+        real_init(self, sink, **kwargs)
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(vmcap.save, "save", lambda src, out, options, **kw: (seen.append(options.threads),
-                                                                            real_save(src, out, options, **kw))[1])
+    monkeypatch.setattr(vmcap.seekable.SeekableWriter, "__init__", recording_init)
     src, _ = make_vmcore(spec())
     result = run("save", "-q", "--threads", asked, src, tmp_path / "out.zelf")
     assert result.exit_code == 0, result.output

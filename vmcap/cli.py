@@ -51,17 +51,6 @@ def exit_code(error: Exception) -> int:
                 EXIT_INTERNAL)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: a capture kernel's nr_cpus=1, a taskset or a cpuset.
-
-    --threads 0 means this many; 1 means compressing in the calling thread, no pool.
-    """
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 @contextmanager
 def _errors_to_exit_codes():
     """The one place where exceptions become a message line and an exit code."""
@@ -506,7 +495,7 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
         raise click.BadParameter(f"{level} is outside 1..9 (zlib)", param_hint="'--level'")
     if compress in ("lzo", "snappy") and level is not None and output_format.startswith("kdump"):
         raise click.BadParameter(f"{compress} has no compression levels", param_hint="'--level'")
-    options = SaveOptions(output_format=output_format, level=level, threads=threads or usable_cpus(),
+    options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
                           dump_level=dump_level[0], retry_levels=dump_level[1:],

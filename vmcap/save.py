@@ -6,6 +6,7 @@ nothing (the CLI renders the returned ``SaveSummary``).
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
@@ -30,6 +31,17 @@ PHASE_COPY = "Copying data"
 # zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
 # come out no bigger than makedumpfile -c's zlib pages (measured, README).
 DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: a capture kernel's nr_cpus=1, a taskset or a cpuset.
+
+    SaveOptions.threads 0 means this many; 1 means compressing in the calling thread, no pool.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def compression_level(options: "SaveOptions") -> int:
@@ -349,6 +361,8 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     ``source`` replaces the file source (tests pass an instrumented one).
     """
     started = time.monotonic()
+    if options.threads == 0:
+        options = replace(options, threads=usable_cpus())
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
