@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,17 @@ PROGRESS_LINE = re.compile(r"^[A-Z][a-z ]+: \[ *\d+\.\d %\] ")
 def error_lines(stderr: str) -> list[str]:
     """stderr without the progress lines `save` prints where stderr is not a terminal."""
     return [line for line in stderr.splitlines() if not PROGRESS_LINE.match(line)]
+
+
+@contextmanager
+def small_tmpfs(directory: Path, size: str):
+    """A real full disk: a tmpfs of ``size`` mounted at ``directory`` (we are root)."""
+    directory.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                             str(directory)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)

@@ -65,7 +65,7 @@ def test_inspect_fractional_lists_exactly_the_fractional_pages(make_vmcore):
 
 def test_inspect_segments_and_vmcoreinfo(make_vmcore):
     path, _ = make_vmcore(spec())
-    result = run("inspect", "--segments", "--vmcoreinfo", path)
+    result = run("inspect", "--segments", "--show-vmcoreinfo", path)
     assert result.exit_code == 0
     assert "0x300400" in result.output
     assert "OSRELEASE=6.1.0-vmcap-sample" in result.output
@@ -287,3 +287,24 @@ def test_dump_level_1_needs_no_vmcoreinfo(make_vmcore, tmp_path):
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["pages_excluded"]["zero"] > 0
     assert run_subprocess("verify", "--source", path, out).returncode == 0
+
+
+@pytest.mark.parametrize("cpus, asked, used", [({0}, 0, 1), ({0, 1, 2}, 0, 3), ({0}, 2, 2)])
+def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch, make_vmcore, tmp_path, cpus, asked, used):
+    """nr_cpus=1 or a taskset of one CPU means one thread (no pool), whatever os.cpu_count() says."""
+    import vmcap.seekable
+
+    seen = []
+    real_init = vmcap.seekable.SeekableWriter.__init__
+
+    def recording_init(self, sink, **kwargs):
+        seen.append(kwargs["threads"])
+        real_init(self, sink, **kwargs)
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(vmcap.seekable.SeekableWriter, "__init__", recording_init)
+    src, _ = make_vmcore(spec())
+    result = run("save", "-q", "--threads", asked, src, tmp_path / "out.zelf")
+    assert result.exit_code == 0, result.output
+    assert seen == [used]

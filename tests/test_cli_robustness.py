@@ -243,3 +243,14 @@ def test_save_summary_units_and_ratio(make_vmcore, tmp_path):
     assert "mib_per_s" in s0 and "mb_per_s" not in s0
     text = vmcap("save", src, tmp_path / "d2").stdout
     assert "MiB/s" in text and "MB/s" not in text.replace("MiB/s", "")
+
+
+def test_zelf_and_kdump_count_the_same_zero_pages(make_vmcore, tmp_path):
+    """-d 1: the ELF formats report zero pages kept in short runs, so the totals agree."""
+    src, _ = make_vmcore(SampleSpec(ranges=(RamRange(0x100000, 32 << 20),), content="mixed"))
+    zelf = json.loads(vmcap("save", "--json", "-d", "1", src, tmp_path / "a").stdout)
+    kdump = json.loads(vmcap("save", "--json", "-d", "1", "--format", "kdump", src,
+                             tmp_path / "b").stdout)
+    counts = zelf["pages_excluded"]
+    assert counts["kept_in_short_runs"] > 0
+    assert counts["zero"] + counts["kept_in_short_runs"] == kdump["pages_excluded"]["zero_shared"]

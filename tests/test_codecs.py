@@ -23,9 +23,12 @@ PAGE = 4096
 COMPRESSED = ["zstd", "zlib", "lzo", "snappy"]
 
 
+LZO_MODULES = ("lzo", "lzallright", "lzokay")  # in the order vmcap prefers them
+
+
 def lzo_backends() -> list[str]:
     found = []
-    for module in ("lzallright", "lzokay"):
+    for module in LZO_MODULES:
         try:
             __import__(module)
             found.append(module)
@@ -36,9 +39,9 @@ def lzo_backends() -> list[str]:
 
 @pytest.fixture(params=lzo_backends())
 def lzo_backend(request, monkeypatch):
-    """Run a test with each installed LZO library (lzallright is preferred when both are)."""
-    if request.param == "lzokay":
-        monkeypatch.setitem(sys.modules, "lzallright", None)  # import lzallright -> ImportError
+    """Run a test with each installed LZO library (python-lzo, lzallright, lzokay: the first found)."""
+    for preferred in LZO_MODULES[:LZO_MODULES.index(request.param)]:
+        monkeypatch.setitem(sys.modules, preferred, None)  # import <preferred> -> ImportError
     return request.param
 
 
@@ -87,6 +90,20 @@ def test_lzo_libraries_read_each_others_pages():
     page = mixed_pages(4, seed=9)[2].tobytes()
     assert lzokay.decompress(lzallright.LZOCompressor().compress(page), PAGE) == page
     assert lzallright.LZOCompressor.decompress(lzokay.compress(page), output_size_hint=PAGE) == page
+
+
+@pytest.mark.skipif(not {"lzo", "lzallright"} <= set(lzo_backends()), reason="needs python-lzo and lzallright")
+def test_liblzo2_pages_are_read_by_the_other_lzo_library_and_compress_like_makedumpfile():
+    import lzallright
+    import lzo
+
+    for page in mixed_pages(8, seed=5):
+        unit = lzo.compress(page, 1, False)
+        assert lzallright.LZOCompressor.decompress(unit, output_size_hint=PAGE) == page.tobytes()
+    compressor = page_compressor("lzo", None, 1)
+    pages = mixed_pages(8, seed=5)
+    units = compressor.compress(pages, np.arange(8))
+    assert [bytes(u) for u in units] == [lzo.compress(p, 1, False) for p in pages]  # lzo1x_1, as -l
 
 
 def _damaged(name: str) -> list[bytes]:

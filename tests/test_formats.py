@@ -84,7 +84,8 @@ def test_short_zero_runs_are_written_long_runs_split_trailing_runs_zero_filled(m
     # 20-page zero tail as zero fill.
     assert loads == [0, 1 + long_run]
     assert files == [1, 12] and mems == [1 + long_run, 12 + 20]
-    assert summary.pages_excluded == {"zero": long_run + 20}
+    # The 10 zero pages written as they are count as kept in a short run.
+    assert summary.pages_excluded == {"zero": long_run + 20, "kept_in_short_runs": 10}
     assert verify(out, src)["status"] == "ok"
 
 
@@ -103,11 +104,29 @@ def test_kernel_page_classes_need_vmcoreinfo_and_say_which_key(make_vmcore, tmp_
     # The sample has VMCOREINFO but no mem_map description: nothing to classify with.
     src, _ = make_vmcore(spec())
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "-d", "31", src, str(out)],
-                            capture_output=True, text=True, env=env_without_debug())
+    # --strict: today's refusal, exit 8, nothing written.
+    result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--strict", "-d", "31", src,
+                             str(out)], capture_output=True, text=True, env=env_without_debug())
     assert result.returncode == 8, result.stderr
     assert len(error_lines(result.stderr)) == 1 and "VMCOREINFO" in result.stderr
     assert not out.exists() and not temp_outputs(tmp_path)
+    # Without it, a scripted capture still ends with a dump: level 1, a warning naming the key.
+    for fmt in ("zelf", "kdump"):
+        target = tmp_path / f"out.{fmt}"
+        result = subprocess.run([sys.executable, "-m", "vmcap", "save", "--json", "--format", fmt,
+                                 "-d", "31", src, str(target)],
+                                capture_output=True, text=True, env=env_without_debug())
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["dump_level"] == 1
+        assert any("VMCOREINFO" in w and "dump level 1" in w for w in summary["warnings"])
+        assert "warning:" in result.stderr and "VMCOREINFO" in result.stderr
+        report = json.loads(subprocess.run([sys.executable, "-m", "vmcap", "inspect", "--json",
+                                            str(target)], capture_output=True, text=True,
+                                           check=True).stdout)
+        assert report["vmcap"]["DUMP_LEVEL"] == "1"
+        if fmt == "kdump":
+            assert report["kdump"]["dump_level"] == 1
 
 
 # makedumpfile 1.7.2 on the same dump (copy with program headers at 64), -d 31.
@@ -351,7 +370,7 @@ def test_page_stream_assembles_pages_from_any_chunking(data):
 
     page = 16
     # Disjoint ranges in address order, some zero fill, cut into random chunks.
-    cursor, chunks, memory = 0, [], {}
+    cursor, chunks, memory, zero_fill = 0, [], {}, set()
     for _ in range(data.draw(st.integers(1, 6))):
         start = cursor + data.draw(st.integers(0, 3 * page))
         length = data.draw(st.integers(1, 5 * page))
@@ -364,6 +383,8 @@ def test_page_stream_assembles_pages_from_any_chunking(data):
             n = min(start + length - cut, data.draw(st.integers(1, 2 * page)))
             piece = None if zero else memoryview(content)[cut - start:cut - start + n]
             chunks.append((cut, n, piece))
+            if zero:  # whole pages of one zero-fill chunk: present, not dumped
+                zero_fill.update(range(-(-cut // page), (cut + n) // page))
             cut += n
         cursor = start + length
     max_pfn = cursor // page + 1
@@ -378,7 +399,7 @@ def test_page_stream_assembles_pages_from_any_chunking(data):
     assert set(writer.pages) | writer.present_only == touched
     assert not set(writer.pages) & writer.present_only
     for pfn in touched:
-        if excluded[pfn]:
+        if excluded[pfn] or pfn in zero_fill:
             assert pfn in writer.present_only
             continue
         # RAM bytes where a range put them, zeros in the rest of the page.

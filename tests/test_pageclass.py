@@ -705,3 +705,92 @@ def test_pfn_bitmap_behaves_like_a_bool_array(data):
     assert bitmap[lo:].tolist() == reference[lo:].tolist()
     pfn = data.draw(st.integers(0, size - 1))
     assert bitmap[pfn] == bool(reference[pfn])
+
+
+# --- cyclic mode: bounded state whatever max_pfn is ------------------------------------------
+
+
+def random_mem_map(rng: np.random.Generator, count: int) -> MemMap:
+    """Buddy blocks, compound cache/anon/hugetlb pages (some gigantic) and order-0 pages, aligned."""
+    mem = MemMap(count)
+    pfn = 0
+    while pfn < count:
+        order = int(rng.choice([0, 0, 0, 1, 3, 5, 9, 10]))
+        if pfn % (1 << order) or pfn + (1 << order) > count:
+            order = 0
+        kind = int(rng.integers(5))
+        if kind == 0:
+            mem.free_block(pfn, order)
+        elif kind == 1 and order:
+            mem.compound(pfn, order, HUGETLB_PAGE_DTOR)
+        elif kind == 2 and order:
+            mem.compound(pfn, order)
+            mem.anon(pfn)
+        elif kind == 3:
+            mem.cache(pfn)
+        pfn += 1 << order
+    return mem
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cyclic_exclusion_matches_the_one_cycle_walk_pfn_for_pfn(seed):
+    mem = random_mem_map(np.random.default_rng(seed), 16384)
+    mem.compound(8192, 12, HUGETLB_PAGE_DTOR)  # 4096 pfns: crosses two 1024-pfn cycles
+    whole = mem.classify(31, chunk_pages=512, cycle_pfns=1 << 20)
+    cyclic = mem.classify(31, chunk_pages=512, cycle_pfns=1024)
+    reference = whole.excluded.to_array()
+    assert whole.excluded.cycle_pfns >= 16384 and cyclic.excluded.cycle_pfns == 1024
+    assert cyclic.counts == whole.counts
+    assert cyclic.excluded.count() == whole.excluded.count() == int(reference.sum())
+    assert np.array_equal(cyclic.excluded.to_array(), reference)
+    rng = np.random.default_rng(seed + 100)
+    for _ in range(50):  # any slice, in any order, crossing cycles or not
+        lo = int(rng.integers(0, 16384))
+        hi = int(rng.integers(lo, 16385))
+        assert np.array_equal(cyclic.excluded[lo:hi], reference[lo:hi]), (lo, hi)
+        assert cyclic.excluded[lo] == reference[lo]
+
+
+def test_cyclic_exclusion_rewalks_each_cycle_once_in_pfn_order_and_skips_clean_cycles():
+    mem = MemMap(8192)
+    mem.free_block(1024, 10)     # cycle 1 only
+    mem.compound(4096, 11, HUGETLB_PAGE_DTOR)  # cycles 4 and 5, from a head in cycle 4
+    result = mem.classify(31, chunk_pages=512, cycle_pfns=1024)
+    excluded = result.excluded
+    reads_of_counting_walk = len(mem.reads)
+    pieces = [excluded[lo:lo + 300] for lo in range(0, 8192, 300)]
+    assert np.flatnonzero(np.concatenate(pieces)).tolist() == list(range(1024, 2048)) + list(range(4096, 6144))
+    # Cycle 0 is kept from the counting walk; 1, 4 and 5 are walked again, 2, 3, 6 and 7 are not.
+    assert excluded.cycles_walked == 3
+    cycle_5_reads = [vaddr for vaddr, _ in mem.reads[reads_of_counting_walk:]
+                     if 5120 <= (vaddr - VMEMMAP) // STRUCT_PAGE < 6144]
+    assert cycle_5_reads, "cycle 5 is decided by its own walk (its pages are tails: nothing claimed)"
+
+
+def test_classification_state_does_not_grow_with_the_address_space():
+    # 4 Gi pfns (16 TiB of pages) with 4096 pfns of RAM at each end: a whole-space
+    # bitmap would be 512 MiB; the cyclic state is one cycle and an int per cycle.
+    space = 1 << 32
+    mem = MemMap(4096)
+    for pfn in range(0, 4096, 1024):
+        mem.free_block(pfn, 10)
+
+    def read_virtual(vaddr: int, size: int) -> bytes:
+        return mem.read_virtual(VMEMMAP + (vaddr - VMEMMAP) % (4096 * STRUCT_PAGE), size)
+
+    runs = (MemMapRun(0, 4096, VMEMMAP), MemMapRun(space - 4096, space, VMEMMAP + (space - 4096) * STRUCT_PAGE))
+    result = classify_mem_map(read_virtual, runs, page_rules(INFO_6_1, 31), max_pfn=space)
+    assert result.excluded.count() == result.counts["free"] == 8192
+    assert result.excluded[space - 5000:space].sum() == 4096
+    assert result.excluded[1 << 31:(1 << 31) + 4096].sum() == 0
+    assert result.excluded.cycles_walked == 1
+
+
+def test_pfn_bitmap_set_range_sets_exactly_the_range():
+    from vmcap.pageclass import PfnBitmap
+
+    for lo in range(0, 20):
+        for hi in range(lo, 40):
+            bitmap = PfnBitmap(40)
+            bitmap.set_range(lo, hi)
+            assert np.flatnonzero(bitmap.to_array()).tolist() == list(range(lo, hi)), (lo, hi)

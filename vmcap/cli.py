@@ -45,6 +45,12 @@ EXIT_CODES = {
 DEFAULT_SOURCE = "/proc/vmcore"
 
 
+def exit_code(error: Exception) -> int:
+    """By class, so a subclass (OutputFull) keeps its family's code."""
+    return next((code for cls, code in EXIT_CODES.items() if isinstance(error, cls)),
+                EXIT_INTERNAL)
+
+
 @contextmanager
 def _errors_to_exit_codes():
     """The one place where exceptions become a message line and an exit code."""
@@ -52,7 +58,7 @@ def _errors_to_exit_codes():
         yield
     except VmcapError as error:
         click.echo(f"vmcap: error: {_one_line(str(error))}", err=True)
-        sys.exit(EXIT_CODES.get(type(error), EXIT_INTERNAL))
+        sys.exit(exit_code(error))
     except (KeyboardInterrupt, Interrupted) as stop:
         what = stop.args[0] if isinstance(stop, Interrupted) else "SIGINT"
         click.echo(f"vmcap: interrupted by {what}", err=True)
@@ -124,6 +130,7 @@ SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 FRAME_BYTES_RANGE = (64 << 10, 64 << 20)
 WINDOW_BYTES_RANGE = (64 << 10, 256 << 20)
 PAGE_SIZE_RANGE = (1 << 10, 1 << 20)
+SIZE_LIMIT_RANGE = (1 << 20, 1 << 60)
 
 
 class ByteSize(click.ParamType):
@@ -159,6 +166,24 @@ def _size_text(n: int) -> str:
     return str(n)
 
 
+class DumpLevels(click.ParamType):
+    """A dump level 0..31, or a comma-separated list of them tried in turn (1,31)."""
+
+    name = "LEVEL[,LEVEL...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        levels = []
+        for part in str(value).split(","):
+            part = part.strip()
+            if not part.isdigit() or not 0 <= int(part) <= 31:
+                self.fail(f"{_one_line(repr(part), 60)} is not a dump level from 0 to 31",
+                          param, ctx)
+            levels.append(int(part))
+        return tuple(levels)
+
+
 class PageSize(click.ParamType):
     """A page size: a power of two from 1 KiB to 1 MiB."""
 
@@ -188,6 +213,22 @@ class PathArgument(click.ParamType):
 
 
 PATH = PathArgument()
+
+
+def _vmcoreinfo_option(f):
+    return click.option("--vmcoreinfo", "vmcoreinfo_path", type=PATH, default=None,
+                        metavar="FILE",
+                        help="VMCOREINFO from FILE (KEY=VALUE lines, as `makedumpfile -g` or "
+                             "`vmcap inspect --show-vmcoreinfo` write them), for a dump "
+                             "without the note or with a damaged one.")(f)
+
+
+def _read_vmcoreinfo(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    from .vmcoreinfo import read_vmcoreinfo_file
+
+    return read_vmcoreinfo_file(path)
 
 
 def _page_size_option(f):
@@ -268,14 +309,16 @@ def main():
 @click.option("--segments", "show_segments", is_flag=True, help="List the PT_LOAD segments.")
 @click.option("--fractional", "show_fractional", is_flag=True,
               help="List every fractional page and its RAM pieces.")
-@click.option("--vmcoreinfo", "show_vmcoreinfo", is_flag=True, help="Print the VMCOREINFO text.")
+@click.option("--show-vmcoreinfo", "show_vmcoreinfo", is_flag=True,
+              help="Print the VMCOREINFO text.")
+@_vmcoreinfo_option
 @click.option("--mem-usage", "show_mem_usage", is_flag=True,
               help="Count pages per class (cache, user, free, kernel) like makedumpfile "
                    "--mem-usage; reads the kernel's struct pages (x86_64, arm64; needs VMCOREINFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
 @_page_size_option
-def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage, as_json,
-            page_size):
+def inspect(src, show_segments, show_fractional, show_vmcoreinfo, vmcoreinfo_path,
+            show_mem_usage, as_json, page_size):
     """Describe a vmcore: /proc/vmcore, a saved dump, or a vmcap output.
 
     SRC defaults to /proc/vmcore.
@@ -283,7 +326,8 @@ def inspect(src, show_segments, show_fractional, show_vmcoreinfo, show_mem_usage
     from .inspect import describe
 
     with _errors_to_exit_codes():
-        report = describe(src, page_size=page_size, mem_usage=show_mem_usage)
+        report = describe(src, page_size=page_size, mem_usage=show_mem_usage,
+                          vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path))
         if as_json:
             click.echo(json.dumps(report, indent=2))
             return
@@ -348,6 +392,11 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
         pairs.append(("written by", f"vmcap {vmcap.get('VERSION', '?')} from "
                                     f"{vmcap.get('SOURCE', '?')}"))
         pairs.append(("read errors", f"{len(vmcap['error_ranges'])} range(s) zero-filled"))
+    if report.get("incomplete"):
+        from .elfwriter import describe_incomplete
+
+        pairs.append(("INCOMPLETE", f"the capture stopped early: "
+                                    f"{describe_incomplete(report['incomplete'])}"))
     _print_fields(pairs)
     for warning in report["warnings"]:
         click.echo(f"warning: {warning}", err=True)
@@ -383,7 +432,7 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
               help="Compression level: zstd -7..22 (default 3 for zelf, 5 for kdump), "
                    "zlib 1..9 (default 3).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0,
-              help="Compression threads (default 0: all cores).")
+              help="Compression threads (default 0: one per CPU this process may use).")
 @click.option("--frame-size", type=ByteSize(*FRAME_BYTES_RANGE), default="8M",
               show_default=True, help="Uncompressed bytes per zstd frame (zelf), 64K..64M.")
 @click.option("--window", type=ByteSize(*WINDOW_BYTES_RANGE), default="4M", show_default=True,
@@ -392,9 +441,16 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @click.option("--on-error", type=click.Choice(["fail", "zero"]), default="fail",
               show_default=True,
               help="On a source read error: fail, or zero-fill the range, record it and go on.")
-@click.option("-d", "--dump-level", type=click.IntRange(0, 31), default=0, show_default=True,
+@click.option("-d", "--dump-level", type=DumpLevels(), default="0", show_default=True,
               help="makedumpfile dump level, bits added up: 1 zero pages, 2 cache, "
-                   "4 cache with private data, 8 user pages, 16 free pages (31: all).")
+                   "4 cache with private data, 8 user pages, 16 free pages (31: all). "
+                   "A list (1,31) tries the next level when the output does not fit.")
+@click.option("--size-limit", type=ByteSize(*SIZE_LIMIT_RANGE), default=None,
+              help="Largest output file, e.g. 2G (makedumpfile -L); past it the next dump "
+                   "level is tried, after the last an incomplete dump is kept.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 8) when the dump level needs kernel knowledge vmcap lacks, "
+                   "instead of saving at level 1 (or 0) with a warning.")
 @click.option("--compress", type=click.Choice(["zstd", "zlib", "lzo", "snappy", "none"]),
               default="zstd", show_default=True,
               help="Page compression for --format kdump and kdump-flat (makedumpfile -z, -c, "
@@ -414,9 +470,10 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
               help="Progress on stderr: a bar on a terminal, plain lines elsewhere (at most "
                    "one per 3 s and per 5%), or none.")
 @_page_size_option
+@_vmcoreinfo_option
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
-         dump_level, compress, zero_pages, dmesg_path, force, as_json, quiet, progress_mode,
-         page_size):
+         dump_level, size_limit, strict, compress, zero_pages, dmesg_path, force, as_json, quiet,
+         progress_mode, page_size, vmcoreinfo_path):
     """Save a vmcore: vmcap save [SRC] OUT.
 
     SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
@@ -441,8 +498,10 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
-                          dump_level=dump_level, compress=compress, zero_pages=zero_pages,
-                          dmesg_path=dmesg_path)
+                          dump_level=dump_level[0], retry_levels=dump_level[1:],
+                          size_limit=size_limit, strict=strict, compress=compress,
+                          zero_pages=zero_pages, dmesg_path=dmesg_path,
+                          vmcoreinfo_path=vmcoreinfo_path)
     from .progress import progress_reporter
 
     with _errors_to_exit_codes():
@@ -490,12 +549,13 @@ def _render_save(s, err: bool) -> None:
               help="Also compare every segment byte with this source vmcore.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON result.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def verify(dump, source_path, as_json, quiet):
+@_vmcoreinfo_option
+def verify(dump, source_path, as_json, quiet, vmcoreinfo_path):
     """Check a vmcap output: seek table and every frame; with --source, every byte."""
     from .verify import verify as run_verify
 
     with _errors_to_exit_codes():
-        result = run_verify(dump, source_path)
+        result = run_verify(dump, source_path, vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path))
         if as_json:
             click.echo(json.dumps(result, indent=2))
         elif not quiet:
@@ -521,7 +581,8 @@ def decompress(dump, plain, force):
 @click.option("--caller-id", is_flag=True,
               help="Add the [T<pid>]/[C<cpu>] caller column, as makedumpfile 1.7.5+ prints it.")
 @_page_size_option
-def dmesg(src, as_json, caller_id, page_size):
+@_vmcoreinfo_option
+def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
     """Print the crashed kernel's log (like makedumpfile --dump-dmesg).
 
     Works on /proc/vmcore, saved ELF dumps, zelf and kdump files; needs
@@ -531,7 +592,8 @@ def dmesg(src, as_json, caller_id, page_size):
     from .dumpfile import kernel_log, open_dump
 
     with _errors_to_exit_codes():
-        with open_dump(src, page_size=page_size) as dump:
+        with open_dump(src, page_size=page_size,
+                       vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path)) as dump:
             records = kernel_log(dump)
         if as_json:
             click.echo(json.dumps([_record_json(r) for r in records], indent=2))
@@ -613,7 +675,7 @@ def makedumpfile(args):
         except VmcapError as error:
             if not request.message_level & mdf.MESSAGE_ERROR:
                 # --message-level without the error bit: the exit code alone says it.
-                sys.exit(EXIT_CODES.get(type(error), EXIT_INTERNAL))
+                sys.exit(exit_code(error))
             raise
     sys.exit(code)
 

@@ -12,6 +12,7 @@ stored unit back into a page, and raises PageDataError when the bytes do not
 decode to exactly one page.
 
 Libraries: zlib (stdlib) and python-zstandard as before; LZO through
+python-lzo (liblzo2's lzo1x_1, like makedumpfile, when installed), else
 lzallright (a Rust port of LZ👌, which releases the GIL) or, where it is not
 installed (it needs Python 3.11), lzokay (C++, holds the GIL); snappy through
 cramjam. Any LZO1X compressor's output is valid for the readers: crash and
@@ -20,7 +21,6 @@ makedumpfile decompress with liblzo2's lzo1x_decompress_safe.
 
 from __future__ import annotations
 
-import concurrent.futures
 import threading
 import zlib
 from typing import Callable, Protocol, Sequence
@@ -71,7 +71,26 @@ class PageCompressor(Protocol):
 # need the LZO or snappy packages.
 
 def _lzo_backend():
-    """(compress_factory, decompress(data, page_size), releases_gil)."""
+    """(compress_factory, decompress(data, page_size), releases_gil).
+
+    python-lzo (liblzo2's own lzo1x_1, what makedumpfile -l calls) first:
+    about 5 µs a 4 KiB page against 110 µs for lzallright and 380 µs for
+    lzokay, whose compressors search for the best match (lzo1x_999-like
+    output, ~15% smaller). It is optional: it builds against liblzo2-dev.
+    """
+    try:
+        import lzo
+    except ImportError:
+        pass
+    else:
+        def decompress(data, page_size):
+            try:
+                # header=False: a raw lzo1x stream, decoded by lzo1x_decompress_safe.
+                return lzo.decompress(bytes(data), False, page_size)
+            except lzo.error as e:
+                raise PageDataError(f"lzo data does not decompress: {e}") from e
+
+        return (lambda: lambda page: lzo.compress(page, 1, False)), decompress, False
     try:
         import lzallright
     except ImportError:
@@ -146,9 +165,13 @@ class _RowPages:
         self._make_compress = make_compress
         self._local = threading.local()
         self._workers = workers
-        self._pool = (concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                            thread_name_prefix=f"kdump-{name}")
-                      if workers > 1 else None)
+        self._pool = None
+        if workers > 1:
+            # Imported here: one CPU (a capture kernel's nr_cpus=1) needs no pool.
+            import concurrent.futures
+
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                               thread_name_prefix=f"kdump-{name}")
 
     def _compress_rows(self, pages: np.ndarray, rows: Sequence[int]) -> list:
         compress = getattr(self._local, "compress", None)
@@ -208,6 +231,8 @@ def encode_pages(compressor: PageCompressor | None, flag: int, pages: np.ndarray
     compressed = unit_sizes < page_size
     sizes[compressed] = unit_sizes[compressed]
     flags[compressed] = flag
+    if compressed.all():  # the usual case: no per-page choice to make
+        return b"".join(units), sizes, flags
     pieces = [unit if is_small else pages[row]
               for unit, row, is_small in zip(units, rows.tolist(), compressed.tolist())]
     return b"".join(pieces), sizes, flags

@@ -182,8 +182,12 @@ class OpenDump:
         self.close()
 
 
-def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
-    """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory."""
+def open_dump(path: str, *, page_size: int | None = None,
+              vmcoreinfo: bytes | None = None) -> OpenDump:
+    """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory.
+
+    ``vmcoreinfo`` replaces the dump's own VMCOREINFO (a file's text).
+    """
     from .layout import read_layout
     from .vmcoreinfo import parse_vmcoreinfo
 
@@ -198,11 +202,12 @@ def open_dump(path: str, *, page_size: int | None = None) -> OpenDump:
         header = reader.header
         runs = [(first, first + count) for first, count in reader.iter_present_runs()]
         return OpenDump(path, container, header.machine, header.page_size,
-                        parse_vmcoreinfo(reader.vmcoreinfo), reader.pread_physical,
+                        parse_vmcoreinfo(reader.vmcoreinfo if vmcoreinfo is None
+                                         else vmcoreinfo), reader.pread_physical,
                         header.phys_base or None, header.max_mapnr, runs, reader.close)
     source = open_elf_source(path)
     try:
-        layout = read_layout(source, page_size=page_size)
+        layout = read_layout(source, page_size=page_size, vmcoreinfo=vmcoreinfo)
     except BaseException:
         source.close()
         raise

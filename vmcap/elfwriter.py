@@ -130,7 +130,8 @@ def parse_vmcap_note(desc: bytes) -> dict[str, object]:
 VMCAP_NOTE_KEYS = frozenset({
     "VERSION", "SOURCE", "PAGE_SIZE", "FORMAT", "DUMP_LEVEL", "COMPRESS", "ZERO_PAGES",
     "ERROR_RANGES", "ERROR_RANGE", "ERROR_RANGES_NOT_LISTED",
-    "META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET"})
+    "META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET",
+    "INCOMPLETE", "SAVED_BYTES", "MEMORY_BYTES", "DATA_END_PADDR"})
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
@@ -150,9 +151,45 @@ def check_vmcap_note(desc: bytes, where: str) -> dict[str, object]:
         if key.endswith("_XXH64") or key == "DATA_OFFSET":
             if not (_HEX16.fullmatch(value) or value == "unknown"):
                 raise CorruptOutput(f"{where}: VMCAP note {key} value {value[:40]!r} is damaged")
-        elif key in ("PAGE_SIZE", "DUMP_LEVEL", "ERROR_RANGES_NOT_LISTED") and not value.isdigit():
+        elif key in ("PAGE_SIZE", "DUMP_LEVEL", "ERROR_RANGES_NOT_LISTED", "INCOMPLETE",
+                     "SAVED_BYTES", "MEMORY_BYTES") and not value.isdigit():
             raise CorruptOutput(f"{where}: VMCAP note {key} value {value[:40]!r} is damaged")
-    return parse_vmcap_note(desc)
+    note = parse_vmcap_note(desc)
+    incomplete = incomplete_info(note)
+    if incomplete is not None:
+        # Kept after a full disk or a write error: readable, but not a whole dump.
+        raise CorruptOutput(f"{where}: incomplete dump (the capture stopped early): it holds "
+                            f"{describe_incomplete(incomplete)}")
+    return note
+
+
+def incomplete_lines(saved_bytes: int, memory_bytes: int, end_paddr: int) -> list[str]:
+    """The note lines of a dump cut short: how much memory it holds, of how much,
+    and the physical address where its data stops."""
+    return ["INCOMPLETE=1", f"SAVED_BYTES={saved_bytes}", f"MEMORY_BYTES={memory_bytes}",
+            f"DATA_END_PADDR={end_paddr:#x}"]
+
+
+def incomplete_info(note: dict | None) -> dict | None:
+    """What a parsed VMCAP note says of a dump cut short, or None for a whole one."""
+    if not note or note.get("INCOMPLETE") != "1":
+        return None
+    info: dict = {}
+    for key, name in (("SAVED_BYTES", "saved_bytes"), ("MEMORY_BYTES", "memory_bytes")):
+        value = str(note.get(key, ""))
+        info[name] = int(value) if value.isdigit() else None
+    try:
+        info["data_end_paddr"] = int(str(note.get("DATA_END_PADDR")), 16)
+    except ValueError:
+        info["data_end_paddr"] = None
+    return info
+
+
+def describe_incomplete(info: dict) -> str:
+    """'N of M bytes of memory (data stops at physical address X)'."""
+    saved, total, end = info.get("saved_bytes"), info.get("memory_bytes"), info.get("data_end_paddr")
+    text = f"{saved} of {total} bytes of memory"
+    return text if end is None else f"{text} (data stops at physical address {end:#x})"
 
 
 def find_vmcap_note(notes) -> dict | None:
@@ -202,6 +239,48 @@ def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size
         raise Unsupported(f"{layout.source_name}: an ELF32 output would be {cursor} bytes, past "
                           "what 32-bit offsets address; use --format kdump")
 
+    return ElfImage(_pack_header(layout, placed, notes_offset, notes_size), tuple(placed),
+                    notes_offset, notes_size)
+
+
+def cut_image(layout: Layout, image: ElfImage, data_end: int) -> tuple[ElfImage, int, int, int]:
+    """The image of a dump whose data stops at file offset ``data_end``.
+
+    Every segment keeps its offset and p_memsz; p_filesz is cut to the bytes
+    written, so readers see what is missing as absent (p_memsz > p_filesz
+    reads as zeros). Returns (image, bytes of memory data kept, of how many,
+    physical address where the data stops).
+    """
+    cut = []
+    saved = total = 0
+    end_paddr = None
+    for seg in image.segments:
+        kept = min(seg.filesz, max(0, data_end - seg.offset))
+        if kept < seg.filesz and end_paddr is None:
+            end_paddr = seg.paddr + kept
+        saved += kept
+        total += seg.filesz
+        cut.append(OutputSegment(seg.paddr, seg.vaddr, seg.offset, kept, seg.memsz, seg.flags))
+    if end_paddr is None:
+        last = max(image.segments, key=lambda s: s.paddr + s.memsz, default=None)
+        end_paddr = last.paddr + last.memsz if last is not None else 0
+    header = _pack_header(layout, cut, image.notes_offset, image.notes_size)
+    return (ElfImage(header, tuple(cut), image.notes_offset, image.notes_size), saved, total,
+            end_paddr)
+
+
+def _pack_header(layout: Layout, placed: Sequence[OutputSegment], notes_offset: int,
+                 notes_size: int) -> bytes:
+    """ELF header, program headers (and section header 0 for PN_XNUM)."""
+    elf_class, endian = layout.elf_class, _endian(layout.byte_order)
+    ehdr = struct.Struct(endian + _EHDR_FORMATS[elf_class])
+    phdr_format, phdr_fields = _PHDR_FORMATS[elf_class]
+    phdr = struct.Struct(endian + phdr_format)
+    shdr = struct.Struct(endian + _SHDR_FORMATS[elf_class])
+    phnum = 1 + len(placed)
+    use_xnum = phnum >= PN_XNUM
+    phoff = ehdr.size
+
     ident = bytearray(16)
     ident[:4] = b"\x7fELF"
     ident[4] = 1 if elf_class == 32 else 2
@@ -225,7 +304,7 @@ def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size
     if use_xnum:
         # Section header 0 carries the real program header count in sh_info.
         header += shdr.pack(0, 0, 0, 0, 0, 0, 0, phnum, 0, 0)
-    return ElfImage(bytes(header), tuple(placed), notes_offset, notes_size)
+    return bytes(header)
 
 
 class ElfStreamWriter:

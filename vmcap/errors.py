@@ -29,6 +29,13 @@ class OutputError(VmcapError):
     """The output could not be written (exists, unwritable, disk full, EIO)."""
 
 
+class OutputFull(OutputError):
+    """The output does not fit: the disk (or quota) is full, or the size limit was reached.
+
+    A dump level list retries at the next level on this error alone.
+    """
+
+
 class CorruptOutput(VmcapError):
     """A vmcap output (seekable zstd, kdump) is damaged: bad frame, bad seek table."""
 

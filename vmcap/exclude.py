@@ -90,14 +90,21 @@ def page_flags_of_chunk(paddr: int, data, page_size: int) -> tuple[int, np.ndarr
     return paddr + skip, ~rows.any(axis=1)
 
 
+@dataclass(frozen=True)
+class ScanResult:
+    runs: list[ExcludedRun]
+    zero_pages: int  # all-zero pages seen that no kernel class excludes (in runs or not)
+
+
 def scan_excluded_runs(copier_factory, plan: CopyPlan, segments: dict[int, Segment],
                        page_size: int, *, exclude_zero: bool,
-                       class_excluded: np.ndarray | None = None) -> list[ExcludedRun]:
+                       class_excluded: np.ndarray | None = None) -> ScanResult:
     """Read the plan's mapped ranges once and find the runs to exclude.
 
     ``copier_factory(plan)`` returns a PlanCopier over the source;
     ``class_excluded`` is the per-pfn bitmap from page classification.
     """
+    zero_pages = 0
     scan_plan = CopyPlan(plan.page_size, tuple(s for s in plan.steps if type(s) is MappedRange),
                          plan.segments, plan.mapped_bytes, 0, 0)
     trackers: dict[int, RunTracker] = {}
@@ -126,10 +133,15 @@ def scan_excluded_runs(copier_factory, plan: CopyPlan, segments: dict[int, Segme
         # Pages cut by a window edge (only in packed cores) are not in the
         # flags at all: never exclude what was not seen whole.
         tracker.add(first, excluded)
+        if exclude_zero:
+            zero_only = excluded & zero
+            if class_excluded is not None and len(zero):
+                zero_only[:len(known)] &= ~known
+            zero_pages += int(zero_only.sum())
     runs = []
     for tracker in trackers.values():
         runs.extend(tracker.finish())
-    return runs
+    return ScanResult(runs, zero_pages)
 
 
 def runs_from_mask(segments, excluded: np.ndarray, page_size: int) -> list[ExcludedRun]:

@@ -90,6 +90,9 @@ class FlattenedWriter:
         self._end = 0  # the reassembled file's size so far
         self._closed = False
         out.write(stream_header())
+        # Where the last whole record ends in the stream: a write that failed
+        # part-way through a record is cut back to here (an incomplete dump).
+        self.record_end = getattr(out, "position", 0)
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -100,6 +103,7 @@ class FlattenedWriter:
         self._out.write(_RECORD.pack(offset, len(view)))
         self._out.write(view)
         self._end = max(self._end, offset + len(view))
+        self.record_end = getattr(self._out, "position", 0)
 
     def truncate(self, size: int) -> None:
         """Make the reassembled file `size` bytes long; it can grow, not shrink."""

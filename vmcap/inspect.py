@@ -3,39 +3,50 @@
 from __future__ import annotations
 
 from .dumpfile import detect_container, open_elf_source
-from .elfwriter import find_vmcap_note
+from .elfwriter import find_vmcap_note, incomplete_info
 from .fraction import plan_copy
 from .layout import read_layout
 
 
-def memory_usage(path: str, *, page_size: int | None = None) -> list[dict]:
+def memory_usage(path: str, *, page_size: int | None = None,
+                 vmcoreinfo: bytes | None = None) -> list[dict]:
     """Pages per class, like makedumpfile --mem-usage (classified at dump level 31)."""
     from .dumpfile import classify_dump, open_dump
     from .pageclass import mem_usage
 
-    with open_dump(path, page_size=page_size) as dump:
+    with open_dump(path, page_size=page_size, vmcoreinfo=vmcoreinfo) as dump:
         result = classify_dump(dump, 31)
     return [{"type": row.type, "pages": row.pages, "excludable": row.excludable,
              "description": row.description} for row in mem_usage(result).values()]
 
 
-def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False) -> dict:
-    """Everything `vmcap inspect` shows, as one JSON-ready dict."""
-    report = _describe(path, page_size)
+def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False,
+             vmcoreinfo: bytes | None = None) -> dict:
+    """Everything `vmcap inspect` shows, as one JSON-ready dict.
+
+    ``vmcoreinfo`` replaces the dump's own VMCOREINFO (a file's text).
+    """
+    report = _describe(path, page_size, vmcoreinfo)
     if mem_usage:
-        report["mem_usage"] = memory_usage(path, page_size=page_size)
+        report["mem_usage"] = memory_usage(path, page_size=page_size, vmcoreinfo=vmcoreinfo)
     return report
 
 
-def _describe(path: str, page_size: int | None) -> dict:
+def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None) -> dict:
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .kdumpsave import describe_kdump
+        from .vmcoreinfo import parse_vmcoreinfo
 
-        return describe_kdump(path)
+        report = describe_kdump(path)
+        if vmcoreinfo is not None:
+            info = parse_vmcoreinfo(vmcoreinfo)
+            report.update(vmcoreinfo=info, vmcoreinfo_text=vmcoreinfo.decode("utf-8", "replace"),
+                          osrelease=info.get("OSRELEASE", report.get("osrelease")))
+        return report
     source = open_elf_source(path)
     try:
-        layout = read_layout(source, page_size=page_size)
+        layout = read_layout(source, page_size=page_size, vmcoreinfo=vmcoreinfo)
     finally:
         source.close()
     plan = plan_copy(layout.segments, layout.page_size)
@@ -71,4 +82,7 @@ def _describe(path: str, page_size: int | None) -> dict:
     vmcap = find_vmcap_note(layout.notes)
     if vmcap is not None:
         report["vmcap"] = vmcap
+    incomplete = incomplete_info(vmcap)
+    if incomplete is not None:
+        report["incomplete"] = incomplete
     return report

@@ -38,9 +38,10 @@ from .digest import PLACEHOLDER, StreamDigest, file_digest, hex_value
 from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
                      DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG,
                      PageDataError, PageDecoder, encode_pages, page_compressor)
-from .errors import BadSource, CorruptOutput, OutputError, Unsupported
+from .errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES, FlattenedFile, is_flattened
 from .mmapio import open_source_fd
+from .output import write_error
 from . import vmcoreinfo as vi
 from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
                      EM_S390, EM_X86_64, NoteSpan, build_note, iter_note_spans)
@@ -353,8 +354,8 @@ def _pwrite_all(fd, data, offset: int, what: str) -> None:
         try:
             written = os.pwrite(fd, view[done:], offset + done)
         except OSError as e:
-            raise OutputError(f"writing kdump {what} at offset {offset + done:#x}: "
-                              f"{e.strerror or e}") from e
+            raise write_error(f"writing kdump {what} at offset {offset + done:#x}: "
+                              f"{e.strerror or e}", e) from e
         if written == 0:
             raise OutputError(f"writing kdump {what} at offset {offset + done:#x}: no progress")
         done += written
@@ -387,6 +388,22 @@ def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
     bitmap[byte_index[group_starts]] |= np.bitwise_or.reduceat(bits, group_starts)
 
 
+BITMAP_WINDOW_BYTES = 1 << 20  # 8 Mi pfns: the bitmaps are written in windows this size
+
+
+def _set_bit_range(bitmap: np.ndarray, lo: int, hi: int) -> None:
+    """Set LSB-first bits lo .. hi-1: whole bytes at once, the partial ones bit by bit."""
+    if hi <= lo:
+        return
+    head_end = min(hi, -(-lo // 8) * 8)
+    for bit in range(lo, head_end):
+        bitmap[bit >> 3] |= 1 << (bit & 7)
+    tail_start = max(head_end, hi - hi % 8)
+    bitmap[head_end >> 3:tail_start >> 3] = 0xFF
+    for bit in range(tail_start, hi):
+        bitmap[bit >> 3] |= 1 << (bit & 7)
+
+
 class _StreamedBitmap:
     """A bitmap written to the file as the pfns pass, in bounded memory.
 
@@ -397,7 +414,7 @@ class _StreamedBitmap:
     Bytes never touched stay holes in the new file, which read as zeros.
     """
 
-    WINDOW_BYTES = 1 << 20  # 8 Mi pfns
+    WINDOW_BYTES = BITMAP_WINDOW_BYTES
 
     def __init__(self, fd: int, file_offset: int, what: str):
         self._fd = fd
@@ -421,6 +438,22 @@ class _StreamedBitmap:
             part = pfns[windows == index] - index * window_pfns
             _set_bits(self._window, part)
             self._dirty = True
+
+    def set_range(self, first: int, count: int) -> None:
+        """Set the bits of pfns first .. first+count-1 (same order rule as set), a window at a time."""
+        window_pfns = self.WINDOW_BYTES * 8
+        position, end = first, first + count
+        while position < end:
+            index = position // window_pfns
+            if index != self._window_index:
+                self._flush()
+                self._window[:] = 0
+                self._window_index = index
+            base = index * window_pfns
+            stop = min(end, base + window_pfns)
+            _set_bit_range(self._window, position - base, stop - base)
+            self._dirty = True
+            position = stop
 
     def _flush(self) -> None:
         if self._dirty:
@@ -472,7 +505,8 @@ class KdumpWriter:
 
     def __init__(self, fd: int, info: KdumpHeaderInfo, *, max_mapnr: int, compress: str = "zstd",
                  level: int | None = None, threads: int = 0, exclude_zero: bool = False,
-                 max_pages_present: int | None = None, dump_level: int | None = None):
+                 max_pages_present: int | None = None, dump_level: int | None = None,
+                 size_limit: int | None = None):
         if compress not in COMPRESSION_FLAG:
             raise ValueError(f"compress must be one of {sorted(COMPRESSION_FLAG)}, not {compress!r}")
         page_size = info.page_size
@@ -523,6 +557,11 @@ class KdumpWriter:
         self._zero_pages_shared = 0
         self._pages_stored_raw = 0
         self._data_end = self._layout.data_offset
+        # Page data may not go past this file size (makedumpfile -L): OutputFull.
+        self._size_limit = size_limit
+        # The first pfn whose page may be missing from the file if writing
+        # stops now: pages staged or in a failed batch are not stored.
+        self._stored_through = 0
         # Digests of the append-only regions, as their bytes go out (see vmcap.digest).
         self._data_digest = StreamDigest()
         self._descriptor_digest = StreamDigest()
@@ -627,9 +666,16 @@ class KdumpWriter:
             raise ValueError(f"pages {pfn:#x}..{pfn + count - 1:#x} go past max_mapnr {self._max_mapnr:#x}")
         if count <= 0:
             return
-        self._present_bitmap.set(np.arange(pfn, pfn + count, dtype=np.int64))
+        # Staged pages come before pfn and set their bits when stored: store
+        # them first, or a range in a later bitmap window would be written
+        # before them and theirs would overwrite that window's earlier bits.
+        self._flush_staged()
+        # A range, not an array of pfns: a zero-filled segment may span 2**30 pages.
+        self._present_bitmap.set_range(pfn, count)
         self._pages_present += count
         self._next_pfn = pfn + count
+        if not self._staged_count:
+            self._stored_through = pfn + count
 
     def _stage(self, pfn: int, pages: np.ndarray) -> int:
         take = min(len(pages), self._batch_pages - self._staged_count)
@@ -670,6 +716,9 @@ class KdumpWriter:
         descriptors["size"][rows] = sizes
         descriptors["flags"][rows] = flags
 
+        if self._size_limit is not None and self._data_end + int(sizes.sum()) > self._size_limit:
+            raise OutputFull(f"size limit of {self._size_limit} bytes reached at pfn "
+                             f"{int(pfns[0]):#x} (kdump page data at offset {self._data_end:#x})")
         if len(stored):
             _pwrite_all(self._fd, page_data, self._data_end, "page data")
             self._data_digest.update(np.ascontiguousarray(page_data) if isinstance(page_data, np.ndarray)
@@ -691,6 +740,12 @@ class KdumpWriter:
             self._zero_pages_excluded += zero_count
         else:
             self._zero_pages_shared += zero_count
+        self._stored_through = max(self._stored_through, int(pfns[-1]) + 1)
+
+    @property
+    def stored_through(self) -> int:
+        """If writing stopped now, pages from this pfn on would be missing."""
+        return int(self._staged_pfns[0]) if self._staged_count else self._stored_through
 
     def _encode(self, pages: np.ndarray, stored: np.ndarray):
         """(data bytes, per-page stored sizes, per-page flags) for the rows in `stored`."""
@@ -701,21 +756,41 @@ class KdumpWriter:
             self._pages_compressor.close()
         self._closed = True
 
-    def close(self, notes_with_digests=None) -> KdumpStats:
+    def close(self, notes_with_digests=None, *, incomplete_present=None) -> KdumpStats:
         """Write the bitmaps and headers; the fd stays open (the caller owns it).
 
         ``notes_with_digests(values)``, if given, returns the notes to store
         (as long as the current ones) with the digest lines for ``values``
         (META_XXH64, DESC_XXH64, DATA_XXH64, DATA_OFFSET; see vmcap.digest).
+
+        ``incomplete_present`` closes a dump whose writing failed (disk full,
+        EIO): (first pfn, count) runs of every RAM page, in increasing order.
+        Pages from ``stored_through`` on are dropped (nothing more is
+        written but metadata); the 2nd bitmap and the descriptors cover just
+        the pages stored, the 1st bitmap all RAM, so readers see the rest as
+        excluded, and the header carries DUMP_DH_COMPRESSED_INCOMPLETE.
         """
         if self._closed:
             raise ValueError("KdumpWriter closed twice")
+        incomplete = incomplete_present is not None
         try:
-            self._flush_staged()
+            if incomplete:
+                self._staged_count = 0
+            else:
+                self._flush_staged()
         finally:
             self._release()
         layout = self._layout
         info = self._info
+        if incomplete:
+            # The failed batch may have set no bits, or the staged pages'
+            # neighbours some: the 1st bitmap is simply all RAM, rewritten.
+            present = _StreamedBitmap(self._fd, layout.present_bitmap_offset, "1st bitmap")
+            for first, count in incomplete_present:
+                for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
+                    stop = min(first + count, start + _StreamedBitmap.WINDOW_BYTES * 8)
+                    present.set(np.arange(start, stop, dtype=np.int64))
+            self._present_bitmap = present
         self._present_bitmap.close(layout.bitmap_bytes)
         self._dumped_bitmap.close(layout.bitmap_bytes)
 
@@ -756,7 +831,8 @@ class KdumpWriter:
             "uts_version": (info.version or _UNKNOWN_UTS_VERSION).encode("utf-8", errors="replace")[:64],
             "uts_machine": info.machine.encode("ascii")[:64],
             "tv_sec": crash_seconds,
-            "status": COMPRESSION_FLAG[self._compress],
+            "status": COMPRESSION_FLAG[self._compress]
+                      | (DUMP_DH_COMPRESSED_INCOMPLETE if incomplete else 0),
             "block_size": self._page_size,
             "sub_hdr_size": layout.sub_header_blocks,
             "bitmap_blocks": layout.bitmap_blocks,
@@ -766,6 +842,10 @@ class KdumpWriter:
         try:
             if isinstance(self._fd, int):
                 os.ftruncate(self._fd, self._data_end)  # drop whatever an old file had past our data
+            elif incomplete:
+                # A stream cannot shrink: data of a batch whose descriptors
+                # were never written may lie past the end, unreferenced.
+                self._fd.truncate(max(self._data_end, self._fd.file_bytes))
             else:
                 self._fd.truncate(self._data_end)
         except OSError as e:
@@ -1227,9 +1307,21 @@ def _iter_runs(bitmap: np.ndarray, chunk_bytes: int = 1 << 20) -> Iterator[tuple
     """Runs of set bits, unpacking the bitmap a chunk at a time to bound memory."""
     run_start = run_end = -1
     for base in range(0, len(bitmap), chunk_bytes):
-        bits = np.unpackbits(bitmap[base:base + chunk_bytes], bitorder="little").astype(np.int8)
-        edges = np.diff(np.concatenate(([0], bits, [0])))
+        chunk = bitmap[base:base + chunk_bytes]
         first_pfn = base * 8
+        # Chunks all clear or all set (holes, a huge zero fill) need no unpacking.
+        if not chunk.any():
+            continue
+        if (chunk == 0xFF).all():
+            if run_end == first_pfn:
+                run_end += 8 * len(chunk)
+                continue
+            if run_end > run_start >= 0:
+                yield run_start, run_end - run_start
+            run_start, run_end = first_pfn, first_pfn + 8 * len(chunk)
+            continue
+        bits = np.unpackbits(chunk, bitorder="little").astype(np.int8)
+        edges = np.diff(np.concatenate(([0], bits, [0])))
         for start, end in zip((np.flatnonzero(edges == 1) + first_pfn).tolist(),
                               (np.flatnonzero(edges == -1) + first_pfn).tolist()):
             if start == run_end:
@@ -1243,13 +1335,20 @@ def _iter_runs(bitmap: np.ndarray, chunk_bytes: int = 1 << 20) -> Iterator[tuple
 
 
 def is_kdump(path_or_fd) -> bool:
-    """True if the file starts with the kdump-compressed signature."""
+    """True if the file starts with the kdump-compressed signature.
+
+    A path is opened as every source is (open_source_fd): a FIFO or a
+    character device is refused at once instead of blocking the caller.
+    """
     try:
         if isinstance(path_or_fd, int):
-            head = os.pread(path_or_fd, len(KDUMP_SIGNATURE), 0)
-        else:
-            with open(path_or_fd, "rb") as f:
-                head = f.read(len(KDUMP_SIGNATURE))
+            return os.pread(path_or_fd, len(KDUMP_SIGNATURE), 0) == KDUMP_SIGNATURE
+        fd = open_source_fd(path_or_fd)
+    except (OSError, BadSource):
+        return False
+    try:
+        return os.pread(fd, len(KDUMP_SIGNATURE), 0) == KDUMP_SIGNATURE
     except OSError:
         return False
-    return head == KDUMP_SIGNATURE
+    finally:
+        os.close(fd)

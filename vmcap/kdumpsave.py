@@ -6,6 +6,11 @@ for ``KdumpWriter``. A fractional page is assembled from its RAM pieces
 (each read once, with pread, by the copy engine) over zeros: its non-RAM
 part is zero in the output and the page is present, so every RAM byte of it
 survives (makedumpfile 1.7.2 drops such pages from kdump files).
+
+Pages wholly in a segment's zero fill (beyond p_filesz) hold no data in the
+source: like makedumpfile (exclude_nodata_pages) they are marked present in
+the 1st bitmap and left out of the 2nd, a range at a time. Written page by
+page, a p_memsz of 2**40 would take minutes and gigabytes of descriptors.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import numpy as np
 
 from .copy import PlanCopier
 from .digest import PLACEHOLDER, UNKNOWN, note_lines
-from .elfwriter import aligned_notes, find_vmcap_note, vmcap_note
+from .elfwriter import (aligned_notes, describe_incomplete, find_vmcap_note, incomplete_info,
+                        incomplete_lines, vmcap_note)
 from .errors import BadSource, CorruptOutput, Unsupported
 from .flattened import FlattenedWriter
 from .fraction import CopyPlan, disjoint_segments, present_page_count
-from .kdump import KdumpHeaderInfo, KdumpReader, KdumpWriter, utsname_machine
+from .kdump import (BITMAP_WINDOW_BYTES, DUMP_DH_COMPRESSED_INCOMPLETE, KdumpHeaderInfo, KdumpLayout,
+                    KdumpReader, KdumpWriter, utsname_machine)
 from .layout import Layout, parse_notes
 from .vmcoreinfo import parse_vmcoreinfo
 from .output import OutputFile
 
-ZERO_CHUNK_BYTES = 4 << 20
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
 # load them: past this many pfns (32 TiB of physical address space with
 # 4 KiB pages) each bitmap would be over 1 GiB. Refuse, clearly.
@@ -38,11 +44,11 @@ class PageStream:
         self.page_size = page_size
         self._partial = bytearray(page_size)
         self._partial_pfn: int | None = None
-        self._zeros = bytes(min(ZERO_CHUNK_BYTES, max(page_size, ZERO_CHUNK_BYTES)))
         # Optional per-pfn exclusion (kernel page classes): such pages are
         # left out of the dump entirely (they stay present in bitmap 1).
         self._excluded = excluded
         self.pages_excluded_by_class = 0
+        self.zero_fill_pages = 0  # whole pages of zero fill, present but not dumped
 
     def _emit(self, pfn: int, pages) -> None:
         if self._excluded is None:
@@ -96,13 +102,9 @@ class PageStream:
         if whole_end > head_end:
             self._flush_partial()
             if data is None:
-                pfn = head_end // page
-                remaining = whole_end - head_end
-                while remaining:
-                    n = min(remaining, len(self._zeros) - len(self._zeros) % page)
-                    self._emit(pfn, memoryview(self._zeros)[:n])
-                    pfn += n // page
-                    remaining -= n
+                count = (whole_end - head_end) // page
+                self.writer.mark_present(head_end // page, count)
+                self.zero_fill_pages += count
             else:
                 self._emit(head_end // page, data[head_end - paddr:whole_end - paddr])
         tail_start = max(whole_end, head_end)
@@ -111,6 +113,78 @@ class PageStream:
 
     def close(self) -> None:
         self._flush_partial()
+
+
+def ram_pfn_runs(segments, page_size: int, *, data_only: bool = False) -> list[tuple[int, int]]:
+    """(first pfn, count) of every page the segments touch, merged, in increasing order.
+
+    ``data_only``: the pages of their file data (p_filesz), the only ones
+    that can be dumped; zero fill beyond it is present, never dumped.
+    """
+    runs: list[list[int]] = []
+    for seg in sorted(segments, key=lambda s: s.paddr):
+        size = seg.filesz if data_only else seg.memsz
+        if not size:
+            continue
+        first, end = seg.paddr // page_size, -(-(seg.paddr + size) // page_size)
+        if runs and first <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], end)
+        else:
+            runs.append([first, end])
+    return [(first, end - first) for first, end in runs]
+
+
+def metadata_ranges(layout: KdumpLayout, ram_runs, data_runs=None) -> list[tuple[int, int]]:
+    """(offset, length) of what the kdump metadata can occupy: the header blocks,
+    the bitmap windows that hold RAM pfns (the rest stay holes; for the 2nd
+    bitmap only pfns that can be dumped, ``data_runs``) and the descriptor
+    table. Reserved before the data, so a full disk cannot stop it."""
+    window_pfns = BITMAP_WINDOW_BYTES * 8
+
+    def windows_of(runs):
+        return sorted({w for first, count in runs
+                       for w in range(first // window_pfns, (first + count - 1) // window_pfns + 1)})
+
+    ranges = [(0, layout.present_bitmap_offset)]
+    for base, runs in ((layout.present_bitmap_offset, ram_runs),
+                       (layout.dumped_bitmap_offset, ram_runs if data_runs is None else data_runs)):
+        for window in windows_of(runs):
+            start = window * BITMAP_WINDOW_BYTES
+            ranges.append((base + start, min(BITMAP_WINDOW_BYTES, layout.bitmap_bytes - start)))
+    ranges.append((layout.descriptor_offset, layout.data_offset - layout.descriptor_offset))
+    return ranges
+
+
+def flattened_metadata_bytes(layout: KdumpLayout, ram_runs, data_runs=None) -> int:
+    """Most bytes the records written by close() take in a flattened stream:
+    the bitmap windows holding RAM pfns, the sub header with notes, the
+    header block, the size record and the end marker, with record headers."""
+    ranges = metadata_ranges(layout, ram_runs, data_runs)
+    bitmaps = ranges[1:-1]
+    return (sum(length for _, length in bitmaps) + layout.present_bitmap_offset
+            + 16 * (len(bitmaps) + 8) + layout.block_size)
+
+
+def zero_fill_page_runs(segments, page_size: int) -> list[tuple[int, int]]:
+    """(first pfn, count) of the pages wholly in a disjoint segment's zero fill.
+
+    PageStream marks exactly these present without dumping them: the zero
+    fill comes as one chunk per segment, and no other disjoint segment
+    touches a page that lies wholly inside this one.
+    """
+    runs = []
+    for s in segments:
+        first = -(-(s.paddr + s.filesz) // page_size)
+        end = (s.paddr + s.memsz) // page_size
+        if end > first:
+            runs.append((first, end - first))
+    return runs
+
+
+def _bits_set(bitmap, first: int, count: int, step: int = 1 << 24) -> int:
+    """Set bits of a per-pfn bitmap in [first, first+count), unpacked a bounded piece at a time."""
+    end = min(first + count, len(bitmap))
+    return sum(int(bitmap[lo:min(lo + step, end)].sum()) for lo in range(first, end, step))
 
 
 def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFile,
@@ -135,9 +209,10 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     digest_placeholders = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": PLACEHOLDER,
                            "DATA_XXH64": PLACEHOLDER, "DATA_OFFSET": PLACEHOLDER}
 
-    def all_notes(error_ranges, values=digest_placeholders) -> bytes:
+    def all_notes(error_ranges, values=digest_placeholders, more=()) -> bytes:
         return notes + vmcap_note(layout.byte_order, **note_args,
-                                  extra=extra + note_lines(values), error_ranges=error_ranges)
+                                  extra=extra + list(more) + note_lines(values),
+                                  error_ranges=error_ranges)
 
     info = KdumpHeaderInfo(
         machine=utsname_machine(layout.e_machine, layout.elf_class, layout.byte_order),
@@ -152,9 +227,12 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # Page descriptors are reserved before the data: one per page that may
     # be dumped. Pages a kernel class excludes need none; zero pages are only
     # known while copying, so their share stays reserved (a sparse hole).
-    may_dump = present_page_count(segments, page)
+    zero_fill = zero_fill_page_runs(segments, page)
+    may_dump = present_page_count(segments, page) - sum(count for _, count in zero_fill)
     if excluded is not None:
-        may_dump -= excluded.count()
+        # A page both excluded and zero fill is left out once.
+        may_dump -= excluded.count() - sum(_bits_set(excluded, first, count)
+                                           for first, count in zero_fill)
     # Dump level 1: makedumpfile keeps zero pages in the 2nd bitmap, all
     # pointing at one stored zero page, so readers see zeros. Clearing them
     # from the bitmap (--zero-pages exclude) saves 24 bytes a page, but then
@@ -169,7 +247,44 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
                          level=level, threads=options.threads,
                          exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
-                         dump_level=options.dump_level)
+                         dump_level=options.dump_level,
+                         size_limit=options.size_limit if flat is None else None)
+    # Room for the metadata, taken before the data: when the disk fills up,
+    # what was written can still be finished as a readable dump.
+    ram_runs = ram_pfn_runs(segments, page)
+    data_runs = ram_pfn_runs(segments, page, data_only=True)
+    if flat is None:
+        for offset, length in metadata_ranges(writer.layout, ram_runs, data_runs):
+            out.reserve_range(offset, length)
+    else:
+        out.set_tail_reserve(flattened_metadata_bytes(writer.layout, ram_runs, data_runs))
+    ram_pages = sum(count for _, count in ram_runs)
+
+    def finish_incomplete() -> str | None:
+        """After an output failure: close the pages stored so far as a flagged incomplete dump."""
+        cut = writer.stored_through
+        saved = sum(max(0, min(count, cut - first)) for first, count in ram_runs)
+        if saved == 0:
+            writer.close(incomplete_present=[])  # stops the compressor threads
+            return None
+        if flat is not None:
+            out.truncate(flat.record_end)
+        info = {"saved_bytes": saved * page, "memory_bytes": ram_pages * page,
+                "data_end_paddr": cut * page}
+        more = incomplete_lines(info["saved_bytes"], info["memory_bytes"], cut * page)
+        errors = copier.stats.error_ranges
+        if flat is None:
+            stats = writer.close(lambda values: all_notes(errors, values, more),
+                                 incomplete_present=ram_runs)
+            out.position = stats.file_bytes
+        else:
+            writer.replace_notes(all_notes(errors, dict.fromkeys(digest_placeholders, UNKNOWN),
+                                           more))
+            writer.close(incomplete_present=ram_runs)
+            flat.close()
+        return describe_incomplete(info)
+
+    out.keep_incomplete(finish_incomplete)
     try:
         stream = PageStream(writer, page, excluded)
         for chunk in copier:
@@ -189,6 +304,8 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     if flat is None:
         out.position = stats.file_bytes
     result = dict(counts or {})
+    if stream.zero_fill_pages:
+        result["zero_fill"] = stream.zero_fill_pages
     if exclude_zero:
         result["zero"] = stats.zero_pages_excluded
     elif options.dump_level & 1:
@@ -243,14 +360,31 @@ def describe_kdump(path: str) -> dict:
     vmcap = find_vmcap_note(notes)
     if vmcap is not None:
         report["vmcap"] = vmcap
+    incomplete = incomplete_info(vmcap)
+    if incomplete is None and header.status & DUMP_DH_COMPRESSED_INCOMPLETE:
+        # makedumpfile's own incomplete dumps: only the page counts say how much.
+        incomplete = {"saved_bytes": dumped * page, "memory_bytes": present * page,
+                      "data_end_paddr": None}
+    if incomplete is not None:
+        incomplete["pages_dumped"] = dumped
+        report["incomplete"] = incomplete
     return report
 
 
 class KdumpPhysicalView:
     """Physical memory of a kdump file for comparisons; excluded pages read as zeros."""
 
+    # A kdump file never stores a page its dump level excludes.
+    stores_excluded_pages = False
+
     def __init__(self, reader: KdumpReader):
         self.reader = reader
+        self.granule = reader.header.page_size  # a present page is represented whole
+
+    def covered_ranges(self):
+        """(paddr, length) of the memory the file represents: its 1st bitmap."""
+        page = self.reader.header.page_size
+        return [(first * page, count * page) for first, count in self.reader.iter_present_runs()]
 
     def read_physical(self, paddr: int, length: int) -> bytes:
         return self.reader.pread_physical(paddr, length)
@@ -260,7 +394,7 @@ class KdumpPhysicalView:
         return [(first * page, count * page) for first, count in self.reader.iter_dumped_runs()]
 
 
-def verify_kdump(path: str, source_path: str | None) -> dict:
+def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None = None) -> dict:
     """Check structure and digests, decompress every dumped page; with a source, compare."""
     from .digest import UNKNOWN
     from .verify import check_kdump_digests, compare_with_source, vmcap_note_in
@@ -287,7 +421,12 @@ def verify_kdump(path: str, source_path: str | None) -> dict:
         result["pages_checked"] = pages
         if source_path is not None:
             result["dump_level"] = reader.header.dump_level
+            # vmcap's kdump files say whether zero pages were kept (one shared
+            # page) or left out at dump level bit 1.
+            keeps_zero = (note or {}).get("ZERO_PAGES") == "shared"
             result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
-                                              dump_level=reader.header.dump_level))
+                                              dump_level=reader.header.dump_level,
+                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo,
+                                              keeps_zero_pages=keeps_zero))
     result["status"] = "ok"
     return result

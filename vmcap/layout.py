@@ -246,8 +246,13 @@ def parse_notes(data: bytes, byte_order: str, where: int = 0,
             for span in iter_note_spans(data, byte_order, truncated)]
 
 
-def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
-    """Read the ELF header, program headers and notes of a vmcore."""
+def read_layout(source: Source, *, page_size: int | None = None,
+                vmcoreinfo: bytes | None = None) -> Layout:
+    """Read the ELF header, program headers and notes of a vmcore.
+
+    ``vmcoreinfo``: KEY=VALUE text that replaces the dump's VMCOREINFO note
+    (vmcoreinfo.read_vmcoreinfo_file), for dumps without one.
+    """
     name = source.name
     size = source.size
     # Character devices do not know their size; bound reads by sanity only.
@@ -362,7 +367,18 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
         if note.name == "VMCOREINFO":
             vmcoreinfo_raw = note.desc.rstrip(b"\0")
             break
-    vmcoreinfo = parse_vmcoreinfo(vmcoreinfo_raw)
+    note_bytes = b"".join(note_chunks)
+    if vmcoreinfo is not None:
+        # The file replaces the note (missing or damaged) everywhere: in what
+        # vmcap reads and in the notes every output carries, so crash, drgn
+        # and makedumpfile find it in the saved dump.
+        if vmcoreinfo_raw and vmcoreinfo_raw != vmcoreinfo:
+            warnings.append("the dump's own VMCOREINFO note is replaced by the VMCOREINFO file")
+        vmcoreinfo_raw = vmcoreinfo
+        note_bytes = replace_vmcoreinfo_note(note_bytes, vmcoreinfo, byte_order)
+        notes = [n for n in notes if n.name != "VMCOREINFO"] + [
+            Note("VMCOREINFO", 0, vmcoreinfo)]
+    parsed = parse_vmcoreinfo(vmcoreinfo_raw)
 
     if page_size is not None:
         if not is_page_size(page_size):
@@ -372,7 +388,7 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
     else:
         # Unknown machines got FALLBACK_PAGE_SIZE from _ARCHES.get above.
         page_size, origin = default_page, "architecture default"
-        text = vmcoreinfo.get("PAGESIZE")
+        text = parsed.get("PAGESIZE")
         if text is not None:
             try:
                 value = int(text)
@@ -388,8 +404,15 @@ def read_layout(source: Source, *, page_size: int | None = None) -> Layout:
         source_name=name, file_size=size, elf_class=elf_class, byte_order=byte_order,
         e_machine=e_machine, machine=str(machine), arch=arch, e_flags=header["e_flags"],
         e_phoff=phoff, page_size=page_size, page_size_origin=origin,
-        segments=tuple(segments), notes=tuple(notes), note_bytes=b"".join(note_chunks),
-        vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=vmcoreinfo, warnings=tuple(warnings))
+        segments=tuple(segments), notes=tuple(notes), note_bytes=note_bytes,
+        vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=parsed, warnings=tuple(warnings))
+
+
+def replace_vmcoreinfo_note(note_bytes: bytes, vmcoreinfo: bytes, byte_order: str) -> bytes:
+    """The notes without their VMCOREINFO note, and one holding ``vmcoreinfo`` at the end."""
+    kept = [note_bytes[span.offset:span.desc_offset + ((span.desc_size + 3) & ~3)]
+            for span in iter_note_spans(note_bytes, byte_order) if span.name != "VMCOREINFO"]
+    return b"".join(kept) + build_note(b"VMCOREINFO", 0, vmcoreinfo, byte_order)
 
 
 def require_memory(layout: Layout) -> None:

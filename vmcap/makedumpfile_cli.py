@@ -26,8 +26,6 @@ PROG = "vmcap-makedumpfile"
 
 # makedumpfile options that change what is written and that vmcap does not do.
 UNSUPPORTED = {
-    "-x": "reading a vmlinux (DWARF) is not supported; vmcap needs the dump's VMCOREINFO "
-          "or -i VMCOREINFO",
     "-g": "generating VMCOREINFO from a vmlinux is not supported",
     "--split": "--split output is not supported",
     "--reassemble": "--reassemble (of --split files) is not supported",
@@ -46,7 +44,7 @@ UNSUPPORTED = {
     "--dump-erase": "erase info is not supported",
 }
 # Options that take a value among the unsupported ones (to name them cleanly).
-UNSUPPORTED_WITH_VALUE = {"-x", "-g", "--config", "--eppic", "--xen-syms", "--xen-vmcoreinfo",
+UNSUPPORTED_WITH_VALUE = {"-g", "--config", "--eppic", "--xen-syms", "--xen-vmcoreinfo",
                           "--xen_phys_start", "--diskset", "--vtop"}
 
 MESSAGE_PROGRESS = 1
@@ -79,6 +77,7 @@ class Request:
     allow_mmap: bool = True
     force: bool = False
     vmcoreinfo_path: str | None = None
+    vmlinux: str | None = None  # -x: named, checked to exist, not read (see execute)
 
 
 def _dump_levels(text: str) -> tuple[int, ...]:
@@ -120,6 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dump_level", default="0")
     p.add_argument("-L", dest="size_limit")
     p.add_argument("-i", dest="vmcoreinfo")
+    p.add_argument("-x", dest="vmlinux")
     p.add_argument("-f", dest="force", action="store_true")
     p.add_argument("-h", "--help", dest="help", action="store_true")
     p.add_argument("-v", dest="version", action="store_true")
@@ -171,7 +171,8 @@ def parse(argv: list[str]) -> Request:
         raise UsageProblem(f"--num-threads {ns.threads}: not from 0 to 256")
     message_level = ns.message_level | (31 if ns.debug else 0) | (16 if ns.show_stats else 0)
     common = dict(message_level=message_level, threads=ns.threads,
-                  allow_mmap=not ns.non_mmap, force=ns.force, vmcoreinfo_path=ns.vmcoreinfo)
+                  allow_mmap=not ns.non_mmap, force=ns.force, vmcoreinfo_path=ns.vmcoreinfo,
+                  vmlinux=ns.vmlinux)
     args = ns.args
     if ns.reassemble:
         if ns.flatten or ns.dump_dmesg or len(args) != 1:
@@ -221,6 +222,7 @@ HELP = f"""\
   -L SIZE      limit the output to SIZE bytes
   -F / -R      flattened stream to standard output / reassemble one from standard input
   -i FILE      VMCOREINFO from FILE (dumps without the note)
+  -x VMLINUX   accepted with a warning: vmcap reads no vmlinux, only VMCOREINFO
   -f           overwrite DUMPFILE
   --message-level N  1 progress, 2 common messages, 4 errors (default 7)
   --num-threads N, --non-mmap, --check-params, -D, --show-stats, -v, -h
@@ -250,13 +252,28 @@ def save_options(request: Request):
     else:
         output_format = "kdump-flat" if request.action == "flatten" else "kdump"
     return SaveOptions(output_format=output_format, compress=request.compress,
-                       dump_level=request.dump_levels[0],
+                       dump_level=request.dump_levels[0], retry_levels=request.dump_levels[1:],
+                       size_limit=request.size_limit,
                        threads=request.threads if request.threads is not None else 0,
-                       allow_mmap=request.allow_mmap, force=request.force)
+                       allow_mmap=request.allow_mmap, force=request.force,
+                       vmcoreinfo_path=request.vmcoreinfo_path)
 
 
 def execute(request: Request, *, stderr_is_terminal: bool) -> int:
     """Carry a parsed request out; vmcap's exceptions propagate to the caller."""
+    if request.vmlinux is not None and request.action in ("dump", "flatten", "dmesg"):
+        # makedumpfile takes struct layouts from vmlinux's debug info with -x;
+        # vmcap takes them from VMCOREINFO only. Say so rather than ignore it:
+        # where VMCOREINFO lacks a key, the dump level falls back (a warning).
+        import os
+
+        if not os.path.isfile(request.vmlinux):
+            from .errors import BadSource
+
+            raise BadSource(f"-x {request.vmlinux}: no such file")
+        _say(request, MESSAGE_COMMON,
+             f"warning: -x {request.vmlinux}: vmcap reads no vmlinux; page filtering and the "
+             "log use the dump's VMCOREINFO" + (" and -i" if request.vmcoreinfo_path else ""))
     if request.action == "help":
         sys.stdout.write(HELP)
         return 0
@@ -273,7 +290,8 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
                                       f"({size} bytes).")
         return 0
     if request.action == "dmesg":
-        count = write_kernel_log(request.source, request.output, force=request.force)
+        count = write_kernel_log(request.source, request.output, force=request.force,
+                                 vmcoreinfo_path=request.vmcoreinfo_path)
         _say(request, MESSAGE_COMMON, f"The dmesg log is saved to {request.output} "
                                       f"({count} records).")
         return 0
@@ -295,23 +313,25 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
     return 0
 
 
-def write_kernel_log(source_path: str, log_path: str, *, force: bool = False) -> int:
+def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
+                     vmcoreinfo_path: str | None = None) -> int:
     """`--dump-dmesg VMCORE LOGFILE`: the log as makedumpfile writes it; returns the record count."""
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump
-    from .output import OutputFile, check_output_target, refuse_same_files
+    from .output import check_output_target, refuse_same_files, write_whole_file
 
-    refuse_same_files([("VMCORE", source_path)], [("LOGFILE", log_path)])
+    from .vmcoreinfo import read_vmcoreinfo_file
+
+    inputs = [("VMCORE", source_path)]
+    if vmcoreinfo_path:
+        inputs.append(("-i VMCOREINFO", vmcoreinfo_path))
+    refuse_same_files(inputs, [("LOGFILE", log_path)])
     check_output_target(log_path, force)
-    with open_dump(source_path) as dump:
+    vmcoreinfo = read_vmcoreinfo_file(vmcoreinfo_path) if vmcoreinfo_path else None
+    with open_dump(source_path, vmcoreinfo=vmcoreinfo) as dump:
         records = kernel_log(dump)
-    out = OutputFile(log_path, force=force, mode=0o600)
-    try:
-        out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+    write_whole_file(log_path, format_makedumpfile(records).encode("utf-8", "surrogateescape"),
+                     force=force)
     return len(records)
 
 

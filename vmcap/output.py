@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import OutputError, OutputFull
 
 SPARSE_BLOCK = 4096
 TEMP_SUFFIX = ".part"
@@ -37,6 +37,12 @@ _CREATE_ATTEMPTS = 100
 # link() errors that mean "this filesystem has no hard links" (vfat, exfat,
 # many FUSE filesystems): commit falls back to check-then-rename.
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+# Write errors that mean "it does not fit": a dump level list retries at the
+# next level on these, and the last level keeps what was written.
+NO_ROOM_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# The tail reserve grows ahead of the data in steps of at least this much,
+# so the allocation is one syscall per step, not per write.
+_RESERVE_STEP = 8 << 20
 
 _KINDS = (
     (stat.S_ISDIR, "is a directory"),
@@ -156,19 +162,36 @@ def refuse_same_files(inputs: Sequence[tuple[str, str]],
         seen.append((identity, role, path))
 
 
+def write_error(what: str, error: OSError) -> OutputError:
+    """The OutputError for a failed write: OutputFull when the output does not fit."""
+    return (OutputFull if error.errno in NO_ROOM_ERRNOS else OutputError)(what)
+
+
 class OutputFile:
     """A byte sink on a file descriptor that turns OSError into one-line OutputErrors.
 
     A named output lives in a temporary file (``temp_name``, in OUT's
     directory) until commit() gives it OUT's name; abort() is the one place
-    that decides what becomes of it on failure (today: removed).
+    that decides what becomes of it on failure: removed, unless the writer
+    registered a way to finish it as an incomplete dump (keep_incomplete)
+    and the failure was the output's own (disk full, EIO, size limit).
+
+    ``size_limit`` caps the file's size (makedumpfile -L): a write past it
+    raises OutputFull, as a full disk does.
     """
 
-    def __init__(self, path: str, *, force: bool = False, mode: int = 0o600):
+    def __init__(self, path: str, *, force: bool = False, mode: int = 0o600,
+                 size_limit: int | None = None):
         self.path = path
         self.force = force
         self.to_stdout = path == "-"
         self.position = 0
+        self.size_limit = size_limit
+        # Bytes kept allocated past the data for metadata written at the end
+        # (set_tail_reserve); _allocated_end is how far the file is allocated.
+        self.tail_reserve = 0
+        self._allocated_end = 0
+        self._finish_incomplete = None  # see keep_incomplete()
         self.temp_name: str | None = None  # set while a temporary file of ours exists
         self._closed = not self.to_stdout  # no descriptor of ours yet
         self._dir_fd: int | None = None
@@ -244,10 +267,100 @@ class OutputFile:
     def _fail(self, what: str, error: OSError) -> OutputError:
         name = "standard output" if self.to_stdout else self.path
         reason = error.strerror or errno.errorcode.get(error.errno, str(error))
-        return OutputError(f"{name}: {what} failed at offset {self.position:#x}: {reason}")
+        return write_error(f"{name}: {what} failed at offset {self.position:#x}: {reason}", error)
+
+    def _limit_error(self, end: int) -> OutputFull:
+        name = "standard output" if self.to_stdout else self.path
+        return OutputFull(f"{name}: size limit of {self.size_limit} bytes reached at offset "
+                          f"{self.position:#x}")
+
+    def check_room(self, end: int) -> None:
+        """OutputFull if data up to ``end`` would not leave room for the tail reserve.
+
+        Checked before writing, so the reserve is still whole when the data
+        stops: the metadata that makes the data readable always fits.
+        """
+        need = end + self.tail_reserve
+        if self.size_limit is not None and need > self.size_limit:
+            raise self._limit_error(end)
+        if self.tail_reserve and need > self._allocated_end:
+            self._allocate(max(need, self._allocated_end + _RESERVE_STEP), need)
+
+    def _allocate(self, want_end: int, need_end: int) -> None:
+        """Allocate the file up to ``want_end`` (posix_fallocate, which glibc emulates
+        with real zeros where the filesystem cannot); if that much is not free, up to
+        ``need_end``; else OutputFull, before any byte of the write is attempted."""
+        for stop in (want_end, need_end):
+            if stop <= self._allocated_end:
+                return
+            try:
+                os.posix_fallocate(self.fd, self._allocated_end, stop - self._allocated_end)
+            except OSError as e:
+                if e.errno in NO_ROOM_ERRNOS:
+                    continue
+                if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL,
+                               errno.ESPIPE, errno.ENODEV):
+                    self.tail_reserve = 0  # cannot reserve here: best effort, as before
+                    return
+                raise self._fail("allocating", e) from None
+            self._allocated_end = stop
+            return
+        # The reserve stays free: the dump's metadata goes there.
+        raise OutputFull(f"{self.path}: write failed at offset {self.position:#x}: "
+                         f"{os.strerror(errno.ENOSPC)}")
+
+    def set_tail_reserve(self, nbytes: int) -> None:
+        """Keep ``nbytes`` allocated past the data from now on (a seekable file only).
+
+        Formats whose metadata goes at the end (the zelf seek table, the
+        kdump-flat headers) need room for it when the disk fills up.
+        """
+        if self.to_stdout or not self.seekable:
+            return
+        self.tail_reserve = nbytes
+        self.check_room(self.position)
+
+    def reserve_range(self, offset: int, length: int) -> None:
+        """Allocate [offset, offset+length) now, for metadata written there later
+        (the kdump headers, bitmaps and descriptor table before the page data)."""
+        if self.to_stdout or length <= 0:
+            return
+        if self.size_limit is not None and offset + length > self.size_limit:
+            raise self._limit_error(offset + length)
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as e:
+            if e.errno in NO_ROOM_ERRNOS:
+                raise self._fail("reserving room for the dump's metadata", e) from None
+            # A filesystem that cannot allocate ahead: metadata is written as before.
+
+    def use_tail_reserve(self) -> None:
+        """The data has stopped: the metadata may now go into the reserve."""
+        self.tail_reserve = 0
+
+    def keep_incomplete(self, finish) -> None:
+        """Register how to turn a failed output into a readable, flagged incomplete dump.
+
+        ``finish()`` is called by abort() after an output failure; it writes
+        the metadata for what is there and returns a one-line account of it
+        ("N of M bytes of memory ..."), or None when no memory was written.
+        """
+        self._finish_incomplete = finish
+
+    def truncate(self, size: int) -> None:
+        """Cut the file to ``size`` bytes (dropping a partly written unit) and write on from there."""
+        try:
+            os.ftruncate(self.fd, size)
+            os.lseek(self.fd, size, os.SEEK_SET)
+        except OSError as e:
+            raise self._fail("truncating", e) from None
+        self.position = size
+        self._allocated_end = min(self._allocated_end, size)
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
+        if self.size_limit is not None or self.tail_reserve:
+            self.check_room(self.position + len(view))
         done = 0
         while done < len(view):
             try:
@@ -263,6 +376,8 @@ class OutputFile:
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
+        if self.size_limit is not None and offset + len(view) > self.size_limit:
+            raise self._limit_error(offset + len(view))
         done = 0
         while done < len(view):
             try:
@@ -277,6 +392,8 @@ class OutputFile:
         if not self.seekable:
             self.write_zeros(n)
             return
+        if self.size_limit is not None:
+            self.check_room(self.position + n)  # a hole still makes the file that long
         try:
             os.lseek(self.fd, n, os.SEEK_CUR)
         except OSError as e:
@@ -290,6 +407,12 @@ class OutputFile:
             self.write(memoryview(zeros)[:step])
             n -= step
 
+    def _sync(self) -> None:
+        """Cut the file to its data (a tail reserve) or extend it over a final hole; fsync."""
+        if os.fstat(self.fd).st_size != self.position:
+            os.ftruncate(self.fd, self.position)
+        os.fsync(self.fd)
+
     def commit(self) -> None:
         """Make the output durable and give it its final name.
 
@@ -299,10 +422,7 @@ class OutputFile:
             self._closed = True
             return
         try:
-            # A hole at the very end needs the file extended to its size.
-            if os.fstat(self.fd).st_size < self.position:
-                os.ftruncate(self.fd, self.position)
-            os.fsync(self.fd)
+            self._sync()
         except OSError as e:
             raise self._fail("finishing", e) from None
         if not self._temp_is_ours():
@@ -381,22 +501,60 @@ class OutputFile:
                 pass
             self._dir_fd = None
 
-    def abort(self) -> None:
-        """The one place a failed output's fate is decided: today it is removed.
+    def abort(self, error: BaseException | None = None) -> str | None:
+        """The one place a failed output's fate is decided.
+
+        After an output failure (``error`` an OutputError: disk full, EIO,
+        the size limit) the memory already written is a dump that cannot be
+        taken again: if the writer registered keep_incomplete(), the file is
+        finished as a flagged incomplete dump and given OUT's name, and the
+        account of what it holds is returned. A script that renames OUT on
+        success still sees the non-zero exit. Anything else (a stop signal:
+        the user asked to stop; a bad source; no memory written; the
+        finishing failing too) removes the temporary file, as does a call
+        without ``error``.
 
         Removes only the temporary file this object created (checked by
         device and inode), never OUT or anything planted. Never raises.
         """
         if self.to_stdout:
-            return
+            return None
+        kept = None
+        if (isinstance(error, OutputError) and self._finish_incomplete is not None
+                and not self._closed and self.temp_name is not None
+                and self._dir_fd is not None and self._temp_is_ours()):
+            kept = self._keep_incomplete()
         self._close_fd()
-        if self.temp_name is not None and self._dir_fd is not None and self._temp_is_ours():
+        if kept is None and self.temp_name is not None and self._dir_fd is not None \
+                and self._temp_is_ours():
             try:
                 os.unlink(self.temp_name, dir_fd=self._dir_fd)
             except OSError:
                 pass
         self.temp_name = None
         self._close_dir()
+        return kept
+
+    def _keep_incomplete(self) -> str | None:
+        """Finish the incomplete dump and publish it as OUT; None if it cannot be."""
+        finish, self._finish_incomplete = self._finish_incomplete, None
+        self.size_limit = None  # the limit counted the reserve: the metadata fits in it
+        self.use_tail_reserve()
+        try:
+            account = finish()
+            if account is None:
+                return None
+            self._sync()
+            if not self._temp_is_ours():
+                return None
+            self._publish()
+        except Exception:
+            return None
+        try:
+            os.fsync(self._dir_fd)
+        except OSError:
+            pass
+        return account
 
 
 class SparseSink:
@@ -456,3 +614,14 @@ class SparseSink:
 
     def close(self) -> int:
         return self.out.position
+
+
+def write_whole_file(path: str, data: bytes, *, force: bool = False) -> None:
+    """A small output (a kernel log) written whole, with every OutputFile guarantee."""
+    out = OutputFile(path, force=force, mode=0o600)
+    try:
+        out.write(data)
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise

@@ -605,6 +605,12 @@ def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int) -
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
+def _popcount(octets: np.ndarray) -> np.ndarray:
+    """Set bits per byte (numpy 2's bitwise_count, or a table before it)."""
+    count = getattr(np, "bitwise_count", None)
+    return count(octets) if count is not None else _POPCOUNT[octets]
+
+
 class PfnBitmap:
     """One bit per pfn, packed (little bit order, like kdump bitmaps).
 
@@ -629,6 +635,20 @@ class PfnBitmap:
         first = np.flatnonzero(np.diff(byte_index, prepend=-1))
         self.bits[byte_index[first]] |= np.bitwise_or.reduceat(values, first)
 
+    def set_range(self, start: int, end: int) -> None:
+        """Set the bits of pfns [start, end) without listing them (a gigantic page, a spill)."""
+        if end <= start:
+            return
+        first_byte, last_byte = start >> 3, (end - 1) >> 3
+        low = (0xFF << (start & 7)) & 0xFF
+        high = 0xFF >> (7 - ((end - 1) & 7))
+        if first_byte == last_byte:
+            self.bits[first_byte] |= low & high
+            return
+        self.bits[first_byte] |= low
+        self.bits[first_byte + 1:last_byte] = 0xFF
+        self.bits[last_byte] |= high
+
     def __getitem__(self, key):
         if isinstance(key, slice):
             start, stop, step = key.indices(self.size)
@@ -647,8 +667,91 @@ class PfnBitmap:
     def count(self) -> int:
         """Set bits, counted in bounded pieces."""
         step = 1 << 24
-        return sum(int(_POPCOUNT[self.bits[i:i + step]].sum(dtype=np.int64))
+        return sum(int(_popcount(self.bits[i:i + step]).sum(dtype=np.int64))
                    for i in range(0, len(self.bits), step))
+
+    def to_array(self) -> np.ndarray:
+        """The whole bitmap as bools (tests and small dumps only)."""
+        return self[0:self.size]
+
+
+# makedumpfile's cyclic mode: the excluded pfns are known one cycle of pfns at a
+# time. 2**25 pfns (128 GiB of 4 KiB pages) is a 4 MiB bitmap, whatever the RAM size.
+CYCLE_PFNS = 1 << 25
+
+
+class CyclicExclusion:
+    """excluded[pfn] for pfns [0, max_pfn), from bounded state: one cycle's bitmap at a time.
+
+    The classification walk runs once in full to count (count() needs no
+    bitmap) and to record, at each cycle's first pfn, how far the walk had
+    got (walked_to): that is the whole state one cycle's walk needs to
+    decide exactly what the full walk decides. A slice is answered from the
+    cycles it touches, each rebuilt by walking only its own struct pages
+    when it is not the cached one; cycles the walk never excluded anything in
+    are answered with zeros and not walked. Consumers reading in ascending
+    pfn order rebuild each cycle once: struct pages are read twice in all,
+    as makedumpfile's cyclic mode reads them.
+
+    Answers to slices ([lo:hi] -> bool array), single pfns, len() and
+    count(), like PfnBitmap; memory is one cycle (CYCLE_PFNS / 8 bytes) plus
+    a few ints per cycle, not 1 bit per pfn of the address space.
+    """
+
+    def __init__(self, walk_cycle: Callable[[int, int, int, PfnBitmap], None], max_pfn: int,
+                 cycle_pfns: int, walked_to_at: Sequence[int], touched: Sequence[bool], total: int,
+                 cached: tuple[int, PfnBitmap] | None = None):
+        self._walk_cycle = walk_cycle
+        self.size = max_pfn
+        self.cycle_pfns = cycle_pfns
+        self._walked_to_at = list(walked_to_at)
+        self._touched = list(touched)
+        self._total = total
+        self._cached = cached
+        self.cycles_walked = 0  # cycles rebuilt after the counting walk (tests, profiling)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def count(self) -> int:
+        return self._total
+
+    def _cycle_bits(self, index: int) -> PfnBitmap | None:
+        """Bits of pfns [index * cycle_pfns, ...) in the cycle's own bitmap, None if all clear."""
+        if not self._touched[index]:
+            return None
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        first = index * self.cycle_pfns
+        end = min(first + self.cycle_pfns, self.size)
+        bits = PfnBitmap(end - first)
+        self._walk_cycle(first, end, self._walked_to_at[index], bits)
+        self.cycles_walked += 1
+        self._cached = (index, bits)
+        return bits
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.size)
+            if step != 1:
+                raise ValueError("CyclicExclusion slices take no step")
+            if stop <= start:
+                return np.zeros(0, dtype=bool)
+            pieces = []
+            at = start
+            while at < stop:
+                index = at // self.cycle_pfns
+                first = index * self.cycle_pfns
+                end = min(first + self.cycle_pfns, stop)
+                bits = self._cycle_bits(index)
+                pieces.append(np.zeros(end - at, dtype=bool) if bits is None
+                              else bits[at - first:end - first])
+                at = end
+            return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        pfn = int(key)
+        if not 0 <= pfn < self.size:
+            raise IndexError(pfn)
+        return bool(self[pfn:pfn + 1][0])
 
     def to_array(self) -> np.ndarray:
         """The whole bitmap as bools (tests and small dumps only)."""
@@ -663,14 +766,16 @@ class ExclusionResult:
     2/4/8/16, and for hwpoison and offline pages, which makedumpfile leaves
     out at every level whenever it walks struct pages (reading a poisoned
     page can machine-check the capture kernel). Zero pages (bit 1) are not
-    decided here. counts: pfns excluded per class ("cache", "cache_private",
-    "user", "free", "hwpoison", "offline") and "total_pages", the pfns that
-    have a struct page and are RAM in the dump (makedumpfile's "Original
-    pages"). dump_level is the level classified for.
+    decided here. excluded answers slices [lo:hi] (bool arrays) and count()
+    from one cycle of state at a time (CyclicExclusion): read it in ascending
+    pfn order, in pieces, never whole. counts: pfns excluded per class
+    ("cache", "cache_private", "user", "free", "hwpoison", "offline") and
+    "total_pages", the pfns that have a struct page and are RAM in the dump
+    (makedumpfile's "Original pages"). dump_level is the level classified for.
     """
 
     max_pfn: int
-    excluded: PfnBitmap  # 1 bit per pfn, max_pfn bits
+    excluded: CyclicExclusion  # max_pfn pfns, sliced [lo:hi]
     counts: dict[str, int]
     dump_level: int
 
@@ -718,54 +823,150 @@ def _chunks(start_pfn: int, end_pfn: int, chunk_pages: int):
         first = end
 
 
+def _set_ranges(bits: PfnBitmap, offset: int, starts: np.ndarray, ends: np.ndarray, long_span: int) -> None:
+    """Set pfns [starts[i], ends[i]) (disjoint, ascending) in bits, whose bit 0 is pfn offset.
+
+    Short ranges are listed pfn by pfn in one numpy call; the few long ones
+    (a gigantic page, a damaged order) are set as byte ranges, so no array
+    grows with a range's length.
+    """
+    long = ends - starts > long_span
+    if long.any():
+        for start, end in zip(starts[long].tolist(), ends[long].tolist()):
+            bits.set_range(start - offset, end - offset)
+        starts, ends = starts[~long], ends[~long]
+    if len(starts):
+        bits.set_sorted(_range_pfns(starts - offset, ends - offset))
+
+
+class _Walk:
+    """makedumpfile's pfn-order walk over struct pages, restartable at any cycle boundary."""
+
+    def __init__(self, read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules,
+                 max_pfn: int, chunk_pages: int, ram: RamPfnRanges | None):
+        self.read_virtual = read_virtual
+        self.runs = sorted(runs, key=lambda r: r.start_pfn)
+        self.rules = rules
+        self.max_pfn = max_pfn
+        self.chunk_pages = chunk_pages
+        self.ram = ram
+        self.dtype = struct_page_dtype(rules)
+
+    def runs_overlap(self) -> bool:
+        return any(a.end_pfn > b.start_pfn for a, b in zip(self.runs, self.runs[1:]))
+
+    def chunks(self, lo_pfn: int, hi_pfn: int):
+        """The walk's chunks whose pfns are in [lo_pfn, hi_pfn), in walk order.
+
+        With lo_pfn and hi_pfn multiples of chunk_pages and runs that do not
+        overlap, these are exactly the full walk's chunks in that range.
+        """
+        for run in self.runs:
+            first, end = max(run.start_pfn, lo_pfn), min(run.end_pfn, self.max_pfn, hi_pfn)
+            if first < end:
+                for piece in _chunks(first, end, self.chunk_pages):
+                    yield run, piece
+
+    def accepted(self, run: MemMapRun, first_pfn: int, end_pfn: int, walked_to: int):
+        """(looked_at, starts, ends, page_class) of one chunk's accepted claims, ends cut at max_pfn."""
+        rules = self.rules
+        count = end_pfn - first_pfn
+        visit = None if self.ram is None else self.ram.visit_mask(first_pfn, count)
+        if visit is not None and not visit.any():
+            return 0, None, None, None
+        vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
+        try:
+            raw = self.read_virtual(vaddr, count * rules.struct_page_size)
+        except BadSource as error:
+            raise BadSource(f"struct pages of pfns {first_pfn:#x}-{end_pfn:#x} at vaddr {vaddr:#x}: "
+                            f"{error}") from error
+        pages = np.frombuffer(raw, dtype=self.dtype, count=count)
+        looked_at = count if visit is None else int(np.count_nonzero(visit))
+        claims = page_claims(pages, first_pfn, rules, visit)
+        index = np.flatnonzero(claims.page_class)
+        starts = index + first_pfn
+        spans = np.int64(1) << np.minimum(claims.order[index], ORDER_CAP)
+        accepted = accept_claims(starts, spans, walked_to)
+        if not accepted.any():
+            return looked_at, None, None, None
+        starts = starts[accepted]
+        ends = starts + spans[accepted]
+        return looked_at, starts, ends, claims.page_class[index][accepted]
+
+    def fill_cycle(self, lo_pfn: int, hi_pfn: int, walked_to: int, bits: PfnBitmap) -> None:
+        """Set in bits (bit 0 = lo_pfn) what the full walk excludes in [lo_pfn, hi_pfn).
+
+        walked_to is where the full walk stood at lo_pfn: pfns below it were
+        excluded by a range that started in an earlier cycle.
+        """
+        bits.set_range(0, min(walked_to, hi_pfn) - lo_pfn)
+        for run, (first_pfn, end_pfn) in self.chunks(lo_pfn, hi_pfn):
+            _, starts, ends, _ = self.accepted(run, first_pfn, end_pfn, walked_to)
+            if starts is None:
+                continue
+            walked_to = max(walked_to, int(ends.max()))
+            _set_ranges(bits, lo_pfn, starts, np.minimum(ends, hi_pfn), self.chunk_pages)
+
+
 def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules, *,
                      max_pfn: int, chunk_pages: int = 1 << 16,
-                     ram_pfn_ranges: Sequence[tuple[int, int]] | None = None) -> ExclusionResult:
+                     ram_pfn_ranges: Sequence[tuple[int, int]] | None = None,
+                     cycle_pfns: int = CYCLE_PFNS) -> ExclusionResult:
     """Walk the struct pages of runs in pfn order, chunk_pages at a time, and apply the rules.
 
     One read_virtual call per chunk (chunk_pages * SIZE(page) bytes); chunks
     are aligned to makedumpfile's 512-page batches so a head page's order is
-    found where makedumpfile finds it.
+    found where makedumpfile finds it. This walk counts; the excluded pfns
+    themselves are rebuilt one cycle of cycle_pfns at a time when asked for
+    (CyclicExclusion). With a single cycle its bitmap is kept from this walk.
     """
     chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
-    excluded = PfnBitmap(max_pfn)
-    ram = None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges)
+    walk = _Walk(read_virtual, runs, rules, max_pfn, chunk_pages,
+                 None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges))
+    # Cycles are whole chunks, so a cycle's walk meets the full walk's chunks.
+    cycle_pfns = max(chunk_pages, -(-cycle_pfns // chunk_pages) * chunk_pages)
+    if walk.runs_overlap():
+        cycle_pfns = max(max_pfn, 1)  # walk order would differ per cycle: one cycle, as before
+    cycles = max(1, -(-max_pfn // cycle_pfns))
+    walked_to_at = [0] * cycles
+    touched = [False] * cycles
+    first_bits = PfnBitmap(min(cycle_pfns, max_pfn))  # cycle 0's, kept: readers start there
     class_pages = np.zeros(len(CLASS_NAMES), dtype=np.int64)
     looked_at = 0
     walked_to = 0  # the walk resumes here: everything before it is decided
-    dtype = struct_page_dtype(rules)
-    for run in sorted(runs, key=lambda r: r.start_pfn):
-        for first_pfn, end_pfn in _chunks(run.start_pfn, min(run.end_pfn, max_pfn), chunk_pages):
-            count = end_pfn - first_pfn
-            visit = None if ram is None else ram.visit_mask(first_pfn, count)
-            if visit is not None and not visit.any():
-                continue
-            vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
-            try:
-                raw = read_virtual(vaddr, count * rules.struct_page_size)
-            except BadSource as error:
-                raise BadSource(f"struct pages of pfns {first_pfn:#x}-{end_pfn:#x} at vaddr {vaddr:#x}: "
-                                f"{error}") from error
-            pages = np.frombuffer(raw, dtype=dtype, count=count)
-            looked_at += count if visit is None else int(np.count_nonzero(visit))
-            claims = page_claims(pages, first_pfn, rules, visit)
-            index = np.flatnonzero(claims.page_class)
-            starts = index + first_pfn
-            spans = np.int64(1) << np.minimum(claims.order[index], ORDER_CAP)
-            accepted = accept_claims(starts, spans, walked_to)
-            if not accepted.any():
-                continue
-            starts, spans = starts[accepted], spans[accepted]
-            page_class = claims.page_class[index][accepted]
-            walked_to = max(walked_to, int((starts + spans).max()))
-            # A range may run past this chunk, this run, or max_pfn.
-            ends = np.minimum(starts + spans, max_pfn)
-            excluded.set_sorted(_range_pfns(starts, ends))
-            class_pages += np.bincount(page_class, weights=ends - starts,
-                                       minlength=len(CLASS_NAMES)).astype(np.int64)
+    cycle = 0
+    for run, (first_pfn, end_pfn) in walk.chunks(0, max_pfn):
+        while first_pfn >= (cycle + 1) * cycle_pfns:
+            cycle += 1
+            walked_to_at[cycle] = walked_to
+            touched[cycle] = walked_to > cycle * cycle_pfns
+        seen, starts, ends, page_class = walk.accepted(run, first_pfn, end_pfn, walked_to)
+        looked_at += seen
+        if starts is None:
+            continue
+        touched[cycle] = True
+        walked_to = max(walked_to, int(ends.max()))
+        # A range may run past this chunk, this run, this cycle or max_pfn.
+        ends = np.minimum(ends, max_pfn)
+        if cycle == 0:
+            _set_ranges(first_bits, 0, starts, np.minimum(ends, cycle_pfns), chunk_pages)
+        class_pages += np.bincount(page_class, weights=ends - starts,
+                                   minlength=len(CLASS_NAMES)).astype(np.int64)
+    while cycle + 1 < cycles:
+        cycle += 1
+        walked_to_at[cycle] = walked_to
+        touched[cycle] = walked_to > cycle * cycle_pfns
     counts = {name: int(class_pages[i]) for i, name in enumerate(CLASS_NAMES) if i != KEPT}
     counts["total_pages"] = looked_at
+    excluded = CyclicExclusion(walk.fill_cycle, max_pfn, cycle_pfns, walked_to_at, touched,
+                               int(class_pages[1:].sum()), cached=(0, first_bits))
     return ExclusionResult(max_pfn=max_pfn, excluded=excluded, counts=counts, dump_level=rules.dump_level)
+
+
+def no_exclusion(max_pfn: int) -> CyclicExclusion:
+    """Nothing excluded, for any max_pfn, in no memory."""
+    cycles = max(1, -(-max_pfn // CYCLE_PFNS))
+    return CyclicExclusion(lambda *_: None, max_pfn, CYCLE_PFNS, [0] * cycles, [False] * cycles, 0)
 
 
 def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, dump_level: int, *,
@@ -785,7 +986,7 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
                           f"below pfn {MAX_CLASSIFIED_PFNS:#x} only")
     if not walks_mem_map(vmcoreinfo, dump_level):
         counts = {name: 0 for name in CLASS_NAMES[1:]}
-        return ExclusionResult(max_pfn, PfnBitmap(max_pfn), {**counts, "total_pages": 0}, dump_level)
+        return ExclusionResult(max_pfn, no_exclusion(max_pfn), {**counts, "total_pages": 0}, dump_level)
     rules = page_rules(vmcoreinfo, dump_level)
     translator = make_translator(read_physical, vmcoreinfo, machine)
     runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn)

@@ -6,18 +6,21 @@ nothing (the CLI renders the returned ``SaveSummary``).
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
 from .exclude import runs_from_mask, scan_excluded_runs, split_segments
-from .elfwriter import ElfStreamWriter, OutputSegment, aligned_notes, plan_elf_image, vmcap_note
-from .errors import BadSource, OutputError, SourceIOError, Unsupported
+from .elfwriter import (ElfStreamWriter, OutputSegment, aligned_notes, cut_image,
+                        describe_incomplete, incomplete_lines, plan_elf_image, vmcap_note)
+from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout, require_memory
 from .mmapio import FileSource, Source
-from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
+from .output import (OutputFile, SparseSink, check_output_target, refuse_same_files,
+                     write_whole_file)
 from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
 
 FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
@@ -28,6 +31,17 @@ PHASE_COPY = "Copying data"
 # zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
 # come out no bigger than makedumpfile -c's zlib pages (measured, README).
 DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: a capture kernel's nr_cpus=1, a taskset or a cpuset.
+
+    SaveOptions.threads 0 means this many; 1 means compressing in the calling thread, no pool.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def compression_level(options: "SaveOptions") -> int:
@@ -58,6 +72,14 @@ class SaveOptions:
     # zero page, as makedumpfile does); "exclude" clears them from bitmap 2.
     zero_pages: str = "shared"
     dmesg_path: str | None = None  # also write the kernel log here
+    vmcoreinfo_path: str | None = None  # VMCOREINFO file for a dump without (or with a bad) note
+    # Dump levels to try, in order, after dump_level when the output does
+    # not fit (disk full, size_limit): makedumpfile's -d 11,31.
+    retry_levels: tuple[int, ...] = ()
+    size_limit: int | None = None  # bytes the output may take (makedumpfile -L)
+    # A dump level needing kernel knowledge vmcap lacks: fail (exit 8)
+    # rather than save at the level that needs none.
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,7 @@ class SaveSummary:
     dmesg: str | None = None
     dmesg_records: int = 0
     warnings: tuple[str, ...] = ()
+    dump_level: int = 0  # the level the output was written at (see retry_levels, strict)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -122,6 +145,25 @@ class Capture:
         return total
 
 
+def classify_or_fall_back(layout: Layout, source: Source, options: SaveOptions):
+    """(page classes, options at the level they allow, warnings).
+
+    A level whose kernel page classes need what vmcap cannot know (a missing
+    VMCOREINFO key, an unknown struct layout, another architecture) falls
+    back to the bits that need none (1: zero pages) with a warning naming
+    why, unless options.strict: a scripted capture must not end without a dump.
+    """
+    try:
+        return classify_source(layout, source, options.dump_level), options, []
+    except Unsupported as error:
+        if options.strict:
+            raise
+        level = options.dump_level & 1
+        return None, replace(options, dump_level=level), [
+            f"dump level {options.dump_level} needs kernel knowledge vmcap lacks ({error}); "
+            f"saved at dump level {level} instead (--strict refuses)"]
+
+
 def classify_source(layout: Layout, source: Source, dump_level: int):
     """makedumpfile's page classes (dump level bits 2-16) for the source, or None."""
     if not dump_level & ~1:
@@ -152,23 +194,29 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     if options.dump_level:
         # The headers come first, so exclusions must be known before writing.
         mask = classification.excluded if classification is not None else None
+        zero_seen = 0
         if options.dump_level & 1:
-            runs = scan_excluded_runs(lambda scan: capture.copier(scan, PHASE_SCAN), plan,
+            scan = scan_excluded_runs(lambda scan: capture.copier(scan, PHASE_SCAN), plan,
                                       {s.index: s for s in segments},
                                       page, exclude_zero=True, class_excluded=mask)
+            runs, zero_seen = scan.runs, scan.zero_pages
         else:
             runs = runs_from_mask(segments, mask, page)
         run_pages = sum(run.length for run in runs) // page
         excluded_counts.update(class_counts(classification))
+        # makedumpfile -E writes runs shorter than 256 pages as they are:
+        # excludable pages (of a kernel class, or zero) that stay in the output.
+        kept = 0
         if mask is not None:
             in_runs = sum(int(mask[r.paddr // page:(r.paddr + r.length) // page].sum())
                           for r in runs)
-            # makedumpfile -E writes runs shorter than 256 pages as they are.
-            excluded_counts["kept_in_short_runs"] = mask.count() - in_runs
+            kept += mask.count() - in_runs
         else:
             in_runs = 0
         if options.dump_level & 1:
             excluded_counts["zero"] = run_pages - in_runs
+            kept += zero_seen - excluded_counts["zero"]
+        excluded_counts["kept_in_short_runs"] = kept
         segments = tuple(split_segments(segments, runs))
         plan = plan_copy(segments, page)
     copier = capture.copier(plan)
@@ -183,9 +231,9 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     digests = ({"META_XXH64": PLACEHOLDER, "DATA_XXH64": PLACEHOLDER} if out.seekable
                else {"META_XXH64": UNKNOWN, "DATA_XXH64": UNKNOWN}) if plain else {}
 
-    def note(error_ranges, values=digests) -> bytes:
+    def note(error_ranges, values=digests, more=()) -> bytes:
         return vmcap_note(layout.byte_order, **dict(note_args, extra=note_args["extra"]
-                                                     + note_lines(values)),
+                                                     + list(more) + note_lines(values)),
                           error_ranges=error_ranges)
 
     # Errors are only known at the end; a stream we cannot rewrite must not
@@ -197,19 +245,54 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
                            len(source_notes) + len(first_note), page)
     data_digest = StreamDigest()
     if options.output_format == "zelf":
-        from .seekable import SeekableWriter
+        from .seekable import SeekableWriter, seek_table_bound
 
         sink = SeekableWriter(out, level=compression_level(options), threads=options.threads,
                               frame_bytes=options.frame_bytes)
         # Headers and notes go in an uncompressed frame of known size, so the
         # vmcap note can be rewritten in place at the end.
         head_offset = out.position
+        # Room for the seek table, kept free while the frames go out: when
+        # the disk fills up, the frames written can still be made readable.
+        out.set_tail_reserve(seek_table_bound(image.total_size // options.frame_bytes
+                                              + len(segments) + 4))
         writer = ElfStreamWriter(sink, image, source_notes + first_note,
                                  write_head=sink.write_raw_frame)
+
+        def finish_incomplete() -> str | None:
+            """The frames wholly written, as a zelf whose segments end where they end."""
+            end, data_end = sink.cut_to_written_frames()
+            out.truncate(head_offset + end)
+            cut, saved, total, end_paddr = cut_image(layout, image, data_end)
+            if not saved:
+                return None
+            head = cut.header + source_notes + note(copier.stats.error_ranges, more=incomplete_lines(
+                saved, total, end_paddr))
+            if not sink.rewrite_raw_frame_after_cut(
+                    head, lambda data, offset: out.pwrite(data, head_offset + offset)):
+                return None
+            out.write(sink.seek_table_bytes())
+            return describe_incomplete({"saved_bytes": saved, "memory_bytes": total,
+                                        "data_end_paddr": end_paddr})
     else:
         sink = DigestingSink(SparseSink(out), data_digest)
+        # The zeros in the note's padding would be holes: allocate the head,
+        # so the note can be rewritten in place when the disk is full.
+        out.reserve_range(0, len(image.header) + image.notes_size)
         writer = ElfStreamWriter(sink, image, source_notes + first_note,
                                  write_head=sink.sink.write)
+
+        def finish_incomplete() -> str | None:
+            """The bytes written, as an ELF whose segments end where they end."""
+            cut, saved, total, end_paddr = cut_image(layout, image, out.position)
+            if not saved:
+                return None
+            values = dict.fromkeys(digests, UNKNOWN)
+            out.pwrite(cut.header + source_notes + note(
+                copier.stats.error_ranges, values, incomplete_lines(saved, total, end_paddr)), 0)
+            return describe_incomplete({"saved_bytes": saved, "memory_bytes": total,
+                                        "data_end_paddr": end_paddr})
+    out.keep_incomplete(finish_incomplete)
     for chunk in copier:
         if chunk.data is not None:
             writer.write_segment(chunk.segment, chunk.paddr, chunk.data)
@@ -245,13 +328,9 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     from .dumpfile import elf_dump, kernel_log
 
     records = kernel_log(elf_dump(layout, source))
-    out = OutputFile(options.dmesg_path, force=options.force, mode=0o600)
-    try:
-        out.write(format_makedumpfile(records).encode("utf-8", "surrogateescape"))
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
+    write_whole_file(options.dmesg_path,
+                     format_makedumpfile(records).encode("utf-8", "surrogateescape"),
+                     force=options.force)
     return len(records)
 
 
@@ -262,8 +341,10 @@ def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> N
     the log file may be one file: ``save --force X X`` would replace the
     source with its own dump.
     """
-    refuse_same_files([("SRC", source_path)],
-                      [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
+    inputs = [("SRC", source_path)]
+    if options.vmcoreinfo_path:
+        inputs.append(("--vmcoreinfo FILE", options.vmcoreinfo_path))
+    refuse_same_files(inputs, [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
     check_output_target(output_path, options.force)
     if options.dmesg_path:
         check_output_target(options.dmesg_path, options.force)
@@ -280,6 +361,8 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     ``source`` replaces the file source (tests pass an instrumented one).
     """
     started = time.monotonic()
+    if options.threads == 0:
+        options = replace(options, threads=usable_cpus())
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
@@ -289,11 +372,13 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     if source is None:
         source = FileSource(source_path, allow_mmap=options.allow_mmap)
     try:
-        layout = read_layout(source, page_size=options.page_size)
+        vmcoreinfo = None
+        if options.vmcoreinfo_path:
+            from .vmcoreinfo import read_vmcoreinfo_file
+
+            vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
+        layout = read_layout(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
         require_memory(layout)
-        capture = Capture(source, layout, options, progress)
-        # Kernel page classes come from a few MiB of struct pages, read first.
-        capture.classification = classify_source(layout, source, options.dump_level)
         dmesg_records = 0
         log_warning: list[str] = []
         if options.dmesg_path:
@@ -303,25 +388,30 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
                 # The dump matters more than the log: say why, and go on.
                 log_warning.append(f"kernel log not saved: {error}")
         fractional = len(find_fractional_pages(layout.segments, layout.page_size))
-        out = OutputFile(output_path, force=options.force)
-        try:
-            warnings: list[str] = []
-            if options.output_format in KDUMP_FORMATS:
-                from .kdumpsave import write_kdump
-
-                # Page formats store each physical page once, in pfn order.
-                plan = plan_copy(disjoint_segments(layout.segments), layout.page_size)
-                classification = capture.classification
-                pages_excluded = write_kdump(
-                    layout, plan, capture.copier(plan), out, options,
-                    excluded=classification.excluded if classification is not None else None,
-                    counts=class_counts(classification))
-            else:
-                warnings, pages_excluded = write_elf(capture, out)
-            out.commit()
-        except BaseException:
-            out.abort()
-            raise
+        levels = (options.dump_level, *options.retry_levels)
+        level_warnings: list[str] = []
+        for attempt, level in enumerate(levels):
+            retry_left = attempt + 1 < len(levels) and output_path != "-"
+            # Kernel page classes come from a few MiB of struct pages, read first.
+            classification, run_options, fallback = classify_or_fall_back(
+                layout, source, replace(options, dump_level=level))
+            level_warnings += fallback
+            capture = Capture(source, layout, run_options, progress)
+            capture.classification = classification
+            out = OutputFile(output_path, force=options.force, size_limit=options.size_limit)
+            try:
+                warnings, pages_excluded = write_output(capture, out)
+                out.commit()
+                break
+            except OutputFull as error:
+                if not retry_left:
+                    _abort_keeping(out, error)
+                # The whole output is written again, from the start, at the next level.
+                out.abort()
+                level_warnings.append(f"dump level {level} did not fit ({error}); "
+                                      f"retried at dump level {levels[attempt + 1]}")
+            except BaseException as error:
+                _abort_keeping(out, error)
     finally:
         source.close()
 
@@ -342,4 +432,30 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         pages_excluded=pages_excluded,
         dmesg=options.dmesg_path if options.dmesg_path and not log_warning else None,
         dmesg_records=dmesg_records,
-        warnings=layout.warnings + tuple(log_warning) + tuple(warnings))
+        warnings=layout.warnings + tuple(log_warning) + tuple(level_warnings) + tuple(warnings),
+        dump_level=capture.options.dump_level)
+
+
+def write_output(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
+    """Write the dump in the capture's format; returns (warnings, pages excluded)."""
+    options, layout = capture.options, capture.layout
+    if options.output_format not in KDUMP_FORMATS:
+        return write_elf(capture, out)
+    from .kdumpsave import write_kdump
+
+    # Page formats store each physical page once, in pfn order.
+    plan = plan_copy(disjoint_segments(layout.segments), layout.page_size)
+    classification = capture.classification
+    return [], write_kdump(
+        layout, plan, capture.copier(plan), out, options,
+        excluded=classification.excluded if classification is not None else None,
+        counts=class_counts(classification))
+
+
+def _abort_keeping(out: OutputFile, error: BaseException) -> None:
+    """Abort the output and re-raise ``error``; if abort kept an incomplete dump,
+    as an OutputError that says where it is and what it holds."""
+    kept = out.abort(error)
+    if kept is not None:
+        raise OutputError(f"{error}; kept as an INCOMPLETE dump in {out.path}: {kept}") from None
+    raise error

@@ -32,6 +32,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import xxhash
 import zstandard
 
@@ -114,6 +115,11 @@ class FrameEntry:
 
 
 RAW_BLOCK_BYTES = 128 << 10  # the largest block zstd allows
+
+
+def seek_table_bound(frames: int) -> int:
+    """Most bytes the seek table of ``frames`` frames takes (with checksums)."""
+    return SMALLEST_SEEK_TABLE_BYTES + SEEK_ENTRY_WITH_CHECKSUM.size * frames
 
 
 def raw_frame(data) -> bytes:
@@ -249,21 +255,62 @@ class SeekableWriter:
         self._check_open()
         if self._raw_frame is None:
             raise ValueError("no raw frame to replace")
-        index, offset, size = self._raw_frame
-        frame = raw_frame(data)
-        if len(frame) != size:
-            raise ValueError(f"replacement raw frame is {len(frame)} bytes, not {size}")
+        index = self._raw_frame[0]
 
         def replace() -> None:
             while self._in_flight and self._frames_written <= index:
                 self._write_oldest_in_flight()
-            pwrite(frame, offset)
-            entry = index * SEEK_ENTRY_WITH_CHECKSUM.size
-            self._seek_table[entry:entry + SEEK_ENTRY_WITH_CHECKSUM.size] = \
-                SEEK_ENTRY_WITH_CHECKSUM.pack(len(frame), len(memoryview(data).cast("B")),
-                                              _frame_checksum(frame))
+            self._rewrite_raw_frame(data, pwrite)
 
         self._guarded(replace)
+
+    def _rewrite_raw_frame(self, data, pwrite) -> None:
+        index, offset, size = self._raw_frame
+        frame = raw_frame(data)
+        if len(frame) != size:
+            raise ValueError(f"replacement raw frame is {len(frame)} bytes, not {size}")
+        pwrite(frame, offset)
+        entry = index * SEEK_ENTRY_WITH_CHECKSUM.size
+        self._seek_table[entry:entry + SEEK_ENTRY_WITH_CHECKSUM.size] = \
+            SEEK_ENTRY_WITH_CHECKSUM.pack(len(frame), len(memoryview(data).cast("B")),
+                                          _frame_checksum(frame))
+
+    # -- a dump cut short ----------------------------------------------------
+
+    def cut_to_written_frames(self) -> tuple[int, int]:
+        """After a failed write: keep the frames wholly written, forget the rest.
+
+        Stops the workers. Returns (bytes of the kept frames, counted from
+        the first byte this writer emitted, and their decompressed size):
+        the caller cuts the output there, may rewrite the raw frame
+        (rewrite_raw_frame_after_cut) and appends seek_table_bytes().
+        """
+        self._failed = True
+        self._stop_threads(cancel=True)
+        entries = np.frombuffer(bytes(self._seek_table), dtype="<u4").reshape(-1, 3)
+        ends = np.cumsum(entries[:, 0], dtype=np.int64)
+        kept = int(np.searchsorted(ends, self._compressed_bytes, side="right"))
+        self._seek_table = self._seek_table[:kept * SEEK_ENTRY_WITH_CHECKSUM.size]
+        self._frames_written = kept
+        self._compressed_bytes = int(ends[kept - 1]) if kept else 0
+        self._uncompressed_bytes = int(entries[:kept, 1].sum(dtype=np.int64))
+        if self._raw_frame is not None and self._raw_frame[0] >= kept:
+            self._raw_frame = None
+        return self._compressed_bytes, self._uncompressed_bytes
+
+    def rewrite_raw_frame_after_cut(self, data, pwrite) -> bool:
+        """replace_raw_frame for a writer cut by cut_to_written_frames; False if
+        the raw frame was not among the frames kept."""
+        if self._raw_frame is None:
+            return False
+        self._rewrite_raw_frame(data, pwrite)
+        return True
+
+    def seek_table_bytes(self) -> bytes:
+        """The seek table (a skippable frame) for the frames written so far."""
+        footer = SEEK_TABLE_FOOTER.pack(self._frames_written, CHECKSUM_FLAG, SEEKABLE_MAGIC)
+        header = SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(self._seek_table) + len(footer))
+        return header + bytes(self._seek_table) + footer
 
     def close(self) -> SeekableStats:
         """Flush the last frame and write the seek table. Does not close the sink.
@@ -408,9 +455,7 @@ class SeekableWriter:
         # Empty input gives a file that is only the seek table. zstd 1.5.4
         # `zstd -d` accepts a file holding only a skippable frame (0 bytes
         # out, exit 0), so no empty zstd frame is needed.
-        footer = SEEK_TABLE_FOOTER.pack(self._frames_written, CHECKSUM_FLAG, SEEKABLE_MAGIC)
-        header = SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(self._seek_table) + len(footer))
-        self._write_to_sink(header + self._seek_table + footer)
+        self._write_to_sink(self.seek_table_bytes())
 
     def _write_to_sink(self, data: bytes) -> None:
         view = memoryview(data)

@@ -5,10 +5,11 @@ file can vouch for: zelf frames against zstd's content checksums and the
 seek table's, plain ELF and kdump files against the XXH64 digests their
 VMCAP note records (see vmcap.digest), and a kdump file's structure
 (headers, bitmaps, page descriptors). With ``--source`` it also re-derives
-what the dump should hold: the page classes the recorded dump level
-excludes are classified again on the source, and every other source page
-must be in the dump, byte for byte (at dump levels with bit 1, a page the
-dump dropped must be zero in the source).
+what the dump should hold: every byte of the source's segments (their
+zero fill included) must be represented in the dump, and no other; the page
+classes the recorded dump level excludes are classified again on the
+source, and every other source page must be in the dump, byte for byte (at
+dump levels with bit 1, a page the dump dropped must be zero in the source).
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ def _first_difference(a: bytes, b: bytes) -> int:
     return int(diff[0])
 
 
-def verify(dump_path: str, source_path: str | None = None) -> dict:
-    """Check a dump's container and digests; with a source, that it holds what it should."""
+def verify(dump_path: str, source_path: str | None = None, *,
+           vmcoreinfo: bytes | None = None) -> dict:
+    """Check a dump's container and digests; with a source, that it holds what it should.
+
+    ``vmcoreinfo`` (a file's text) stands in for a source without the note;
+    by default the VMCOREINFO the dump carries does.
+    """
     container = detect_container(dump_path)
     if container in ("kdump", "kdump-flat"):
         from .kdumpsave import verify_kdump
 
-        return verify_kdump(dump_path, source_path)
+        return verify_kdump(dump_path, source_path, vmcoreinfo=vmcoreinfo)
     if container == "unknown":
         raise CorruptOutput(f"{dump_path}: not a vmcap output (no ELF, zstd or kdump signature)")
     result: dict = {"dump": dump_path, "container": container}
@@ -73,7 +79,8 @@ def verify(dump_path: str, source_path: str | None = None) -> dict:
             dump_level = int((note or {}).get("DUMP_LEVEL") or 0)
             result["dump_level"] = dump_level
             result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
-                                              dump_level=dump_level))
+                                              dump_level=dump_level,
+                                              vmcoreinfo=vmcoreinfo or layout.vmcoreinfo_raw))
     finally:
         out_source.close()
     result["status"] = "ok"
@@ -201,6 +208,17 @@ def _split(start: int, end: int, ranges: list[tuple[int, int]]):
         position = hi
 
 
+# Pages examined per step when looking for missing ones: bounds the masks.
+ABSENT_PAGES = 1 << 20
+
+
+def _uncovered(start: int, end: int, ranges: list[tuple[int, int]]):
+    """The parts of [start, end) outside the sorted, disjoint (start, end) ranges."""
+    for lo, hi, inside in _split(start, end, ranges):
+        if not inside:
+            yield lo, hi
+
+
 class _SourceChecker:
     """Compares a dump's physical memory with the source it was saved from."""
 
@@ -214,6 +232,7 @@ class _SourceChecker:
         self.compared = 0
         self.excluded_bytes = 0
         self.zero_checked = 0
+        self.zero_fill = 0
 
     def compare(self, seg, lo: int, hi: int, read) -> None:
         done = lo
@@ -229,18 +248,52 @@ class _SourceChecker:
             done += n
             self.compared += n
 
+    def zero_fill_stored(self, seg, lo: int, hi: int) -> None:
+        """Dump bytes [lo, hi) lie in the source's zero fill: they must be zero."""
+        done = lo
+        while done < hi:
+            n = min(COMPARE_BYTES, hi - done)
+            actual = self.view.read_physical(done, n)
+            if any(actual):
+                at = int(np.flatnonzero(np.frombuffer(actual, np.uint8))[0])
+                raise VerifyMismatch(
+                    f"{self.source_path} segment {seg.index}: physical address {done + at:#x} "
+                    f"is zero fill in the source but {actual[at]:#04x} in the output")
+            done += n
+
+    def _mask(self, first: int, last: int) -> np.ndarray:
+        """Excluded flags of pfns [first, last); pfns past the classification are kept."""
+        mask = np.zeros(last - first, dtype=bool)
+        if self.excluded is not None and first < len(self.excluded):
+            known = self.excluded[first:min(last, len(self.excluded))]
+            mask[:len(known)] = known
+        return mask
+
+    def stored_excluded(self, lo: int, hi: int) -> None:
+        """Stored bytes [lo, hi) of a format that never stores excluded pages."""
+        if self.excluded is None:
+            return
+        page = self.page
+        first, last = lo // page, (hi - 1) // page + 1
+        for part in range(first, last, ABSENT_PAGES):
+            mask = self._mask(part, min(last, part + ABSENT_PAGES))
+            if mask.any():
+                pfn = part + int(np.flatnonzero(mask)[0])
+                raise VerifyMismatch(
+                    f"{self.source_path}: physical address {pfn * page:#x} is in the dump, but "
+                    "its dump level excludes that page (the dump does not follow its level)")
+
     def absent(self, seg, lo: int, hi: int) -> None:
         """Source bytes [lo, hi) are not in the dump: only excluded pages may be missing."""
         page = self.page
         first, last = lo // page, (hi - 1) // page + 1
-        if self.excluded is not None and last <= len(self.excluded):
-            mask = self.excluded[first:last]
-        elif self.excluded is not None:
-            mask = np.zeros(last - first, dtype=bool)
-            known = max(0, len(self.excluded) - first)
-            mask[:known] = self.excluded[first:first + known]
-        else:
-            mask = np.zeros(last - first, dtype=bool)
+        for part in range(first, last, ABSENT_PAGES):
+            part_end = min(last, part + ABSENT_PAGES)
+            self._absent_pages(seg, max(lo, part * page), min(hi, part_end * page), part,
+                               self._mask(part, part_end))
+
+    def _absent_pages(self, seg, lo: int, hi: int, first: int, mask: np.ndarray) -> None:
+        page = self.page
         starts = (first + np.arange(len(mask), dtype=np.int64)) * page
         overlap = np.minimum(hi, starts + page) - np.maximum(lo, starts)
         self.excluded_bytes += int(overlap[mask].sum())
@@ -253,30 +306,82 @@ class _SourceChecker:
             run_hi = min(hi, (first + int(run[-1]) + 1) * page)
             if not self.drops_zero:
                 raise VerifyMismatch(
-                    f"{self.source_path} segment {seg.index}: physical {run_lo:#x}-{run_hi:#x} "
-                    "is not in the dump, and the dump level does not exclude it")
+                    f"{self.source_path} segment {seg.index}: physical address {run_lo:#x} "
+                    f"(to {run_hi:#x}) is not in the dump, and its dump level does not "
+                    "exclude it")
             # Dump level bit 1 drops zero pages: the source must be zero there.
             self.compare(seg, run_lo, run_hi, lambda at, n: bytes(n))
             self.zero_checked += run_hi - run_lo  # also counted in compared
 
 
-def compare_with_source(view, source_path: str, *, dump_level: int = 0) -> dict:
+def _covered_ranges(view) -> list[tuple[int, int]]:
+    """(start, end) of the physical memory the dump represents, data or zero fill.
+
+    An ELF dump represents each PT_LOAD's p_memsz (excluded runs are zero
+    fill in it); a kdump file the pages of its 1st bitmap.
+    """
+    if hasattr(view, "covered_ranges"):
+        return _merged(view.covered_ranges())
+    return _merged((s.paddr, s.memsz) for s in view.layout.segments)
+
+
+def _check_coverage(src_layout, covered, granule: int, source_path: str) -> int:
+    """Every byte of every source p_memsz is in the dump, and the dump holds no other memory.
+
+    Returns the source's zero-fill bytes (beyond p_filesz) found represented.
+    ``granule``: the dump's unit (a kdump page covers a fractional page whole).
+    """
+    for seg in src_layout.segments:
+        for lo, hi in _uncovered(seg.paddr, seg.paddr + seg.memsz, covered):
+            what = "zero fill" if lo >= seg.end else "memory"
+            raise VerifyMismatch(
+                f"{source_path} segment {seg.index}: physical address {lo:#x} (to {hi:#x}, "
+                f"{what} of the source) is not in the dump at all")
+    claimed = _merged((s.paddr // granule * granule,
+                       -(-(s.paddr + s.memsz) // granule) * granule - s.paddr // granule * granule)
+                      for s in src_layout.segments)
+    for lo, hi in covered:
+        for extra_lo, extra_hi in _uncovered(lo, hi, claimed):
+            raise VerifyMismatch(
+                f"{source_path}: the dump holds physical address {extra_lo:#x} (to "
+                f"{extra_hi:#x}), which no segment of the source has")
+    zero_fill = _merged((s.end, s.memsz - s.filesz) for s in src_layout.segments)
+    return sum(hi - lo for lo, hi in zero_fill)
+
+
+def compare_with_source(view, source_path: str, *, dump_level: int = 0,
+                        keeps_zero_pages: bool = False, vmcoreinfo: bytes | None = None) -> dict:
     """Check that the dump holds every source byte that ``dump_level`` keeps.
 
-    The page classes of dump level bits 2-16 are classified again on the
-    source, as save did; pages of those classes may be missing. Bit 1 lets
-    zero pages go missing: those must be zero in the source. Any other
-    source byte must be in the dump and equal.
+    Every byte of the source's p_memsz must be represented in the dump
+    (a PT_LOAD's p_memsz, a kdump 1st-bitmap page), and the dump must not
+    claim memory the source has not. The page classes of dump level bits
+    2-16 are classified again on the source, as save did; pages of those
+    classes may be missing (and a kdump file, which never stores them, must
+    not hold them). Bit 1 lets zero pages go missing, unless the dump says
+    it keeps them (``keeps_zero_pages``, vmcap's kdump ZERO_PAGES=shared):
+    those must be zero in the source. Any other source byte must be in the
+    dump and equal; dump bytes in the source's zero fill must be zero.
     """
     from .save import classify_source
 
     source = FileSource(source_path)
     try:
         src_layout = read_layout(source)
+        if vmcoreinfo and not src_layout.vmcoreinfo_raw:
+            # A source without the note (saved with --vmcoreinfo FILE): classify
+            # it with the VMCOREINFO given, or the one its dump carries.
+            src_layout = read_layout(source, vmcoreinfo=vmcoreinfo)
         classification = classify_source(src_layout, source, dump_level)
         excluded = classification.excluded if classification is not None else None
         checker = _SourceChecker(source, source_path, view, src_layout.page_size, excluded,
-                                 drops_zero=bool(dump_level & 1))
+                                 drops_zero=bool(dump_level & 1) and not keeps_zero_pages)
+        granule = getattr(view, "granule", 1)
+        zero_fill = _check_coverage(src_layout, _covered_ranges(view), granule, source_path)
+        stored = _merged(view.stored_ranges())
+        if not getattr(view, "stores_excluded_pages", True):
+            for lo, hi in stored:
+                checker.stored_excluded(lo, hi)
         # When the output keeps the source's segments one for one, compare
         # each with its own twin: overlapping PT_LOADs (kernel text over RAM)
         # are each copied whole.
@@ -284,10 +389,7 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0) -> dict:
         twins = (len(out_segments) == len(src_layout.segments) and all(
             (a.paddr, a.filesz, a.memsz) == (b.paddr, b.filesz, b.memsz)
             for a, b in zip(out_segments, src_layout.segments)))
-        stored = _merged(view.stored_ranges())
-        total = 0
         for seg in src_layout.segments:
-            total += seg.filesz
             if twins:
                 twin = out_segments[seg.index]
                 checker.compare(seg, seg.paddr, seg.end,
@@ -298,11 +400,17 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0) -> dict:
                     checker.compare(seg, lo, hi, view.read_physical)
                 else:
                     checker.absent(seg, lo, hi)
+            # The zero fill is represented (coverage above); what the dump
+            # stores of it must be zeros.
+            for lo, hi, inside in _split(seg.end, seg.paddr + seg.memsz, stored):
+                if inside:
+                    checker.zero_fill_stored(seg, lo, hi)
     finally:
         source.close()
     return {"source": source_path, "compared_bytes": checker.compared,
             "zero_bytes_checked": checker.zero_checked,
-            "excluded_bytes_not_compared": checker.excluded_bytes}
+            "excluded_bytes_not_compared": checker.excluded_bytes,
+            "zero_fill_bytes": zero_fill}
 
 
 def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:

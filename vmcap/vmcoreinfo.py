@@ -180,3 +180,31 @@ def page_size(info: VmcoreInfo, *, required: bool = False) -> int | None:
         raise BadSource(f"VMCOREINFO {key}={shown(info[key])} is not a page size "
                         f"(a power of two from {MIN_PAGE_SIZE} to {MAX_PAGE_SIZE})")
     return number
+
+
+MAX_VMCOREINFO_FILE_BYTES = 1 << 20  # the kernel's own note is at most a page or two
+
+
+def read_vmcoreinfo_file(path: str) -> bytes:
+    """A VMCOREINFO file (makedumpfile -g, or `vmcap inspect --vmcoreinfo`): its KEY=VALUE text.
+
+    For dumps whose note is missing (QEMU's ppc64 and s390x dumps) or damaged.
+    """
+    import os
+
+    from .mmapio import open_source_fd
+
+    fd = open_source_fd(path)
+    try:
+        text = os.pread(fd, MAX_VMCOREINFO_FILE_BYTES + 1, 0)
+    except OSError as e:
+        raise BadSource(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(text) > MAX_VMCOREINFO_FILE_BYTES:
+        raise BadSource(f"{path}: {len(text)}+ bytes is too large for a VMCOREINFO file")
+    info = parse_vmcoreinfo(text)
+    if not any(key in info for key in ("OSRELEASE", "PAGESIZE")) or b"\0" in text.rstrip(b"\0"):
+        raise BadSource(f"{path}: not a VMCOREINFO file (KEY=VALUE lines with OSRELEASE or "
+                        "PAGESIZE)")
+    return text.rstrip(b"\0")
