@@ -42,7 +42,6 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_PREFIX = "/usr/lib/vmcap"
 PYVER = f"python{sys.version_info.major}.{sys.version_info.minor}"
 
