@@ -39,8 +39,9 @@ RHEL_COLLECTOR = "makedumpfile -l --message-level 7 -d 31"
 def collector_bin(tmp_path_factory) -> Path:
     """A PATH directory where `makedumpfile` and `vmcap-makedumpfile` are vmcap.
 
-    As the README tells Debian users: a symlink named makedumpfile to the
-    installed console script, first in PATH.
+    What the README's dpkg-divert gives Debian: `makedumpfile` is a symlink to
+    the installed console script (the real kdump-config run is in
+    test_capture_kernel.py).
     """
     where = tmp_path_factory.mktemp("bin")
     script = shutil.which("vmcap-makedumpfile")
