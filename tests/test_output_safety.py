@@ -531,3 +531,23 @@ def test_abort_removes_only_our_temporary_file(tmp_path):
     output.abort()
     assert sorted(os.listdir(tmp_path)) == ["neighbour"]
     output.abort()  # twice is harmless
+
+
+def test_kdump_metadata_digest_needs_no_proc(make_vmcore, tmp_path, monkeypatch):
+    """An initramfs may have no /proc: the output fd itself is readable."""
+    from vmcap.save import SaveOptions, save
+    from vmcap.verify import verify
+
+    real_open = os.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/self/fd/"):
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real_open(path, *args, **kwargs)
+
+    src, _ = make_vmcore(spec())
+    monkeypatch.setattr(os, "open", no_proc)
+    out = tmp_path / "out.kdump"
+    save(src, str(out), SaveOptions(output_format="kdump", dump_level=1))
+    monkeypatch.undo()
+    assert verify(str(out), src)["digest"] == "xxh64"

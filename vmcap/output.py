@@ -239,7 +239,9 @@ class OutputFile:
         # O_EXCL: fail rather than open an existing file (a planted one keeps
         # its owner and mode); with O_CREAT it also refuses any symlink, and
         # O_NOFOLLOW says so twice. A collision just means another name.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        # O_RDWR: writers read back what they wrote (the kdump metadata
+        # digest) through this fd, with no /proc to reopen it (an initramfs).
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         for _ in range(_CREATE_ATTEMPTS):
             name = temp_name_for(self.name)
             try:
