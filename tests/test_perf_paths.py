@@ -1,0 +1,73 @@
+"""The fast paths of issue 11 give the same bytes and digests as the plain ones."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+import vmcap.digest as digest_module
+from vmcap.digest import PLACEHOLDER, file_digest, sparse_file_digest
+from vmcap.kdump import KdumpReader, KdumpWriter
+
+from test_kdump import elf_note, mixed_pages, x86_64_info
+
+PAGE = 4096
+
+
+def test_sparse_file_digest_equals_file_digest(tmp_path):
+    path = tmp_path / "holes"
+    written = [(5000, 9000), (1 << 20, (1 << 20) + 4096), (3 << 20, (3 << 20) + 17)]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        rng = np.random.default_rng(1)
+        for lo, hi in written:
+            os.pwrite(fd, rng.integers(1, 256, hi - lo, dtype=np.uint8).tobytes(), lo)
+        os.ftruncate(fd, 5 << 20)
+        for start, end in [(0, 5 << 20), (6000, (3 << 20) + 5), (9000, 1 << 20), (0, 1)]:
+            assert sparse_file_digest(fd, start, end, written) == file_digest(fd, start, end)
+    finally:
+        os.close(fd)
+
+
+def test_kdump_meta_digest_reads_only_written_bitmap_windows(tmp_path, monkeypatch):
+    """A 4 TiB address space (2 x 128 MiB of bitmap) with a few pages: the META
+    digest must not read the bitmaps' holes back, and must still be the XXH64
+    of the file's bytes [0, descriptor_offset) that verify computes."""
+    max_mapnr = 1 << 30
+    text = b"VMCAP_TEST\nMETA_XXH64=" + PLACEHOLDER.encode() + b"\n"
+    info = x86_64_info()
+    info = type(info)(**{**info.__dict__, "notes": info.notes + elf_note(b"VMCAP", 1, text)})
+    recorded = {}
+
+    def notes_with_digests(values):
+        recorded.update(values)
+        return info.notes.replace(PLACEHOLDER.encode(), values["META_XXH64"].encode())
+
+    read = []
+    real_pread = os.pread
+    monkeypatch.setattr(digest_module.os, "pread",
+                        lambda fd, n, at: read.append(n) or real_pread(fd, n, at))
+    path = tmp_path / "sparse.kdump"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        writer = KdumpWriter(fd, info, max_mapnr=max_mapnr, max_pages_present=64, threads=1)
+        writer.write_pages(5, mixed_pages(8).tobytes())
+        writer.write_pages(max_mapnr // 2 + 3, mixed_pages(8, seed=2).tobytes())
+        writer.write_pages(max_mapnr - 8, mixed_pages(8, seed=3).tobytes())
+        writer.close(notes_with_digests)
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    assert sum(read) < 8 << 20  # three 1 MiB windows per bitmap, the headers and notes
+    with KdumpReader(str(path)) as reader:
+        end = reader.descriptor_offset
+        assert end > 256 << 20
+    raw_head = Path(path).read_bytes()[:PAGE * 4]
+    blank_at = raw_head.index(b"META_XXH64=") + len("META_XXH64=")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert file_digest(fd, 0, end, blank_at=blank_at) == recorded["META_XXH64"]
+    finally:
+        os.close(fd)
