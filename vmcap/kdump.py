@@ -81,6 +81,9 @@ DUMP_LEVEL_EXCLUDE_ZERO = 1
 # One batch is what the compressor threads share out; 4 MiB keeps the
 # per-batch Python work small next to the compression itself.
 BATCH_BYTES = 4 << 20
+# write_pages stores a chunk of at least this many pages as it is rather
+# than copying it into the staging batch (a batch's fixed cost is smaller).
+DIRECT_MIN_PAGES = 64
 
 _DESCRIPTOR_FIELDS = [("offset", "i8"), ("size", "u4"), ("flags", "u4"), ("page_flags", "u8")]
 
@@ -444,6 +447,10 @@ class _StreamedBitmap:
         """Set the bits of strictly increasing pfns (not below any pfn set before)."""
         if not len(pfns):
             return
+        first = int(pfns[0])
+        if int(pfns[-1]) - first + 1 == len(pfns):  # increasing, so consecutive: whole bytes at once
+            self.set_range(first, len(pfns))
+            return
         window_pfns = self.WINDOW_BYTES * 8
         windows = pfns // window_pfns
         for index in np.unique(windows).tolist():
@@ -663,13 +670,18 @@ class KdumpWriter:
 
         done = 0
         if self._staged_count:
-            done = self._stage(pfn, pages)
-        # Whole batches go straight from the caller's buffer, without a copy.
-        while count - done >= self._batch_pages:
+            if count >= DIRECT_MIN_PAGES:
+                self._flush_staged()  # a short batch costs less than copying this chunk
+            else:
+                done = self._stage(pfn, pages)
+        # Chunks of DIRECT_MIN_PAGES or more go straight from the caller's
+        # buffer, without a copy; each page is compressed on its own, so
+        # where batches start does not change the output.
+        while count - done >= DIRECT_MIN_PAGES:
             first = pfn + done
-            self._store_batch(np.arange(first, first + self._batch_pages, dtype=np.int64),
-                              pages[done:done + self._batch_pages])
-            done += self._batch_pages
+            take = min(count - done, self._batch_pages)
+            self._store_batch(np.arange(first, first + take, dtype=np.int64), pages[done:done + take])
+            done += take
         if done < count:
             self._stage(pfn + done, pages[done:])
 
