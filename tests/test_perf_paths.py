@@ -103,3 +103,33 @@ def test_kdump_output_does_not_depend_on_how_pages_are_split(tmp_path):
     with KdumpReader(str(tmp_path / "b")) as reader:
         assert list(reader.iter_present_runs()) == [(first_pfn, 1500)]
         assert reader.read_page(first_pfn + 1).hex() == pages[1].tobytes().hex()
+
+
+def test_runs_from_mask_reads_the_mask_in_bounded_pieces():
+    """A segment of 2**22 pages is read <= 2**20 pfns at a time, with runs that
+    cross the pieces joined; the mask ends before the segment does."""
+    from vmcap.exclude import MIN_EXCLUDED_RUN, ExcludedRun, runs_from_mask
+    from vmcap.layout import Segment
+
+    pfns = 1 << 22
+    MASK_PIECE_PFNS = 1 << 20  # the memory bound asked of runs_from_mask
+    full = np.zeros(pfns, dtype=bool)
+    full[MASK_PIECE_PFNS - 300:MASK_PIECE_PFNS + 300] = True  # one run across a piece edge
+    full[5000:5000 + MIN_EXCLUDED_RUN - 1] = True  # too short: kept
+    full[3 << 20:(3 << 20) + 1000] = True
+
+    class Mask:
+        sizes = []
+
+        def __getitem__(self, piece):
+            self.sizes.append(piece.stop - piece.start)
+            return full[piece.start:min(piece.stop, pfns - 7)]
+
+    first_pfn = 0x100
+    segment = Segment(index=0, paddr=first_pfn * PAGE, vaddr=0, offset=0,
+                      filesz=(pfns - first_pfn) * PAGE, memsz=(pfns - first_pfn) * PAGE)
+    mask = Mask()
+    runs = runs_from_mask([segment], mask, PAGE)
+    assert max(mask.sizes) <= MASK_PIECE_PFNS
+    assert runs == [ExcludedRun(0, (MASK_PIECE_PFNS - 300) * PAGE, 600 * PAGE),
+                    ExcludedRun(0, (3 << 20) * PAGE, 1000 * PAGE)]
