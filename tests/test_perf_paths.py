@@ -133,3 +133,25 @@ def test_runs_from_mask_reads_the_mask_in_bounded_pieces():
     assert max(mask.sizes) <= MASK_PIECE_PFNS
     assert runs == [ExcludedRun(0, (MASK_PIECE_PFNS - 300) * PAGE, 600 * PAGE),
                     ExcludedRun(0, (3 << 20) * PAGE, 1000 * PAGE)]
+
+
+def test_seekable_default_threads_are_the_usable_cpus(monkeypatch):
+    """threads=0 means the CPUs this process may run on (a capture kernel's
+    nr_cpus=1 or a taskset), not every CPU of the machine."""
+    import io
+
+    import vmcap.seekable as seekable
+
+    monkeypatch.setattr(seekable.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setattr(seekable.os, "cpu_count", lambda: 64)
+    writer = seekable.SeekableWriter(io.BytesIO(), frame_bytes=1 << 16)
+    try:
+        assert writer._executor is None  # one CPU: compress in the calling thread, no pool
+    finally:
+        writer.close()
+    monkeypatch.setattr(seekable.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    writer = seekable.SeekableWriter(io.BytesIO(), frame_bytes=1 << 16)
+    try:
+        assert writer._threads == 3
+    finally:
+        writer.close()
