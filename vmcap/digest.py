@@ -86,6 +86,28 @@ def file_digest(fd: int, start: int, end: int, *, blank_at: int | None = None,
     return digest.hexdigest()
 
 
+def sparse_file_digest(fd: int, start: int, end: int, written, *, what: str = "",
+                       continue_from: StreamDigest | None = None) -> str:
+    """file_digest of [start, end) when only the ``written`` byte ranges can be non-zero.
+
+    ``written``: sorted, disjoint (start, end) file ranges; the rest of
+    [start, end) was never written to a new file, so it is a hole that reads
+    as zeros, and is hashed as zeros without being read. The digest is the
+    same as file_digest's; the cost follows what was written, not the span.
+    """
+    digest = continue_from or StreamDigest()
+    position = start
+    for lo, hi in written:
+        lo, hi = max(lo, position), min(hi, end)
+        if lo >= hi:
+            continue
+        digest.update_zeros(lo - position)
+        file_digest(fd, lo, hi, what=what, continue_from=digest)
+        position = hi
+    digest.update_zeros(end - position)
+    return digest.hexdigest()
+
+
 class DigestingSink:
     """A byte sink that hashes what passes through it into ``digest``."""
 

@@ -22,6 +22,7 @@ from .fraction import CopyPlan, MappedRange
 from .layout import Segment
 
 MIN_EXCLUDED_RUN = 256  # makedumpfile's PFN_EXCLUDED
+MASK_PIECE_PFNS = 1 << 20  # runs_from_mask reads the exclusion mask this many pfns at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,10 +154,13 @@ def runs_from_mask(segments, excluded: np.ndarray, page_size: int) -> list[Exclu
         if last <= first:
             continue
         tracker = RunTracker(seg, page_size)
-        mask = np.zeros(last - first, dtype=bool)
-        known = excluded[first:last]
-        mask[:len(known)] = known
-        tracker.add(first * page_size, mask)
+        # A piece at a time: a 1 TiB segment is 2**28 pfns.
+        for lo in range(first, last, MASK_PIECE_PFNS):
+            hi = min(last, lo + MASK_PIECE_PFNS)
+            mask = np.zeros(hi - lo, dtype=bool)
+            known = excluded[lo:hi]  # shorter past the end of the mask
+            mask[:len(known)] = known
+            tracker.add(lo * page_size, mask)
         runs.extend(tracker.finish())
     return runs
 

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .digest import PLACEHOLDER, StreamDigest, file_digest, hex_value
+from .digest import PLACEHOLDER, StreamDigest, hex_value, sparse_file_digest
 # The descriptor flags are re-exported: tests and tools know them as kdump's.
 from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
                      DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG,
@@ -81,6 +81,9 @@ DUMP_LEVEL_EXCLUDE_ZERO = 1
 # One batch is what the compressor threads share out; 4 MiB keeps the
 # per-batch Python work small next to the compression itself.
 BATCH_BYTES = 4 << 20
+# write_pages stores a chunk of at least this many pages as it is rather
+# than copying it into the staging batch (a batch's fixed cost is smaller).
+DIRECT_MIN_PAGES = 64
 
 _DESCRIPTOR_FIELDS = [("offset", "i8"), ("size", "u4"), ("flags", "u4"), ("page_flags", "u8")]
 
@@ -361,8 +364,20 @@ def _pwrite_all(fd, data, offset: int, what: str) -> None:
         done += written
 
 
-def _read_back_digest(fd: int, start: int, end: int, digest: StreamDigest) -> str:
-    """file_digest of bytes an fd wrote, through a read-only fd of its own.
+def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint (start, end) ranges covering the given ones."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        elif end > start:
+            merged.append((start, end))
+    return merged
+
+
+def _read_back_digest(fd: int, start: int, end: int, digest: StreamDigest,
+                      written: list[tuple[int, int]]) -> str:
+    """sparse_file_digest of bytes an fd wrote, through a read-only fd of its own.
 
     The output may be open write-only (OutputFile); Linux reopens the same
     file, even renamed, through /proc/self/fd.
@@ -372,7 +387,8 @@ def _read_back_digest(fd: int, start: int, end: int, digest: StreamDigest) -> st
     except OSError:
         read_fd = os.dup(fd)  # readable already, or the read fails with its own error
     try:
-        return file_digest(read_fd, start, end, what="kdump metadata", continue_from=digest)
+        return sparse_file_digest(read_fd, start, end, written, what="kdump metadata",
+                                  continue_from=digest)
     finally:
         os.close(read_fd)
 
@@ -423,10 +439,17 @@ class _StreamedBitmap:
         self._window = np.zeros(self.WINDOW_BYTES, dtype=np.uint8)
         self._window_index = 0
         self._dirty = False
+        # (start, end) file ranges written so far, in order, adjacent ones
+        # merged: the META digest reads back only these (the rest is holes).
+        self.written: list[tuple[int, int]] = []
 
     def set(self, pfns: np.ndarray) -> None:
         """Set the bits of strictly increasing pfns (not below any pfn set before)."""
         if not len(pfns):
+            return
+        first = int(pfns[0])
+        if int(pfns[-1]) - first + 1 == len(pfns):  # increasing, so consecutive: whole bytes at once
+            self.set_range(first, len(pfns))
             return
         window_pfns = self.WINDOW_BYTES * 8
         windows = pfns // window_pfns
@@ -457,17 +480,23 @@ class _StreamedBitmap:
 
     def _flush(self) -> None:
         if self._dirty:
-            _pwrite_all(self._fd, self._window,
-                        self._file_offset + self._window_index * self.WINDOW_BYTES, self._what)
-            self._dirty = False
+            self._write(self._window)
+
+    def _write(self, window: np.ndarray) -> None:
+        start = self._file_offset + self._window_index * self.WINDOW_BYTES
+        _pwrite_all(self._fd, window, start, self._what)
+        self._dirty = False
+        end = start + len(window)
+        if self.written and self.written[-1][1] == start:
+            self.written[-1] = (self.written[-1][0], end)
+        elif end > start:
+            self.written.append((start, end))
 
     def close(self, bitmap_bytes: int) -> None:
         """Write the last window, cut to the bitmap's size."""
         if self._dirty:
             start = self._window_index * self.WINDOW_BYTES
-            _pwrite_all(self._fd, self._window[:max(0, bitmap_bytes - start)],
-                        self._file_offset + start, self._what)
-            self._dirty = False
+            self._write(self._window[:max(0, bitmap_bytes - start)])
 
 
 def _worker_count(threads: int) -> int:
@@ -641,13 +670,18 @@ class KdumpWriter:
 
         done = 0
         if self._staged_count:
-            done = self._stage(pfn, pages)
-        # Whole batches go straight from the caller's buffer, without a copy.
-        while count - done >= self._batch_pages:
+            if count >= DIRECT_MIN_PAGES:
+                self._flush_staged()  # a short batch costs less than copying this chunk
+            else:
+                done = self._stage(pfn, pages)
+        # Chunks of DIRECT_MIN_PAGES or more go straight from the caller's
+        # buffer, without a copy; each page is compressed on its own, so
+        # where batches start does not change the output.
+        while count - done >= DIRECT_MIN_PAGES:
             first = pfn + done
-            self._store_batch(np.arange(first, first + self._batch_pages, dtype=np.int64),
-                              pages[done:done + self._batch_pages])
-            done += self._batch_pages
+            take = min(count - done, self._batch_pages)
+            self._store_batch(np.arange(first, first + take, dtype=np.int64), pages[done:done + take])
+            done += take
         if done < count:
             self._stage(pfn + done, pages[done:])
 
@@ -782,9 +816,12 @@ class KdumpWriter:
             self._release()
         layout = self._layout
         info = self._info
+        # Every file range a bitmap was written to (the rest are holes).
+        written = []
         if incomplete:
             # The failed batch may have set no bits, or the staged pages'
             # neighbours some: the 1st bitmap is simply all RAM, rewritten.
+            written += self._present_bitmap.written  # overwritten, but still read back
             present = _StreamedBitmap(self._fd, layout.present_bitmap_offset, "1st bitmap")
             for first, count in incomplete_present:
                 for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
@@ -793,6 +830,7 @@ class KdumpWriter:
             self._present_bitmap = present
         self._present_bitmap.close(layout.bitmap_bytes)
         self._dumped_bitmap.close(layout.bitmap_bytes)
+        written = _merged_ranges(written + self._present_bitmap.written + self._dumped_bitmap.written)
 
         note_offset = layout.sub_header_offset + self._sub_header.size
         sub_header = {
@@ -853,11 +891,14 @@ class KdumpWriter:
         header_block = header.ljust(self._page_size, b"\0")
         if notes_with_digests is not None:
             # META covers the header block (still in memory) and the sub
-            # header, notes and bitmaps (read back: bounded, small next to the data).
+            # header, notes and bitmaps: those are read back, but of the
+            # bitmaps only the windows written (the rest are holes, hashed as
+            # zeros), so a huge sparse address space costs no reads.
             meta = StreamDigest()
             meta.update(header_block)
             try:
-                rest = _read_back_digest(self._fd, self._page_size, layout.descriptor_offset, meta)
+                rest = _read_back_digest(self._fd, self._page_size, layout.descriptor_offset, meta,
+                                         [(self._page_size, layout.present_bitmap_offset), *written])
             except (OSError, EOFError) as e:
                 raise OutputError(f"reading back kdump metadata: {getattr(e, 'strerror', None) or e}") from e
             values["META_XXH64"] = rest

@@ -170,7 +170,7 @@ class SeekableWriter:
         self._sink = sink
         self._level = level
         self._frame_bytes = frame_bytes
-        self._threads = threads or os.cpu_count() or 1
+        self._threads = threads or _usable_cpus()
 
         # The frame being filled. It is preallocated and filled by slice
         # assignment, so each input byte is copied once and never reallocated.
@@ -502,6 +502,14 @@ class SeekableWriter:
             raise OutputError("seekable zstd output is incomplete: an earlier write failed")
         if self._stats is not None:
             raise ValueError("write to a closed SeekableWriter")
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (a capture kernel's nr_cpus=1, a taskset, a cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _byte_view(data) -> memoryview:
