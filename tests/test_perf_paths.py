@@ -155,3 +155,21 @@ def test_seekable_default_threads_are_the_usable_cpus(monkeypatch):
         assert writer._threads == 3
     finally:
         writer.close()
+
+
+def test_excluded_pages_in_runs_are_counted_in_bounded_pieces():
+    """save counts the class-excluded pfns inside each excluded run; one run can
+    span a terabyte, so the mask is sliced at most 2**20 pfns at a time."""
+    from vmcap.save import _count_set
+
+    full = np.zeros(1 << 22, dtype=bool)
+    full[100:(1 << 21) + 5] = True
+    sizes = []
+
+    class Mask:
+        def __getitem__(self, piece):
+            sizes.append(piece.stop - piece.start)
+            return full[piece]
+
+    assert _count_set(Mask(), 50, 1 << 22) == (1 << 21) + 5 - 100
+    assert max(sizes) <= 1 << 20 and len(sizes) == 4

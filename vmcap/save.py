@@ -179,6 +179,12 @@ def class_counts(classification) -> dict:
     return {k: v for k, v in classification.counts.items() if k != "total_pages"}
 
 
+def _count_set(mask, first: int, end: int, step: int = 1 << 20) -> int:
+    """Set pfns of an exclusion mask in [first, end), a bounded slice at a time
+    (one excluded run can span a terabyte)."""
+    return sum(int(mask[lo:min(lo + step, end)].sum()) for lo in range(first, end, step))
+
+
 def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     """Stream an ELF core (compressed or sparse plain) into ``out``.
 
@@ -208,7 +214,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
         # excludable pages (of a kernel class, or zero) that stay in the output.
         kept = 0
         if mask is not None:
-            in_runs = sum(int(mask[r.paddr // page:(r.paddr + r.length) // page].sum())
+            in_runs = sum(_count_set(mask, r.paddr // page, (r.paddr + r.length) // page)
                           for r in runs)
             kept += mask.count() - in_runs
         else:
