@@ -280,6 +280,13 @@ def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path) -> Bundle
     for name in ("_md5", "_sha1", "_sha256", "_sha512", "_sha3", "_blake2"):
         for so in dynload.glob(f"{name}.*.so"):
             add_module_file(str(so))
+    # numpy reaches numpy.ma lazily from inside its own functions (np.unique asks
+    # np.ma.is_masked), on paths that depend on the data: a trace can miss one, a
+    # capture must not. It is pure Python, a few hundred KiB.
+    import numpy
+
+    for py in sorted(Path(numpy.__file__).parent.joinpath("ma").glob("*.py")):
+        add_module_file(str(py))
     # vmcap itself: every module (error paths import lazily), sources compiled like the rest.
     for py in sorted(vmcap_dir.glob("*.py")):
         bundle.add_python(str(py), f"{libdir}/site-packages/vmcap/{py.name}", "vmcap")

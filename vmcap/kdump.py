@@ -453,13 +453,15 @@ class _StreamedBitmap:
             return
         window_pfns = self.WINDOW_BYTES * 8
         windows = pfns // window_pfns
-        for index in np.unique(windows).tolist():
+        # pfns increase, so each window's pfns are one slice of them.
+        cuts = (np.flatnonzero(np.diff(windows)) + 1).tolist()
+        for lo, hi in zip([0] + cuts, cuts + [len(pfns)]):
+            index = int(windows[lo])
             if index != self._window_index:
                 self._flush()
                 self._window[:] = 0
                 self._window_index = index
-            part = pfns[windows == index] - index * window_pfns
-            _set_bits(self._window, part)
+            _set_bits(self._window, pfns[lo:hi] - index * window_pfns)
             self._dirty = True
 
     def set_range(self, first: int, count: int) -> None:
