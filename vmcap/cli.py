@@ -298,8 +298,9 @@ def main():
     memory) are never mapped, and their RAM bytes are read exactly once.
 
     Exit codes: 0 ok, 1 internal error, 2 usage, 3 bad source, 4 source read
-    error, 5 output error, 6 corrupt vmcap output, 7 verify mismatch,
-    8 unsupported request, 130 interrupted.
+    error, 5 output error (a dump cut short is kept, flagged incomplete),
+    6 damaged or incomplete dump, 7 verify mismatch, 8 unsupported request,
+    130 interrupted (SIGINT, SIGTERM, SIGHUP).
     """
     install_signal_handlers()
 
@@ -551,7 +552,12 @@ def _render_save(s, err: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_vmcoreinfo_option
 def verify(dump, source_path, as_json, quiet, vmcoreinfo_path):
-    """Check a vmcap output: seek table and every frame; with --source, every byte."""
+    """Prove a vmcap output whole (checksums, digests, structure, every page).
+
+    With --source, also that it holds every byte of SRC its dump level keeps.
+    Exit 6: the dump is damaged, cut short or flagged incomplete; 7: it lacks
+    or changes what the source has.
+    """
     from .verify import verify as run_verify
 
     with _errors_to_exit_codes():
