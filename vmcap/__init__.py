@@ -1,3 +1,3 @@
 """vmcap: capture Linux kernel crash dumps without touching non-RAM bytes."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
