@@ -38,6 +38,7 @@ from .digest import PLACEHOLDER, StreamDigest, hex_value, sparse_file_digest
 from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
                      DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG,
                      PageDataError, PageDecoder, encode_pages, page_compressor)
+from .cpus import usable_cpus
 from .errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES, FlattenedFile, is_flattened
 from .mmapio import open_source_fd
@@ -504,12 +505,7 @@ class _StreamedBitmap:
 def _worker_count(threads: int) -> int:
     if threads < 0:
         raise ValueError(f"threads must be >= 0, not {threads}")
-    if threads:
-        return threads
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
+    return threads or usable_cpus()
 
 
 class KdumpWriter:

@@ -6,11 +6,11 @@ nothing (the CLI renders the returned ``SaveSummary``).
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
+from .cpus import usable_cpus
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
 from .exclude import runs_from_mask, scan_excluded_runs, split_segments
 from .elfwriter import (ElfStreamWriter, OutputSegment, aligned_notes, cut_image,
@@ -31,17 +31,6 @@ PHASE_COPY = "Copying data"
 # zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
 # come out no bigger than makedumpfile -c's zlib pages (measured, README).
 DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: a capture kernel's nr_cpus=1, a taskset or a cpuset.
-
-    SaveOptions.threads 0 means this many; 1 means compressing in the calling thread, no pool.
-    """
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def compression_level(options: "SaveOptions") -> int:

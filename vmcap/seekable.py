@@ -36,6 +36,7 @@ import numpy as np
 import xxhash
 import zstandard
 
+from vmcap.cpus import usable_cpus
 from vmcap.errors import CorruptOutput, OutputError
 from vmcap.mmapio import open_source_fd
 
@@ -170,7 +171,7 @@ class SeekableWriter:
         self._sink = sink
         self._level = level
         self._frame_bytes = frame_bytes
-        self._threads = threads or _usable_cpus()
+        self._threads = threads or usable_cpus()
 
         # The frame being filled. It is preallocated and filled by slice
         # assignment, so each input byte is copied once and never reallocated.
@@ -502,14 +503,6 @@ class SeekableWriter:
             raise OutputError("seekable zstd output is incomplete: an earlier write failed")
         if self._stats is not None:
             raise ValueError("write to a closed SeekableWriter")
-
-
-def _usable_cpus() -> int:
-    """CPUs this process may run on (a capture kernel's nr_cpus=1, a taskset, a cpuset)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _byte_view(data) -> memoryview:
