@@ -212,11 +212,8 @@ def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size
     ``segments`` carry paddr/vaddr/filesz/memsz/flags; their ``offset`` is
     ignored and assigned here.
     """
-    elf_class, endian = layout.elf_class, _endian(layout.byte_order)
-    ehdr = struct.Struct(endian + _EHDR_FORMATS[elf_class])
-    phdr_format, phdr_fields = _PHDR_FORMATS[elf_class]
-    phdr = struct.Struct(endian + phdr_format)
-    shdr = struct.Struct(endian + _SHDR_FORMATS[elf_class])
+    elf_class = layout.elf_class
+    ehdr, phdr, phdr_fields, shdr = _elf_structs(layout)
 
     phnum = 1 + len(segments)
     use_xnum = phnum >= PN_XNUM
@@ -269,14 +266,20 @@ def cut_image(layout: Layout, image: ElfImage, data_end: int) -> tuple[ElfImage,
             end_paddr)
 
 
+def _elf_structs(layout: Layout):
+    """(Ehdr, Phdr, Phdr field names, Shdr) structs of the output's class and byte order."""
+    endian = _endian(layout.byte_order)
+    phdr_format, phdr_fields = _PHDR_FORMATS[layout.elf_class]
+    return (struct.Struct(endian + _EHDR_FORMATS[layout.elf_class]),
+            struct.Struct(endian + phdr_format), phdr_fields,
+            struct.Struct(endian + _SHDR_FORMATS[layout.elf_class]))
+
+
 def _pack_header(layout: Layout, placed: Sequence[OutputSegment], notes_offset: int,
                  notes_size: int) -> bytes:
     """ELF header, program headers (and section header 0 for PN_XNUM)."""
-    elf_class, endian = layout.elf_class, _endian(layout.byte_order)
-    ehdr = struct.Struct(endian + _EHDR_FORMATS[elf_class])
-    phdr_format, phdr_fields = _PHDR_FORMATS[elf_class]
-    phdr = struct.Struct(endian + phdr_format)
-    shdr = struct.Struct(endian + _SHDR_FORMATS[elf_class])
+    elf_class = layout.elf_class
+    ehdr, phdr, phdr_fields, shdr = _elf_structs(layout)
     phnum = 1 + len(placed)
     use_xnum = phnum >= PN_XNUM
     phoff = ehdr.size
