@@ -43,9 +43,6 @@ UNSUPPORTED = {
     "--partial-dmesg": "--partial-dmesg is not supported",
     "--dump-erase": "erase info is not supported",
 }
-# Options that take a value among the unsupported ones (to name them cleanly).
-UNSUPPORTED_WITH_VALUE = {"-g", "--config", "--eppic", "--xen-syms", "--xen-vmcoreinfo",
-                          "--xen_phys_start", "--diskset", "--vtop"}
 
 MESSAGE_PROGRESS = 1
 MESSAGE_COMMON = 2
