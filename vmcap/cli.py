@@ -8,7 +8,6 @@ Exit codes (also in README.md and man/vmcap.1):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import sys
@@ -18,7 +17,9 @@ from contextlib import contextmanager
 import click
 
 from . import __version__
-from .entry import Interrupted, StdoutWriteError, install_signal_handlers, silence_stdout
+from .progress import human_bytes
+from .entry import (Interrupted, StdoutWriteError, install_signal_handlers, report_stdout_failure,
+                    silence_stdout)
 from .errors import (BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported,
                      VerifyMismatch, VmcapError)
 
@@ -71,10 +72,7 @@ def _errors_to_exit_codes():
         silence_stdout()
         sys.exit(EXIT_OK)
     except StdoutWriteError as error:
-        silence_stdout()
-        click.echo(f"vmcap: error: standard output: write failed: "
-                   f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}", err=True)
-        sys.exit(EXIT_OUTPUT)
+        sys.exit(report_stdout_failure(error))
     except MemoryError:
         click.echo("vmcap: error: out of memory", err=True)
         sys.exit(EXIT_INTERNAL)
@@ -251,14 +249,6 @@ def _hex(value: int) -> str:
     return f"{value:#x}"
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def _print_table(title: str, columns: list[str], rows: list[list[str]], *, err=False) -> None:
     """A rich table on a terminal; plain aligned columns when piped."""
     stream = sys.stderr if err else sys.stdout
@@ -378,9 +368,9 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
         ("crash time", str(report["crash_time"]) if report["crash_time"] is not None
          else "unknown"),
         ("segments", str(len(report["segments"]))),
-        ("RAM", f"{_human(totals['memory'])} ({totals['memory']} bytes)"),
+        ("RAM", f"{human_bytes(totals['memory'])} ({totals['memory']} bytes)"),
         ("fractional pages", str(len(report["fractional_pages"]))),
-        ("planned via mmap", f"{_human(totals['mapped_bytes'])} ({totals['mapped_bytes']} bytes)"),
+        ("planned via mmap", f"{human_bytes(totals['mapped_bytes'])} ({totals['mapped_bytes']} bytes)"),
         ("planned via pread", _pread_explained(report)),
         ("zero fill", f"{totals['zero_fill_bytes']} bytes"),
     ]
@@ -523,9 +513,9 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
 def _render_save(s, err: bool) -> None:
     pairs = [
         ("saved", f"{s.source} -> {s.output} ({s.format})"),
-        ("memory", f"{_human(s.memory_bytes)} in {s.seconds:.2f} s ({s.mib_per_s} MiB/s)"),
-        ("read", f"{_human(s.bytes_read)} (every pass)"),
-        ("written", f"{_human(s.bytes_written)} (ratio {s.ratio})"),
+        ("memory", f"{human_bytes(s.memory_bytes)} in {s.seconds:.2f} s ({s.mib_per_s} MiB/s)"),
+        ("read", f"{human_bytes(s.bytes_read)} (every pass)"),
+        ("written", f"{human_bytes(s.bytes_written)} (ratio {s.ratio})"),
         ("mmap / pread", f"{s.mapped_bytes} / {s.buffered_bytes} bytes"),
         ("fractional pages", f"{s.fractional_pages} (RAM bytes kept, never mapped)"),
     ]

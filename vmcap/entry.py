@@ -103,6 +103,26 @@ def _say(message: str) -> None:
         pass
 
 
+def report_stdout_failure(error: StdoutWriteError) -> int:
+    """Our stdout cannot be written (ENOSPC on /dev/full, EIO): one line, exit code 5."""
+    silence_stdout()
+    _say(f"vmcap: error: standard output: write failed: "
+         f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}")
+    return EXIT_OUTPUT
+
+
+def _flush_stdout(code: int) -> int:
+    """The exit code once what is left on stdout is written out."""
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stdout()
+    except StdoutWriteError as error:
+        return code or report_stdout_failure(error)
+    return code
+
+
 def run(argv: list[str] | None = None) -> None:
     """`vmcap ...`: every outcome is an exit code from the documented table."""
     install_signal_handlers()
@@ -112,9 +132,11 @@ def run(argv: list[str] | None = None) -> None:
             sys.stdout = _GuardedStdout(sys.stdout)
         from .cli import run_command
 
-        code = run_command(argv)
-        if sys.stdout is not None:
-            sys.stdout.flush()
+        try:
+            code = run_command(argv)
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        code = _flush_stdout(code)
     except Interrupted as stop:
         _say(f"vmcap: interrupted by {stop.args[0]}")
         code = EXIT_INTERRUPTED
@@ -125,21 +147,7 @@ def run(argv: list[str] | None = None) -> None:
         silence_stdout()
         code = 0
     except StdoutWriteError as error:
-        silence_stdout()
-        _say(f"vmcap: error: standard output: write failed: "
-             f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}")
-        code = EXIT_OUTPUT
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-        try:
-            if sys.stdout is not None:
-                sys.stdout.flush()
-        except BrokenPipeError:
-            silence_stdout()
-        except StdoutWriteError as error:
-            silence_stdout()
-            _say(f"vmcap: error: standard output: write failed: {error.strerror}")
-            code = code or EXIT_OUTPUT
+        code = report_stdout_failure(error)
     # Signals that arrive while the interpreter shuts down must not print
     # a traceback either.
     for signum in STOP_SIGNALS:

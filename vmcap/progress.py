@@ -19,7 +19,8 @@ MODES = ("auto", "bar", "lines", "none")
 Reporter = Callable[[int, int, str], None]
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count in binary units (B, KiB, MiB, GiB, TiB), as every vmcap message gives it."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -84,8 +85,8 @@ class LineProgress:
             tail = f"eta {_duration((self.total - self.done) / rate)}"
         else:
             tail = "eta ?"
-        line = (f"{self.phase:<24}: [{percent:5.1f} %] {_human(self.done)} of "
-                f"{_human(self.total)}, {_human(rate)}/s, {tail}\n")
+        line = (f"{self.phase:<24}: [{percent:5.1f} %] {human_bytes(self.done)} of "
+                f"{human_bytes(self.total)}, {human_bytes(rate)}/s, {tail}\n")
         try:
             self.stream.write(line)
             self.stream.flush()
@@ -109,7 +110,7 @@ def bar_progress():
             speed = task.finished_speed or task.speed
             if speed is None:
                 return Text("?", style="progress.data.speed")
-            return Text(f"{_human(speed)}/s", style="progress.data.speed")
+            return Text(f"{human_bytes(speed)}/s", style="progress.data.speed")
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         DownloadColumn(binary_units=True), BinaryRate(), TimeRemainingColumn(),
