@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--high", type=int, default=256, help="MiB")
     ap.add_argument("--step", type=int, default=16, help="MiB")
     ap.add_argument("--json", help="write every probe and the answer here")
-    ap.add_argument("--bundle", help="a bundle cpio.gz already built by packaging/build-bundle.py")
+    ap.add_argument("--bundle", help="a bundle cpio already built by packaging/build-bundle.py")
     ap.add_argument("--append-extra", default="",
                     help="more capture-kernel options, e.g. root=/dev/ram0: with any root= the "
                          "kernel unpacks the initramfs into ramfs, not a tmpfs capped at half of RAM")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Build a self-contained vmcap bundle for a kdump capture initramfs.
 
-    python packaging/build-bundle.py OUT.cpio [--compress gzip|xz|zstd|none]
-                                     [--tree DIR] [--prefix /usr/lib/vmcap] [--report FILE.json]
+    python packaging/build-bundle.py OUT.cpio [--layout squashfs|files]
+                                     [--compress gzip|xz|zstd|none] [--tree DIR]
+                                     [--prefix /usr/lib/vmcap] [--report FILE.json]
 
 The bundle holds the Python interpreter that runs vmcap here (its binary,
 libpython, the C library and loader it was linked against), and of the
@@ -16,13 +17,22 @@ the whole vmcap package and the ``encodings`` package (the codec a locale asks
 for is looked up at run time) are copied, Python files compiled to sourceless
 .pyc, shared objects stripped.
 
-The result is a newc cpio archive rooted at ``/``: PREFIX/ holds the bundle,
-and /usr/bin/vmcap and /usr/bin/vmcap-makedumpfile are shell wrappers that run
-the bundle's own loader on its own libraries, so they need nothing from the
-image they are appended to but /bin/sh. The Linux kernel unpacks concatenated
-cpio archives (each compressed on its own), so ``cat initrd OUT.cpio > new``
-adds vmcap to any initramfs; packaging/dracut/99vmcap does the same inside
-kdump-utils' mkdumprd.
+The result is a newc cpio archive rooted at ``/``. PREFIX/root/ holds the
+interpreter tree; with ``--layout squashfs`` (the default) the tree is not in
+the archive as files but as one compressed image, PREFIX/vmcap.squashfs, that
+the wrappers mount read-only on PREFIX/root the first time they run (loop and
+squashfs kernel modules, ``mount``). An initramfs is unpacked into the capture
+kernel's RAM and stays there: unpacked files cost their full size for the whole
+capture, a squashfs image only its compressed size, and the pages a capture
+reads from it are decompressed into the page cache, which the kernel can
+reclaim. ``--layout files`` puts the tree in the archive as it is, for kernels
+without squashfs. PREFIX/bin/vmcap and PREFIX/bin/vmcap-makedumpfile (also
+/usr/bin/NAME) are shell wrappers that run the bundle's own loader on its own
+libraries, so they need nothing from the image they are appended to but
+/bin/sh (and, for the squashfs layout, mount and modprobe). The Linux kernel
+unpacks concatenated cpio archives (each compressed on its own), so
+``cat initrd OUT.cpio > new`` adds vmcap to any initramfs;
+packaging/dracut/99vmcap does the same inside kdump-utils' mkdumprd.
 """
 
 from __future__ import annotations
@@ -212,8 +222,9 @@ def _component(path: str, site: str) -> str:
     return "stdlib"
 
 
-def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path) -> Bundle:
-    bundle = Bundle(root, prefix)
+def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path) -> tuple[Bundle, str]:
+    """The interpreter tree at root/PREFIX/root; returns it and the name of its ELF loader."""
+    bundle = Bundle(root, f"{prefix}/root")
     stdlib = sysconfig.get_paths()["stdlib"]
     site = sysconfig.get_paths()["purelib"]
     libdir = f"lib/{PYVER}"
@@ -293,24 +304,68 @@ def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path) -> Bundle
     # lib-dynload must exist for getpath's exec_prefix landmark.
     (bundle.base / libdir / "lib-dynload").mkdir(parents=True, exist_ok=True)
 
-    # -S and an explicit PYTHONPATH: no site.py, whose site-packages paths differ between
-    # builds (Debian's python looks in dist-packages), and no .pth hooks.
-    wrapper = f"""#!/bin/sh
-# vmcap from its bundle ({prefix}): its own loader and libraries, nothing from this system's.
-B={prefix}
+    return bundle, loader
+
+
+# The wrappers: /bin/sh and, for the squashfs layout, mount and modprobe are all they need.
+# -S and an explicit PYTHONPATH: no site.py, whose site-packages paths differ between builds
+# (Debian's python looks in dist-packages), and no .pth hooks.
+_WRAPPER = """#!/bin/sh
+# vmcap from its bundle (@PREFIX@): its own loader, libraries and Python, nothing from this system's.
+B=@PREFIX@
+R=$B/root
+if [ ! -e "$R/bin/@PYVER@" ]; then
+  # The squashfs layout: the tree stays compressed in RAM and is mounted on first use; the
+  # pages a capture reads are decompressed into the page cache, which the kernel can reclaim.
+  if [ -f "$B/vmcap.squashfs" ]; then
+    modprobe -q loop 2>/dev/null; modprobe -q squashfs 2>/dev/null
+    mount -t squashfs -o loop,ro "$B/vmcap.squashfs" "$R" 2>/dev/null
+  fi
+  if [ ! -e "$R/bin/@PYVER@" ]; then  # (another run may have mounted it meanwhile)
+    echo "@NAME@: error: cannot mount $B/vmcap.squashfs on $R (mount, and the loop and squashfs kernel modules, are needed)" >&2
+    exit 8
+  fi
+fi
 # OpenBLAS (numpy's, unused by vmcap) starts one thread with a buffer per CPU unless told.
-PYTHONHOME=$B PYTHONPATH=$B/{libdir}/site-packages PYTHONDONTWRITEBYTECODE=1 \\
-OPENBLAS_NUM_THREADS=${{OPENBLAS_NUM_THREADS:-1}} \\
-exec $B/lib/{loader} --library-path $B/lib $B/bin/{PYVER} -S -c 'import sys; from %s import run; sys.argv[0] = "%s"; run()' "$@"
+PYTHONHOME=$R PYTHONPATH=$R/@LIBDIR@/site-packages PYTHONDONTWRITEBYTECODE=1 \\
+OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} \\
+exec $R/lib/@LOADER@ --library-path $R/lib $R/bin/@PYVER@ -S -c 'import sys; from @MODULE@ import run; sys.argv[0] = "@NAME@"; run()' "$@"
 """
-    usr_bin = root / "usr" / "bin"
-    usr_bin.mkdir(parents=True, exist_ok=True)
-    for name, module in (("vmcap", "vmcap.entry"), ("vmcap-makedumpfile", "vmcap.makedumpfile_cli")):
-        # /usr/bin/NAME for an appended cpio; PREFIX/bin/NAME for the dracut module to install
-        for path in (usr_bin / name, bundle.base / "bin" / name):
-            path.write_text(wrapper % (module, name))
+WRAPPERS = (("vmcap", "vmcap.entry"), ("vmcap-makedumpfile", "vmcap.makedumpfile_cli"))
+
+
+def write_wrappers(root: Path, prefix: str, loader: str) -> None:
+    """PREFIX/bin/NAME for the dracut module to install, /usr/bin/NAME for an appended cpio."""
+    for name, module in WRAPPERS:
+        text = _WRAPPER
+        for key, value in (("@PREFIX@", prefix), ("@PYVER@", PYVER), ("@LIBDIR@", f"lib/{PYVER}"),
+                           ("@LOADER@", loader), ("@MODULE@", module), ("@NAME@", name)):
+            text = text.replace(key, value)
+        for path in (root / "usr" / "bin" / name, root / prefix.lstrip("/") / "bin" / name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
             path.chmod(0o755)
-    return bundle
+
+
+def make_squashfs(root: Path, prefix: str) -> int:
+    """Replace the tree at root/PREFIX/root by PREFIX/vmcap.squashfs (an empty mount point
+    stays); returns the image's size."""
+    tree = root / prefix.lstrip("/") / "root"
+    image = tree.parent / "vmcap.squashfs"
+    mksquashfs = shutil.which("mksquashfs") or "/usr/sbin/mksquashfs"
+    if not os.path.exists(mksquashfs):
+        raise SystemExit("build-bundle: mksquashfs not found: install squashfs-tools, "
+                         "or use --layout files")
+    # xz with the x86 branch filter is the smallest the kernel reads (Debian's and Fedora's
+    # kernels have SQUASHFS_XZ); fixed times and owners make the image reproducible.
+    cmd = [mksquashfs, str(tree), str(image), "-noappend", "-all-root", "-no-xattrs", "-quiet",
+           "-no-progress", "-comp", "xz", "-b", "128K", "-mkfs-time", "0", "-all-time", "0"]
+    if os.uname().machine in ("x86_64", "i686"):
+        cmd += ["-Xbcj", "x86"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tree)
+    tree.mkdir()
+    return image.stat().st_size
 
 
 # --- newc cpio, written here so that owners (root), modes and times are the bundle's own -----
@@ -368,7 +423,13 @@ def compress(raw: bytes, method: str) -> bytes:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("output", help="the cpio archive to write")
-    ap.add_argument("--compress", choices=("gzip", "xz", "zstd", "none"), default="gzip")
+    ap.add_argument("--layout", choices=("squashfs", "files"), default="squashfs",
+                    help="the interpreter tree as one compressed image mounted on first use "
+                         "(default), or as files unpacked into the initramfs")
+    ap.add_argument("--compress", choices=("gzip", "xz", "zstd", "none"), default="gzip",
+                    help="the archive's compression (default gzip; the kernel unpacks an "
+                         "uncompressed archive only where it starts at a multiple of 4 bytes "
+                         "of the initramfs, so 'none' cannot be appended to just any image)")
     ap.add_argument("--prefix", default=DEFAULT_PREFIX, help="where the bundle lives in the image")
     ap.add_argument("--tree", help="also keep the unpacked tree here (a new directory)")
     ap.add_argument("--real-dump", help="a real vmcore to trace dump level 31 and dmesg on too")
@@ -383,21 +444,28 @@ def main(argv=None) -> int:
         root = Path(args.tree) if args.tree else tmp / "root"
         if root.exists():
             shutil.rmtree(root)
-        bundle = build_tree(root, args.prefix, traced, vmcap_dir)
+        bundle, loader = build_tree(root, args.prefix, traced, vmcap_dir)
+        write_wrappers(root, args.prefix, loader)
+        image_bytes = make_squashfs(root, args.prefix) if args.layout == "squashfs" else None
         import io
         buf = io.BytesIO()
         write_cpio(root, buf)
         raw = buf.getvalue()
-    data = compress(raw, args.compress)
+    method = args.compress
+    data = compress(raw, method)
     Path(args.output).write_bytes(data)
-    report = {"output": args.output, "compress": args.compress, "prefix": args.prefix,
-              "unpacked_bytes": sum(bundle.sizes.values()), "cpio_bytes": len(raw),
+    # What the capture kernel keeps in RAM for the whole capture: the image, or the files.
+    resident = image_bytes if image_bytes is not None else sum(bundle.sizes.values())
+    report = {"output": args.output, "layout": args.layout, "compress": method, "prefix": args.prefix,
+              "unpacked_bytes": sum(bundle.sizes.values()), "squashfs_bytes": image_bytes,
+              "resident_bytes": resident, "cpio_bytes": len(raw),
               "compressed_bytes": len(data), "traced_runs": traced["runs"],
               "components": dict(sorted(bundle.sizes.items(), key=lambda kv: -kv[1]))}
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"{args.output}: {len(data) / 2**20:.1f} MiB {args.compress}, "
-          f"{report['unpacked_bytes'] / 2**20:.1f} MiB unpacked")
+    print(f"{args.output}: {len(data) / 2**20:.1f} MiB ({args.layout}, archive compression "
+          f"{method}); tree {report['unpacked_bytes'] / 2**20:.1f} MiB, resident in the "
+          f"capture kernel's RAM {resident / 2**20:.1f} MiB")
     for name, size in report["components"].items():
         print(f"  {name:24} {size / 2**20:7.2f} MiB")
     return 0

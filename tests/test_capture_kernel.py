@@ -68,33 +68,41 @@ def bundle(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- the bundle alone
 
-def _unpack(cpio_gz: Path, root: Path) -> None:
+def _unpack(cpio: Path, root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    subprocess.run(f"gzip -dc {cpio_gz} | (cd {root} && cpio -idm --quiet)", shell=True, check=True)
+    reader = "gzip -dc" if cpio.read_bytes()[:2] == b"\x1f\x8b" else "cat"
+    subprocess.run(f"{reader} {cpio} | (cd {root} && cpio -idm --quiet)", shell=True, check=True)
 
 
 def _run_chrooted(root: Path, script: str, vmcore: str) -> subprocess.CompletedProcess:
-    """script under busybox sh, chrooted into root (given busybox, /tmp/vmcore and /proc)."""
-    for d in ("bin", "tmp", "proc"):
+    """script under busybox sh, chrooted into root (given busybox and its applets, /tmp/vmcore,
+    /proc and /dev as in any initramfs); whatever the script mounted is unmounted after."""
+    for d in ("bin", "tmp", "proc", "dev"):
         (root / d).mkdir(parents=True, exist_ok=True)
     subprocess.run(["cp", harness._tool("busybox"), str(root / "bin" / "busybox")], check=True)
-    if not (root / "bin" / "sh").exists():
-        (root / "bin" / "sh").symlink_to("busybox")
+    subprocess.run([harness._tool("chroot"), str(root), "/bin/busybox", "--install", "-s", "/bin"],
+                   check=True)
     subprocess.run(["cp", vmcore, str(root / "tmp" / "vmcore")], check=True)
-    # /proc as in any initramfs (vmcap reads its kdump output back through /proc/self/fd)
     subprocess.run(["mount", "-t", "proc", "proc", str(root / "proc")], check=True)
+    subprocess.run(["mount", "--bind", "/dev", str(root / "dev")], check=True)  # the loop devices
     try:
         return subprocess.run([harness._tool("chroot"), str(root), "/bin/sh", "-c", script],
                               capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     finally:
-        subprocess.run(["umount", str(root / "proc")], check=True)
+        mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                   if line.split()[1].startswith(str(root) + "/")]
+        for point in sorted(mounted, key=len, reverse=True):
+            subprocess.run(["umount", point], check=True)
 
 
 def test_bundle_runs_in_a_root_with_only_busybox(bundle, tmp_path, make_vmcore):
-    """The bundle is self-contained: chrooted into busybox + the bundle, every format saves
-    and verifies (no file of the host's Python, libc or loader is reachable)."""
+    """The bundle is self-contained: chrooted into busybox + the bundle, the wrapper mounts its
+    squashfs image and every format saves and verifies (no file of the host's Python, libc or
+    loader is reachable)."""
     root = tmp_path / "root"
     _unpack(bundle, root)
+    assert (root / "usr" / "lib" / "vmcap" / "vmcap.squashfs").is_file()
+    assert not any((root / "usr" / "lib" / "vmcap" / "root").iterdir())  # a mount point
     src, _ = make_vmcore(name="vmcore")
     script = """
       vmcap save /tmp/vmcore /tmp/out.zelf && vmcap verify /tmp/out.zelf --source /tmp/vmcore &&
@@ -108,6 +116,19 @@ def test_bundle_runs_in_a_root_with_only_busybox(bundle, tmp_path, make_vmcore):
     assert proc.returncode == 0, proc.stderr
     # nothing logged beyond vmcap's own lines (hashlib would log missing builtin hashes)
     assert "ERROR:root" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bundle_wrapper_without_its_image_says_so_in_one_line(bundle, tmp_path):
+    """Where the image cannot be mounted (here: it is not at the prefix at all), the wrapper
+    says what it needs in one line and exits 8, before anything runs."""
+    if Path("/usr/lib/vmcap").exists():
+        pytest.skip("a vmcap bundle is installed on this machine")
+    root = tmp_path / "root"
+    _unpack(bundle, root)
+    proc = subprocess.run(["sh", str(root / "usr" / "bin" / "vmcap-makedumpfile"), "-v"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 8
+    assert proc.stderr.count("\n") == 1 and "cannot mount /usr/lib/vmcap/vmcap.squashfs" in proc.stderr
 
 
 DRACUT_MODULE = PROJECT / "packaging" / "dracut" / "99vmcap" / "module-setup.sh"
@@ -125,13 +146,18 @@ def test_dracut_module_installs_the_bundle_over_mkdumprds_collector(bundle, tmp_
         "#!/usr/bin/python3\nfrom vmcap.makedumpfile_cli import run\nrun()\n")
 
     def dracut(bundle_dir: Path) -> str:
-        script = f"source {DRACUT_MODULE}; check; echo check=$?; install; echo install=$?"
+        # dracut's own functions, recording what the module asks for
+        script = (f"instmods() {{ echo \"instmods $*\"; }}; inst_multiple() {{ echo \"inst $*\"; }}; "
+                  f"source {DRACUT_MODULE}; check; echo check=$?; installkernel; install; "
+                  f"echo install=$?")
         env = dict(os.environ, VMCAP_BUNDLE_DIR=str(bundle_dir), initdir=str(initdir))
         return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env,
                               check=True).stdout
 
     assert "check=1" in dracut(tmp_path / "nowhere")
-    assert dracut(host / "usr" / "lib" / "vmcap").split() == ["check=255", "install=0"]
+    assert dracut(host / "usr" / "lib" / "vmcap").splitlines() == [
+        "check=255", "instmods loop squashfs", "inst mount modprobe", "install=0"]
+    assert (initdir / "usr" / "lib" / "vmcap" / "vmcap.squashfs").is_file()
     assert (initdir / "usr" / "bin" / "vmcap-makedumpfile").read_text().startswith("#!/bin/sh")
     src, _ = make_vmcore(name="vmcore")
     proc = _run_chrooted(initdir, "vmcap-makedumpfile -l --message-level 7 -d 1 /tmp/vmcore "

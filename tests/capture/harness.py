@@ -30,8 +30,10 @@ CACHE = Path(os.environ.get("VMCAP_CAPTURE_CACHE", "/var/tmp/vmcap-capture"))
 PAGE = 4096
 
 # Modules the images load (with their dependencies): disks, ext4 (and the crc32c its
-# checksums ask the crypto API for), 9p for the Debian test's root filesystem.
-MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "9pnet_virtio", "9p")
+# checksums ask the crypto API for), 9p for the Debian test's root filesystem, loop and
+# squashfs for the bundle's image (what dracut's instmods adds in packaging/dracut/99vmcap).
+MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4", "9pnet_virtio", "9p", "loop",
+           "squashfs")
 
 # memmap= holes (size$start) that leave System RAM ranges ending and starting mid-page.
 MEMMAP_HOLES = ((0x100, 0x4000080), (0x800, 0x8000800), (0x1000, 0xc000100))
@@ -66,7 +68,7 @@ def find_kernel() -> Kernel | None:
 def missing_prerequisites() -> list[str]:
     """What this machine lacks for a real kdump run (empty when everything is there)."""
     missing = [tool for tool in ("qemu-system-x86_64", "kexec", "busybox", "mkfs.ext4", "debugfs", "chroot",
-                                 "modprobe")
+                                 "modprobe", "mksquashfs")
                if not shutil.which(tool) and not Path("/usr/sbin", tool).exists()
                and not Path("/sbin", tool).exists()]
     if find_kernel() is None:
