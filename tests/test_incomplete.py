@@ -228,8 +228,9 @@ def test_write_error_mid_copy_keeps_what_was_written(make_vmcore, tmp_path, monk
 def test_nothing_written_leaves_nothing(make_vmcore, tmp_path):
     src, _ = make_vmcore(SAMPLE)
     out = tmp_path / "vmcore"
-    # 1 MiB cannot hold the first 4 MiB batch of kdump pages: no memory, no file.
-    result = vmcap("save", "--format", "kdump", "--size-limit", "1M", src, out)
+    # 1 MiB cannot hold the first batch of kdump pages (1 MiB a thread, so 4 MiB for four
+    # threads): no memory, no file.
+    result = vmcap("save", "--format", "kdump", "--threads", "4", "--size-limit", "1M", src, out)
     assert result.returncode == 5 and "size limit" in result.stderr
     assert "INCOMPLETE" not in result.stderr
     assert not out.exists() and not temp_outputs(tmp_path)

@@ -78,7 +78,9 @@ class PlanCopier:
         self.on_error = on_error
         self.progress = progress
         self.stats = CopyStats()
-        self._buffer = bytearray(self.window_bytes)
+        # pread's buffer, grown on demand: with mmap working it only ever holds the short
+        # pieces at segment edges, and a capture kernel should not pay a window for nothing.
+        self._buffer = bytearray(0)
 
     def __iter__(self) -> Iterator[DataChunk]:
         for step in self.plan.steps:
@@ -131,6 +133,8 @@ class PlanCopier:
 
     def _read(self, segment: int, paddr: int, offset: int, length: int) -> DataChunk:
         """One pread into the reusable buffer; on error fail or zero-fill per policy."""
+        if len(self._buffer) < length:
+            self._buffer = bytearray(length)
         view = memoryview(self._buffer)[:length]
         try:
             self.source.pread_into(view, offset)

@@ -24,7 +24,7 @@ PLACEHOLDER = "0" * 16
 UNKNOWN = "unknown"
 DIGEST_KEYS = ("META_XXH64", "DESC_XXH64", "DATA_XXH64")
 READ_BYTES = 4 << 20
-_ZEROS = bytes(1 << 20)
+_ZEROS = bytes(64 << 10)  # fed repeatedly for runs of zeros: small, it is resident all along
 
 
 class StreamDigest:

@@ -79,9 +79,10 @@ _PAGE_COMPRESSION_FLAGS = PAGE_COMPRESSION_FLAGS
 
 DUMP_LEVEL_EXCLUDE_ZERO = 1
 
-# One batch is what the compressor threads share out; 4 MiB keeps the
-# per-batch Python work small next to the compression itself.
-BATCH_BYTES = 4 << 20
+# One batch is what the compressor threads share out: this much per thread
+# keeps the per-batch Python work small next to the compression itself,
+# and the staging copy plus its compressed pages small in a capture kernel.
+BATCH_BYTES = 1 << 20
 # write_pages stores a chunk of at least this many pages as it is rather
 # than copying it into the staging batch (a batch's fixed cost is smaller).
 DIRECT_MIN_PAGES = 64
@@ -405,7 +406,7 @@ def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
     bitmap[byte_index[group_starts]] |= np.bitwise_or.reduceat(bits, group_starts)
 
 
-BITMAP_WINDOW_BYTES = 1 << 20  # 8 Mi pfns: the bitmaps are written in windows this size
+BITMAP_WINDOW_BYTES = 256 << 10  # 2 Mi pfns: the bitmaps are written in windows this size
 
 
 def _set_bit_range(bitmap: np.ndarray, lo: int, hi: int) -> None:
@@ -511,7 +512,7 @@ def _worker_count(threads: int) -> int:
 class KdumpWriter:
     """Write a kdump-compressed file page by page, in pfn order, with bounded memory.
 
-    Memory: a 1 MiB window of each bitmap (see _StreamedBitmap) plus one batch
+    Memory: a 256 KiB window of each bitmap (see _StreamedBitmap) plus one batch
     of pages and its compressed form, whatever max_mapnr is.
 
     max_pages_present bounds how many pages write_pages will be given (the
@@ -570,9 +571,10 @@ class KdumpWriter:
         self._present_bitmap = _StreamedBitmap(fd, self._layout.present_bitmap_offset, "1st bitmap")
         self._dumped_bitmap = _StreamedBitmap(fd, self._layout.dumped_bitmap_offset, "2nd bitmap")
 
-        self._pages_compressor = page_compressor(compress, level, _worker_count(threads))
+        workers = _worker_count(threads)
+        self._pages_compressor = page_compressor(compress, level, workers)
 
-        self._batch_pages = max(1, BATCH_BYTES // page_size)
+        self._batch_pages = max(1, BATCH_BYTES * workers // page_size)
         self._staged_pages = np.empty((self._batch_pages, page_size), dtype=np.uint8)
         self._staged_pfns = np.empty(self._batch_pages, dtype=np.int64)
         self._staged_count = 0

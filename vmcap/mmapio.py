@@ -101,8 +101,17 @@ class FileSource:
             self.size = os.lseek(self._fd, 0, os.SEEK_END)
 
     def pread(self, offset: int, length: int) -> bytes:
+        # os.pread's bytes is the result itself (one allocation, no copy); a short
+        # read, or an error, goes the careful way.
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError:
+            data = b""
+        if len(data) == length:
+            return data
         buffer = bytearray(length)
-        self.pread_into(memoryview(buffer), offset)
+        buffer[:len(data)] = data
+        self.pread_into(memoryview(buffer)[len(data):], offset + len(data))
         return bytes(buffer)
 
     def pread_into(self, buffer: memoryview, offset: int) -> None:

@@ -909,7 +909,7 @@ class _Walk:
 
 
 def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules, *,
-                     max_pfn: int, chunk_pages: int = 1 << 16,
+                     max_pfn: int, chunk_pages: int = 1 << 14,
                      ram_pfn_ranges: Sequence[tuple[int, int]] | None = None,
                      cycle_pfns: int = CYCLE_PFNS) -> ExclusionResult:
     """Walk the struct pages of runs in pfn order, chunk_pages at a time, and apply the rules.
@@ -970,7 +970,7 @@ def no_exclusion(max_pfn: int) -> CyclicExclusion:
 
 
 def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, dump_level: int, *,
-                   max_pfn: int, chunk_pages: int = 1 << 16,
+                   max_pfn: int, chunk_pages: int = 1 << 14,
                    ram_pfn_ranges: Sequence[tuple[int, int]] | None = None) -> ExclusionResult:
     """Pages that makedumpfile -d dump_level would leave out (bits 2/4/8/16; bit 1 is ignored).
 
