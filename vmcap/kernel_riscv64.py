@@ -1,12 +1,14 @@
 """Kernel virtual addresses on riscv64 (Sv39, Sv48, Sv57), from VMCOREINFO alone.
 
-The kernel writes what a reader needs (arch/riscv/kernel/vmcore_info.c,
-6.2+): NUMBER(VA_BITS) is the paging mode the kernel chose at boot (39, 48
-or 57: it probes Sv57, then Sv48, then Sv39, and "no5lvl"/"no4lvl" cap it),
-SYMBOL(swapper_pg_dir) the root table, and NUMBER(va_kernel_pa_offset) the
-offset of the kernel image mapping (kernel_map.virt_addr - kernel_map.phys_addr),
-which gives the root's physical address. makedumpfile's arch/riscv64.c and
-drgn use the same keys.
+The kernel writes what a reader needs (arch_crash_save_vmcoreinfo in
+arch/riscv/kernel/crash_core.c, now vmcore_info.c): NUMBER(VA_BITS) is the
+paging mode the kernel chose at boot (39, 48 or 57: it probes Sv57, then Sv48,
+then Sv39, and "no5lvl"/"no4lvl" cap it), SYMBOL(swapper_pg_dir) the root
+table, and NUMBER(va_kernel_pa_offset) the offset of the kernel image mapping
+(kernel_map.virt_addr - kernel_map.phys_addr), which gives the root's
+physical address. makedumpfile's arch/riscv64.c needs the same keys; the
+first version of that kernel function did not write va_kernel_pa_offset, and
+such dumps are Unsupported here as there.
 
 Every kernel address is translated by walking swapper_pg_dir, as
 Aarch64Translator does: makedumpfile shortcuts the linear map
@@ -19,7 +21,9 @@ The walk follows the privileged spec's rules (Volume II, "Virtual Address
 Translation Process"), so a corrupt table gives one clear error rather than a
 wrong address: V clear, W without R, a table pointer at the last level, and a
 superpage whose PPN is not aligned to its size all fault. A leaf may sit at
-any level (a 256 TiB page at the Sv57 root, down to 4 KiB pages).
+any level (a 256 TiB page at the Sv57 root, down to 4 KiB pages), and a
+Svnapot 64 KiB PTE maps its whole range as the MMU does (makedumpfile reads
+its PPN as a 4 KiB page's).
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ def riscv64_levels(vmcoreinfo: vi.VmcoreInfo) -> tuple[int, tuple[Riscv64Level, 
 
 
 class Riscv64Translator:
-    """Kernel virtual -> physical on riscv64 (Sv39/Sv48/Sv57), Linux 6.2+ (VMCOREINFO with VA_BITS).
+    """Kernel virtual -> physical on riscv64 (Sv39/Sv48/Sv57), for kernels writing VA_BITS and va_kernel_pa_offset.
 
     read_physical(paddr, size) reads the dump. The root is swapper_pg_dir at
     SYMBOL(swapper_pg_dir) - NUMBER(va_kernel_pa_offset): the table sits in
@@ -154,11 +158,14 @@ class Riscv64Translator:
                 else:
                     table_paddr = ppn << PAGE_SHIFT
                     continue
+            # N with another PPN[3:0] is reserved by Svnapot, but on T-Head cores bit 63 is the
+            # strong-order attribute of an ordinary page: such an entry maps a 4 KiB page.
             elif level.number == 0 and entry & PTE_NAPOT and ppn & NAPOT_64K_PPN_MASK == NAPOT_64K_PPN_BITS:
                 offset = vaddr & (NAPOT_64K_SIZE - 1)
                 return ((ppn & ~NAPOT_64K_PPN_MASK) << PAGE_SHIFT) | offset, NAPOT_64K_SIZE - offset
             elif ppn & ((1 << (level.shift - PAGE_SHIFT)) - 1):
-                why = f"is a misaligned superpage (its PPN {ppn:#x} is not a multiple of {level.mapping_size >> PAGE_SHIFT} pages)"
+                why = (f"is a misaligned superpage (its PPN {ppn:#x} is not a multiple of "
+                       f"{level.mapping_size >> PAGE_SHIFT} pages)")
             else:
                 offset = vaddr & (level.mapping_size - 1)
                 return (ppn << PAGE_SHIFT) | offset, level.mapping_size - offset
