@@ -190,9 +190,12 @@ def test_attribute_bits_above_the_ppn_are_not_address_bits():
     base = PAGE_OFFSET[39]
     memory.map(base, 0x8010_0000, flags=KERNEL_LEAF | PBMT_IO)
     memory.map(base + 2 * MIB, 0x8060_0000, level=1, flags=KERNEL_LEAF | THEAD_SO_C_B & ~NAPOT)
+    # T-Head's strong-order bit is bit 63, Svnapot's N: without the 64 KiB PPN mark, a 4 KiB page.
+    memory.map(base + 0x5000, 0x8010_3000, flags=KERNEL_LEAF | THEAD_SO_C_B)
     translator = memory.translator()
     assert translator.to_physical(base + 0x10) == 0x8010_0010
     assert translator.to_physical(base + 2 * MIB + 0x12345) == 0x8061_2345
+    assert translator.translate(base + 0x5008) == (0x8010_3008, 4096 - 8)
 
 
 def test_svnapot_64k_pte_maps_the_64k_range_around_the_page():
