@@ -401,4 +401,8 @@ def make_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, mach
             # Say which architecture needed the key: the same key may be
             # optional elsewhere, and the dump may have been mislabelled.
             raise Unsupported(f"{machine} kernel virtual addresses: {e}") from None
-    raise Unsupported(f"kernel virtual addresses are only supported on x86_64 and aarch64, not {machine}")
+    # Imported here: kernel_riscv64 builds on this module's read_translated.
+    from .kernel_riscv64 import RISCV64_MACHINE_NAMES, make_riscv64_translator
+    if name in RISCV64_MACHINE_NAMES:
+        return make_riscv64_translator(read_physical, vmcoreinfo, machine)
+    raise Unsupported(f"kernel virtual addresses are only supported on x86_64, aarch64 and riscv64, not {machine}")
