@@ -424,8 +424,9 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
                    "zlib 1..9 (default 3).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0,
               help="Compression threads (default 0: one per CPU this process may use).")
-@click.option("--frame-size", type=ByteSize(*FRAME_BYTES_RANGE), default="8M",
-              show_default=True, help="Uncompressed bytes per zstd frame (zelf), 64K..64M.")
+@click.option("--frame-size", type=ByteSize(*FRAME_BYTES_RANGE), default=None,
+              help="Uncompressed bytes per zstd frame (zelf), 64K..64M  [default: 16M on one "
+                   "thread, 8M with more].")
 @click.option("--window", type=ByteSize(*WINDOW_BYTES_RANGE), default="4M", show_default=True,
               help="mmap window size, 64K..256M.")
 @click.option("--no-mmap", is_flag=True, help="Read everything with pread (never mmap).")

@@ -49,7 +49,7 @@ class SaveOptions:
     output_format: str = "zelf"
     level: int | None = None  # None: the format's default (DEFAULT_LEVELS)
     threads: int = 0  # 0: all cores
-    frame_bytes: int = 8 << 20
+    frame_bytes: int | None = None  # zelf; None: 16 MiB on one thread (streamed), 8 MiB with a pool
     window_bytes: int = DEFAULT_WINDOW_BYTES
     on_error: str = "fail"
     force: bool = False
@@ -358,6 +358,11 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
     started = time.monotonic()
     if options.threads == 0:
         options = replace(options, threads=usable_cpus())
+    if options.frame_bytes is None:
+        from .seekable import DEFAULT_FRAME_BYTES, STREAMED_FRAME_BYTES
+
+        options = replace(options, frame_bytes=STREAMED_FRAME_BYTES if options.threads == 1
+                          else DEFAULT_FRAME_BYTES)
     if options.output_format not in FORMATS:
         raise ValueError(f"unknown format {options.output_format!r}")
     if options.output_format == "kdump" and output_path == "-":
