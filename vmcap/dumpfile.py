@@ -98,6 +98,24 @@ def open_elf_source(path: str, *, allow_mmap: bool = True):
     return FileSource(path, allow_mmap=allow_mmap)
 
 
+def open_save_source(path: str, *, allow_mmap: bool = True):
+    """(a Source of ELF core bytes for `vmcap save`, the source's dump level or None).
+
+    /proc/vmcore and ELF files are read as they are, a zelf file through its
+    seek table, a kdump or flattened kdump file through its ELF view
+    (vmcap.elfview). The dump level is the kdump header's; for an ELF core
+    it is None here (a vmcap output's VMCAP note says it, see save).
+    """
+    container = detect_container(path)
+    if container in ("kdump", "kdump-flat"):
+        from .source_kdump import open_kdump_view
+
+        return open_kdump_view(path)
+    if container in ("zstd-seekable", "zstd"):
+        return open_elf_source(path, allow_mmap=allow_mmap), None
+    return FileSource(path, allow_mmap=allow_mmap), None
+
+
 @dataclass
 class ElfPhysicalView:
     """Physical memory of an ELF core: paddr -> bytes, zeros beyond p_filesz."""
@@ -200,11 +218,16 @@ def open_dump(path: str, *, page_size: int | None = None,
         except OSError as e:
             raise BadSource(f"{path}: cannot open: {e.strerror}") from None
         header = reader.header
-        runs = [(first, first + count) for first, count in reader.iter_present_runs()]
-        return OpenDump(path, container, header.machine, header.page_size,
-                        parse_vmcoreinfo(reader.vmcoreinfo if vmcoreinfo is None
-                                         else vmcoreinfo), reader.pread_physical,
-                        header.phys_base or None, header.max_mapnr, runs, reader.close)
+        info = parse_vmcoreinfo(reader.vmcoreinfo if vmcoreinfo is None else vmcoreinfo)
+        # The kernel's page, which may be smaller than the file's block: QEMU
+        # stores arm64 dumps in 64 KiB blocks whatever the kernel's page size.
+        page = kernel_page_size(info, page_size, header.page_size)
+        per_block = header.page_size // page
+        runs = [(first * per_block, (first + count) * per_block)
+                for first, count in reader.iter_present_runs()]
+        return OpenDump(path, container, header.machine, page, info, reader.pread_physical,
+                        header.phys_base or None, header.max_mapnr * per_block, runs,
+                        reader.close)
     source = open_elf_source(path)
     try:
         layout = read_layout(source, page_size=page_size, vmcoreinfo=vmcoreinfo)
@@ -212,6 +235,21 @@ def open_dump(path: str, *, page_size: int | None = None,
         source.close()
         raise
     return elf_dump(layout, source, container=container, closer=source.close)
+
+
+def kernel_page_size(vmcoreinfo: dict, option: int | None, block_size: int) -> int:
+    """The dumped kernel's page size in a kdump file: --page-size, else VMCOREINFO
+    PAGESIZE when it divides the block size, else the block size."""
+    if option:
+        page = option
+    else:
+        try:
+            page = int(vmcoreinfo.get("PAGESIZE") or block_size)
+        except ValueError:
+            page = block_size
+    if page <= 0 or page & (page - 1) or block_size % page:
+        return block_size
+    return page
 
 
 def elf_dump(layout, source, *, container: str = "elf", closer=None) -> OpenDump:

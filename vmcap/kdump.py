@@ -1151,6 +1151,10 @@ class KdumpReader:
     # -- queries -------------------------------------------------------------
 
     @property
+    def name(self) -> str:
+        return self._name
+
+    @property
     def page_size(self) -> int:
         return self._page_size
 
@@ -1304,6 +1308,64 @@ class KdumpReader:
             raise CorruptOutput(f"{where}: {e}") from e
         except Unsupported as e:
             raise Unsupported(f"{where}: {e}") from e
+
+    def read_dumped_pages_into(self, first_pfn: int, out: memoryview) -> None:
+        """Fill ``out`` (a whole number of pages) with the dumped pages from first_pfn on.
+
+        Every pfn must be dumped (iter_dumped_runs gives such runs). One
+        pread takes their descriptors and one (or a few) their stored bytes:
+        makedumpfile, QEMU and vmcap store the pages of consecutive
+        descriptors one after the other. Each page is then decoded on its
+        own, as it was compressed.
+        """
+        page_size = self._page_size
+        count = len(out) // page_size
+        if count * page_size != len(out) or first_pfn < 0:
+            raise ValueError(f"bad page range: pfn {first_pfn:#x}, {len(out)} bytes")
+        if not count:
+            return
+        first_index = self._descriptor_index(first_pfn)
+        last_pfn = first_pfn + count - 1
+        if (not self.is_dumped(first_pfn) or not self.is_dumped(last_pfn)
+                or self._descriptor_index(last_pfn) != first_index + count - 1):
+            raise ValueError(f"pfns {first_pfn:#x}-{last_pfn:#x} are not all dumped")
+        table_at = self._descriptor_offset + DESCRIPTOR_BYTES * first_index
+        table = np.frombuffer(self._pread(table_at, DESCRIPTOR_BYTES * count, "page descriptors"),
+                              dtype=self._descriptor_dtype)
+        offsets = table["offset"].astype(np.int64)
+        sizes = table["size"].astype(np.int64)
+        flags = (table["flags"] & _PAGE_COMPRESSION_FLAGS).astype(np.int64)
+        bad = ((offsets < self._descriptor_offset) | (sizes <= 0) | (sizes > 2 * page_size)
+               | (offsets + sizes > self._file_bytes) | ((flags == 0) & (sizes != page_size)))
+        if bad.any():
+            # The page's own reader names what is wrong with it.
+            i = int(np.flatnonzero(bad)[0])
+            self.read_page(first_pfn + i)
+            raise CorruptOutput(f"{self._name}: pfn {first_pfn + i:#x}: bad page data range "
+                                f"offset {int(offsets[i]):#x} size {int(sizes[i])}")
+        # Stored bytes are read in spans of consecutive pages: a descriptor
+        # pointing back (a shared zero page) starts a new span.
+        ends = offsets + sizes
+        breaks = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        stops = np.concatenate((breaks, [count])).tolist()
+        decode = self._page_decoder.decode
+        for lo, hi in zip(starts, stops):
+            span_at = int(offsets[lo])
+            stored = self._pread(span_at, int(ends[hi - 1]) - span_at, "page data")
+            if (flags[lo:hi] == 0).all():
+                out[lo * page_size:hi * page_size] = stored
+                continue
+            rel = (offsets[lo:hi] - span_at).tolist()
+            for i, (at, size, flag) in enumerate(zip(rel, sizes[lo:hi].tolist(),
+                                                     flags[lo:hi].tolist()), start=lo):
+                try:
+                    out[i * page_size:(i + 1) * page_size] = decode(flag, stored[at:at + size])
+                except (PageDataError, Unsupported) as e:
+                    kind = CorruptOutput if isinstance(e, PageDataError) else Unsupported
+                    raise kind(f"{self._name}: pfn {first_pfn + i:#x} (descriptor "
+                               f"{first_index + i} at offset "
+                               f"{table_at + DESCRIPTOR_BYTES * i:#x}): {e}") from e
 
     def pread_physical(self, paddr: int, length: int) -> bytes:
         """length bytes of physical memory at paddr; pages not dumped read as zeros."""
