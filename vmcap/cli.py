@@ -432,10 +432,12 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @click.option("--on-error", type=click.Choice(["fail", "zero"]), default="fail",
               show_default=True,
               help="On a source read error: fail, or zero-fill the range, record it and go on.")
-@click.option("-d", "--dump-level", type=DumpLevels(), default="0", show_default=True,
+@click.option("-d", "--dump-level", type=DumpLevels(), default=None,
               help="makedumpfile dump level, bits added up: 1 zero pages, 2 cache, "
                    "4 cache with private data, 8 user pages, 16 free pages (31: all). "
-                   "A list (1,31) tries the next level when the output does not fit.")
+                   "A list (1,31) tries the next level when the output does not fit. "
+                   "Default: 0, or a saved dump's own level; a saved dump can only be "
+                   "re-filtered at levels that include its bits (else exit 8).")
 @click.option("--size-limit", type=ByteSize(*SIZE_LIMIT_RANGE), default=None,
               help="Largest output file, e.g. 2G (makedumpfile -L); past it the next dump "
                    "level is tried, after the last an incomplete dump is kept.")
@@ -489,7 +491,9 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
-                          dump_level=dump_level[0], retry_levels=dump_level[1:],
+                          dump_level=(dump_level or (0,))[0],
+                          retry_levels=(dump_level or (0,))[1:],
+                          inherit_level=dump_level is None,
                           size_limit=size_limit, strict=strict, compress=compress,
                           zero_pages=zero_pages, dmesg_path=dmesg_path,
                           vmcoreinfo_path=vmcoreinfo_path)

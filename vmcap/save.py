@@ -71,6 +71,9 @@ class SaveOptions:
     # A dump level needing kernel knowledge vmcap lacks: fail (exit 8)
     # rather than save at the level that needs none.
     strict: bool = False
+    # No level was asked for (the CLI without -d): a saved dump as the source
+    # is saved at its own dump level, the bits of dump_level added.
+    inherit_level: bool = False
 
 
 @dataclass(frozen=True)
@@ -381,6 +384,10 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         # An ELF core saved with bit 1 has no zero pages; makedumpfile's and
         # QEMU's kdump files keep them (one shared stored zero page).
         source_drops_zero = bool(source_level & 1) and header_level is None
+        if options.inherit_level:
+            options = replace(options, dump_level=options.dump_level | source_level,
+                              retry_levels=tuple(level | source_level
+                                                 for level in options.retry_levels))
         check_refilter_levels(source_path, source_level,
                               (options.dump_level, *options.retry_levels))
         dmesg_records = 0
