@@ -98,12 +98,28 @@ def open_elf_source(path: str, *, allow_mmap: bool = True):
     return FileSource(path, allow_mmap=allow_mmap)
 
 
+def compressed_wrapper(path: str) -> str | None:
+    """'gzip', 'xz', 'lz4' or 'zstd' for a file compressed as a whole, else None."""
+    from .source_stream import wrapper_of
+
+    fd = open_source_fd(path)
+    try:
+        head = os.pread(fd, 8, 0)
+    except OSError as e:
+        raise BadSource(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return wrapper_of(head)
+
+
 def open_save_source(path: str, *, allow_mmap: bool = True):
     """(a Source of ELF core bytes for `vmcap save`, the source's dump level or None).
 
     /proc/vmcore and ELF files are read as they are, a zelf file through its
     seek table, a kdump or flattened kdump file through its ELF view
-    (vmcap.elfview). The dump level is the kdump header's; for an ELF core
+    (vmcap.elfview), a flattened stream compressed as a whole (gzip, xz,
+    lz4, zstd without a seek table) once, in order (vmcap.source_stream;
+    the Source then has ``sequential = True``). The dump level is the kdump header's; for an ELF core
     it is None here (a vmcap output's VMCAP note says it, see save).
     """
     container = detect_container(path)
@@ -111,6 +127,11 @@ def open_save_source(path: str, *, allow_mmap: bool = True):
         from .source_kdump import open_kdump_view
 
         return open_kdump_view(path)
+    wrapper = compressed_wrapper(path) if container in ("zstd", "unknown") else None
+    if wrapper is not None:
+        from .source_stream import open_stream_view
+
+        return open_stream_view(path, wrapper)
     if container in ("zstd-seekable", "zstd"):
         return open_elf_source(path, allow_mmap=allow_mmap), None
     return FileSource(path, allow_mmap=allow_mmap), None

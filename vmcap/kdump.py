@@ -964,6 +964,29 @@ _RANK_SECTION_PFNS = 4096  # crash's BITMAP_SECT_LEN: one cumulative count per 5
 _DESCRIPTOR_CHUNK = 1024
 
 
+def decode_disk_dump_header(first: bytes, name: str) -> tuple[dict, int, str]:
+    """(disk_dump_header fields, ELF class, byte order) of a kdump file's first bytes."""
+    if len(first) < _HEADER_BYTES_MIN:
+        raise CorruptOutput(f"{name}: kdump header truncated at {len(first)} bytes")
+    machine = _cstring(first[12 + 4 * 65:12 + 5 * 65])
+    likely_class = 64 if machine.startswith(_64BIT_MACHINES) else 32
+    classes = (likely_class, 96 - likely_class)
+    # libkdumpfile guesses byte order and class by trying layouts until the
+    # block size is sane; the machine name orders the guesses, because a
+    # 32-bit header read as 64-bit puts max_mapnr where block_size is.
+    for byte_order in ("little", "big"):
+        for elf_class in classes:
+            layout = _header_layout(elf_class, byte_order)
+            if len(first) < layout.size:
+                continue
+            fields = layout.unpack(first)
+            block_size = fields["block_size"]
+            if (_MIN_BLOCK_SIZE <= block_size <= _MAX_BLOCK_SIZE and not block_size & (block_size - 1)
+                    and 0 < fields["header_version"] < 1000):
+                return fields, elf_class, byte_order
+    raise CorruptOutput(f"{name}: kdump header has no sane block size / header version")
+
+
 class KdumpReader:
     """Random access to the pages of a kdump-compressed file.
 
@@ -1056,21 +1079,7 @@ class KdumpReader:
         self._read_bitmaps(header["sub_hdr_size"], header["bitmap_blocks"])
 
     def _decode_header(self, first: bytes) -> tuple[dict, int, str]:
-        machine = _cstring(first[12 + 4 * 65:12 + 5 * 65])
-        likely_class = 64 if machine.startswith(_64BIT_MACHINES) else 32
-        classes = (likely_class, 96 - likely_class)
-        # libkdumpfile guesses byte order and class by trying layouts until the
-        # block size is sane; the machine name orders the guesses, because a
-        # 32-bit header read as 64-bit puts max_mapnr where block_size is.
-        for byte_order in ("little", "big"):
-            for elf_class in classes:
-                layout = _header_layout(elf_class, byte_order)
-                fields = layout.unpack(first)
-                block_size = fields["block_size"]
-                if (_MIN_BLOCK_SIZE <= block_size <= _MAX_BLOCK_SIZE and not block_size & (block_size - 1)
-                        and 0 < fields["header_version"] < 1000):
-                    return fields, elf_class, byte_order
-        raise CorruptOutput(f"{self._name}: kdump header has no sane block size / header version")
+        return decode_disk_dump_header(first, self._name)
 
     def _read_bitmaps(self, sub_header_blocks: int, bitmap_blocks: int) -> None:
         bs = self._page_size

@@ -116,6 +116,8 @@ class Capture:
         self.progress = progress
         self.copiers: list[PlanCopier] = []
         self.classification = None  # pageclass.ExclusionResult for dump level bits 2-16
+        # Read once, in order (a compressed stream): no scan pass, no struct pages.
+        self.sequential = bool(getattr(source, "sequential", False))
 
     def copier(self, plan: CopyPlan, phase: str = PHASE_COPY) -> PlanCopier:
         """A copier over ``plan``, reported as one phase of the progress."""
@@ -191,7 +193,12 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     segments = layout.segments
     plan = plan_copy(segments, page)
     classification = capture.classification
-    if options.dump_level:
+    if options.dump_level and capture.sequential:
+        # A source read once, in order, cannot be scanned before the copy:
+        # what it left out stays out (zero fill), its zero pages stay in.
+        warnings.append("the source is read once, in order: its zero pages are kept, not "
+                        "excluded (dump level bit 1 allows both)")
+    elif options.dump_level:
         # The headers come first, so exclusions must be known before writing.
         mask = classification.excluded if classification is not None else None
         zero_seen = 0
@@ -390,6 +397,9 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
                                                  for level in options.retry_levels))
         check_refilter_levels(source_path, source_level,
                               (options.dump_level, *options.retry_levels))
+        sequential = bool(getattr(source, "sequential", False))
+        if sequential:
+            check_sequential_request(source_path, source_level, options)
         dmesg_records = 0
         log_warning: list[str] = []
         if options.dmesg_path:
@@ -404,8 +414,11 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         for attempt, level in enumerate(levels):
             retry_left = attempt + 1 < len(levels) and output_path != "-"
             # Kernel page classes come from a few MiB of struct pages, read first.
-            classification, run_options, fallback = classify_or_fall_back(
-                layout, source, replace(options, dump_level=level))
+            if sequential:
+                classification, run_options, fallback = None, replace(options, dump_level=level), []
+            else:
+                classification, run_options, fallback = classify_or_fall_back(
+                    layout, source, replace(options, dump_level=level))
             # What the source left out stays out, whatever could be classified.
             run_options = replace(run_options, dump_level=run_options.dump_level | source_level)
             if source_drops_zero and run_options.output_format in KDUMP_FORMATS:
@@ -498,6 +511,21 @@ def check_refilter_levels(source_path: str, source_level: int, levels) -> None:
                 f"{source_path} was saved at dump level {source_level}: the pages it left out "
                 f"cannot come back, so dump level {level} is impossible; use a level that "
                 f"includes {source_level}'s bits, such as -d {level | source_level}")
+
+
+def check_sequential_request(source_path: str, source_level: int, options: SaveOptions) -> None:
+    """Refuse (exit 8) what a source read once, in order, cannot give."""
+    why = None
+    if options.dump_level & ~source_level & ~1:
+        why = (f"dump level {options.dump_level} classifies pages the source kept "
+               f"(dump level {source_level}), which needs random access to its struct pages")
+    elif options.retry_levels:
+        why = "a dump level list may need a second pass"
+    elif options.dmesg_path:
+        why = "--dmesg reads the kernel log out of order"
+    if why:
+        raise Unsupported(f"{source_path} is compressed as a whole and is read once, in order: "
+                          f"{why}; decompress it first")
 
 
 def write_output(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
