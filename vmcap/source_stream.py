@@ -42,6 +42,10 @@ WRAPPERS = (
 # Records read ahead of the page being copied, at most; makedumpfile and
 # QEMU flush descriptors and page data a few MiB apart.
 MAX_READ_AHEAD_BYTES = 256 << 20
+# Headers and bitmaps: two 1 GiB bitmaps cover 2**33 pfns (kdumpsave.MAX_KDUMP_PFNS).
+MAX_METADATA_BYTES = (2 << 30) + (16 << 20)
+# makedumpfile and QEMU write records of at most a few MiB.
+MAX_RECORD_BYTES = 64 << 20
 _RECORD = struct.Struct(">qq")
 _SHARED_PAGES = 2  # pages of the data start kept for descriptors pointing back to them
 
@@ -119,7 +123,7 @@ class _RecordStream:
         offset, size = _RECORD.unpack(self.read_exact(RECORD_HEADER_BYTES, "a record header"))
         if offset == END_FLAG and size == END_FLAG:
             return None
-        if offset < 0 or size <= 0 or size > MAX_READ_AHEAD_BYTES:
+        if offset < 0 or size <= 0 or size > MAX_RECORD_BYTES:
             raise CorruptOutput(f"{self.name}: bad flattened record at decompressed offset "
                                 f"{self.position - RECORD_HEADER_BYTES:#x} (offset {offset}, "
                                 f"size {size})")
@@ -176,22 +180,24 @@ class StreamKdumpMemory:
         # Header, sub header, notes and bitmaps, up to the page descriptors:
         # every record until the first one past them goes here.
         limit = (1 + fields["sub_hdr_size"] + fields["bitmap_blocks"]) * fields["block_size"]
+        if limit > MAX_METADATA_BYTES:
+            raise CorruptOutput(f"{self.name}: the kdump header puts the page descriptors at "
+                                f"offset {limit:#x}, past the {MAX_METADATA_BYTES >> 30} GiB "
+                                "of bitmaps vmcap reads")
         head = bytearray(limit)
-        head[:len(first_bytes)] = first_bytes[:limit]
-        self._pending = None
+        # The part of a record past the bitmaps is routed once the index is known.
+        self._pending: tuple[int, bytes] | None = None
+        offset, data = 0, first_bytes
         while True:
+            head[offset:min(offset + len(data), limit)] = data[:max(0, limit - offset)]
+            if offset + len(data) > limit:
+                self._pending = (max(offset, limit), data[max(0, limit - offset):])
+                break
             record = self._records.next_record()
             if record is None:
                 raise CorruptOutput(f"{self.name}: the stream ends before any page")
             offset, size = record
-            if offset >= limit:
-                self._pending = record
-                break
             data = self._records.read_exact(size, "kdump metadata")
-            if offset + size > limit:
-                raise CorruptOutput(f"{self.name}: a record at offset {offset:#x} runs from the "
-                                    "bitmaps into the page descriptors")
-            head[offset:offset + size] = data
         probe = KdumpReader(_MetadataFile(self.name, head))
         self.reader = probe
         self.header = probe.header
@@ -216,23 +222,28 @@ class StreamKdumpMemory:
     def _take_record(self) -> None:
         if self._ended:
             raise CorruptOutput(f"{self.name}: the stream ends before the pages it indexes")
-        record, self._pending = self._pending, None
-        if record is None:
+        if self._pending is not None:
+            (offset, data), self._pending = self._pending, None
+        else:
             record = self._records.next_record()
-        if record is None:
-            self._ended = True
-            return
-        offset, size = record
-        data = self._records.read_exact(size, "a record")
+            if record is None:
+                self._ended = True
+                return
+            offset, size = record
+            data = self._records.read_exact(size, "a record")
         if offset < self._descriptors_at:
             self._refuse("it writes bitmaps or headers after pages (makedumpfile's cyclic "
                          "mode)")
+        size = len(data)
         if offset < self._data_from:
-            if offset + size > self._data_from:
-                raise CorruptOutput(f"{self.name}: a record at offset {offset:#x} runs past the "
-                                    "page descriptors into the page data")
-            self._append(offset, data, self._descriptors_base, self._descriptors, "descriptor")
-            return
+            # A record may hold the end of the descriptors and the start of the data.
+            split = min(size, self._data_from - offset)
+            self._append(offset, data[:split], self._descriptors_base, self._descriptors,
+                         "descriptor")
+            if split == size:
+                return
+            offset, data = offset + split, data[split:]
+        size = len(data)
         if self._data_base is None:
             self._data_base = self._shared_at = offset
             self._shared = bytes(data[:_SHARED_PAGES * self.granule])
@@ -242,12 +253,14 @@ class StreamKdumpMemory:
         end = base + len(buffer)
         if offset < end:
             self._refuse(f"it writes {what} at offset {offset:#x} again or out of order")
+        if len(self._descriptors) + len(self._data) + offset - end + len(data) > \
+                MAX_READ_AHEAD_BYTES:
+            self._refuse(f"its page descriptors and page data are more than "
+                         f"{MAX_READ_AHEAD_BYTES >> 20} MiB apart (or a record at offset "
+                         f"{offset:#x} is damaged)")
         if offset > end:
             buffer.extend(bytes(offset - end))  # a hole: zeros, as in the reassembled file
         buffer.extend(data)
-        if len(self._descriptors) + len(self._data) > MAX_READ_AHEAD_BYTES:
-            self._refuse(f"its page descriptors and page data are more than "
-                         f"{MAX_READ_AHEAD_BYTES >> 20} MiB apart")
 
     def _descriptor_bytes(self, first_index: int, count: int) -> bytes:
         start = self._descriptors_at + DESCRIPTOR_BYTES * first_index
