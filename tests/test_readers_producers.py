@@ -184,3 +184,22 @@ def test_without_dump_level_a_saved_dump_keeps_its_own_and_each_stored_page_is_r
     # output finds zero pages while it copies: each stored page is read once.
     assert summary["bytes_read"] == dumped * 4096
     assert summary["memory_bytes"] == present * 4096
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["gzip", "xz", "zstd", "lz4"])
+def test_makedumpfile_flattened_stream_compressed_whole_is_a_save_source(
+        produced, tmp_path, wrapper):
+    """kdump-tools' `compress` of makedumpfile -F output: read once, in order."""
+    if not have(wrapper):
+        pytest.skip(f"{wrapper} is not installed")
+    if wrapper == "lz4":
+        pytest.importorskip("lz4.frame")
+    wrapped = tmp_path / f"dump.202601010000.{wrapper}"
+    with open(produced["flat-lzo-d31"], "rb") as stream, open(wrapped, "wb") as out:
+        subprocess.run([wrapper, "-c", "-1"], stdin=stream, stdout=out, check=True)
+    converted = tmp_path / "out.zelf"
+    result = vmcap("save", "-q", wrapped, converted)
+    assert result.returncode == 0, result.stderr
+    checked = verify(str(converted), str(produced["lzo-d31"]))
+    assert checked["status"] == "ok" and checked["dump_level"] == 31
