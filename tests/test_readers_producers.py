@@ -203,3 +203,44 @@ def test_makedumpfile_flattened_stream_compressed_whole_is_a_save_source(
     assert result.returncode == 0, result.stderr
     checked = verify(str(converted), str(produced["lzo-d31"]))
     assert checked["status"] == "ok" and checked["dump_level"] == 31
+
+
+@pytest.fixture(scope="module")
+def split_set(real_vmcore_for_makedumpfile, tmp_path_factory) -> list[Path]:
+    where = tmp_path_factory.mktemp("split")
+    parts = [where / f"dump.{i}" for i in range(3)]
+    # 32 MiB split blocks: the real dump's 512 MiB spread over three files.
+    makedumpfile("--split", "--splitblock-size", "32", "-l", "-d", "31",
+                 real_vmcore_for_makedumpfile, *parts)
+    return parts
+
+
+@pytest.mark.slow
+def test_a_split_set_is_one_dump_for_dmesg_and_save(split_set, produced, reference_dmesg,
+                                                    tmp_path):
+    with KdumpReader(str(split_set[1])) as middle:
+        assert middle.split_range[0] > 0 and middle.page_counts()[1] > 0
+    # Any order: the sub headers say which pfns each file holds.
+    given = [split_set[2], split_set[0], split_set[1]]
+    result = vmcap("dmesg", *given)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reference_dmesg
+    out = tmp_path / "joined.kdump"
+    result = vmcap("save", "-q", "--format", "kdump", *given, out)
+    assert result.returncode == 0, result.stderr
+    joined = dumped_bitmap_and_pages(out)
+    assert joined == dumped_bitmap_and_pages(produced["lzo-d31"])
+    assert verify(str(out), str(produced["lzo-d31"]))["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_part_of_a_split_set_is_refused_in_one_line(split_set, tmp_path):
+    for args in ([split_set[1]], [split_set[0], split_set[2]]):
+        result = vmcap("save", *args, tmp_path / "out.zelf")
+        assert result.returncode == 3, result.stderr
+        line, = result.stderr.strip().splitlines()
+        assert "split set" in line or "gap" in line
+    result = vmcap("dmesg", split_set[0])
+    assert result.returncode == 3 and "give all the set's files together" in result.stderr
+    # Each file alone is still whole as a file: verify checks its own pages.
+    assert verify(str(split_set[1]))["status"] == "ok"

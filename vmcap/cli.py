@@ -412,7 +412,7 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 
 
 @main.command()
-@click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=PATH)
+@click.argument("paths", nargs=-1, metavar="[SRC...] OUT", type=PATH)
 @click.option("--format", "output_format",
               type=click.Choice(["zelf", "elf", "kdump", "kdump-flat"]),
               default="zelf", show_default=True,
@@ -467,9 +467,11 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
          dump_level, size_limit, strict, compress, zero_pages, dmesg_path, force, as_json, quiet,
          progress_mode, page_size, vmcoreinfo_path):
-    """Save a vmcore: vmcap save [SRC] OUT.
+    """Save a vmcore: vmcap save [SRC...] OUT.
 
-    SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
+    SRC defaults to /proc/vmcore. It may be any dump vmcap reads (ELF,
+    zelf, kdump, flattened, a flattened stream compressed whole with
+    gzip/xz/lz4/zstd), or the files of a makedumpfile --split set. OUT "-" writes the stream to stdout
     (zelf, elf or kdump-flat). The output is written to a new hidden
     .OUT.XXXXXXXX.part beside OUT, synced, then given OUT's name.
     """
@@ -479,8 +481,11 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
         src, out = DEFAULT_SOURCE, paths[0]
     elif len(paths) == 2:
         src, out = paths
+    elif len(paths) > 2:
+        # The files of a makedumpfile --split set, then OUT.
+        src, out = list(paths[:-1]), paths[-1]
     else:
-        raise click.UsageError("expected [SRC] OUT")
+        raise click.UsageError("expected [SRC...] OUT")
     if output_format == "kdump" and out == "-":
         raise click.UsageError("--format kdump needs a seekable output file, not stdout "
                                "(--format kdump-flat writes a stream)")
@@ -575,7 +580,7 @@ def decompress(dump, plain, force):
 
 
 @main.command()
-@click.argument("src", required=False, default=DEFAULT_SOURCE, type=PATH)
+@click.argument("src", nargs=-1, type=PATH, metavar="[SRC...]")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the records as JSON (seq, ts_nsec, level, facility, caller, text).")
 @click.option("--caller-id", is_flag=True,
@@ -585,12 +590,14 @@ def decompress(dump, plain, force):
 def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
     """Print the crashed kernel's log (like makedumpfile --dump-dmesg).
 
-    Works on /proc/vmcore, saved ELF dumps, zelf and kdump files; needs
+    Works on /proc/vmcore, saved ELF dumps, zelf, kdump and flattened files,
+    and the files of a makedumpfile --split set given together; needs
     VMCOREINFO and an x86_64 or arm64 dump. SRC defaults to /proc/vmcore.
     """
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump
 
+    src = list(src) or [DEFAULT_SOURCE]
     with _errors_to_exit_codes():
         with open_dump(src, page_size=page_size,
                        vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path)) as dump:

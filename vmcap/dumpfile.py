@@ -112,16 +112,33 @@ def compressed_wrapper(path: str) -> str | None:
     return wrapper_of(head)
 
 
-def open_save_source(path: str, *, allow_mmap: bool = True):
+def check_split_set_paths(paths) -> None:
+    """Several sources are the files of a makedumpfile --split set: kdump files."""
+    for path in paths:
+        if detect_container(path) not in ("kdump", "kdump-flat"):
+            raise BadSource(f"{path}: several sources are the files of a makedumpfile --split "
+                            "set, which are kdump files; this one is not")
+
+
+def open_save_source(path, *, allow_mmap: bool = True):
     """(a Source of ELF core bytes for `vmcap save`, the source's dump level or None).
 
     /proc/vmcore and ELF files are read as they are, a zelf file through its
     seek table, a kdump or flattened kdump file through its ELF view
     (vmcap.elfview), a flattened stream compressed as a whole (gzip, xz,
     lz4, zstd without a seek table) once, in order (vmcap.source_stream;
-    the Source then has ``sequential = True``). The dump level is the kdump header's; for an ELF core
+    the Source then has ``sequential = True``). A list of paths is the
+    files of a makedumpfile --split set. The dump level is the kdump header's; for an ELF core
     it is None here (a vmcap output's VMCAP note says it, see save).
     """
+    if not isinstance(path, str):
+        paths = list(path)
+        if len(paths) > 1:
+            from .source_kdump import open_kdump_view
+
+            check_split_set_paths(paths)
+            return open_kdump_view(paths)
+        path = paths[0]
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .source_kdump import open_kdump_view
@@ -221,7 +238,7 @@ class OpenDump:
         self.close()
 
 
-def open_dump(path: str, *, page_size: int | None = None,
+def open_dump(path, *, page_size: int | None = None,
               vmcoreinfo: bytes | None = None) -> OpenDump:
     """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory.
 
@@ -230,6 +247,11 @@ def open_dump(path: str, *, page_size: int | None = None,
     from .layout import read_layout
     from .vmcoreinfo import parse_vmcoreinfo
 
+    if not isinstance(path, str):
+        paths = list(path)
+        if len(paths) > 1:
+            return _split_set_dump(paths, page_size, vmcoreinfo)
+        path = paths[0]
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .kdump import KdumpReader
@@ -238,6 +260,13 @@ def open_dump(path: str, *, page_size: int | None = None,
             reader = KdumpReader(path)
         except OSError as e:
             raise BadSource(f"{path}: cannot open: {e.strerror}") from None
+        try:
+            from .source_kdump import refuse_split_part
+
+            refuse_split_part(reader)
+        except BaseException:
+            reader.close()
+            raise
         header = reader.header
         info = parse_vmcoreinfo(reader.vmcoreinfo if vmcoreinfo is None else vmcoreinfo)
         # The kernel's page, which may be smaller than the file's block: QEMU
@@ -256,6 +285,28 @@ def open_dump(path: str, *, page_size: int | None = None,
         source.close()
         raise
     return elf_dump(layout, source, container=container, closer=source.close)
+
+
+def _split_set_dump(paths, page_size, vmcoreinfo) -> OpenDump:
+    from .source_kdump import SplitSetMemory, open_kdump_readers
+    from .vmcoreinfo import parse_vmcoreinfo
+
+    check_split_set_paths(paths)
+    readers = open_kdump_readers(paths)
+    try:
+        memory = SplitSetMemory(readers)
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    header, first = memory.header, memory.readers[0]
+    info = parse_vmcoreinfo(first.vmcoreinfo if vmcoreinfo is None else vmcoreinfo)
+    page = kernel_page_size(info, page_size, header.page_size)
+    per_block = header.page_size // page
+    runs = [(start * per_block, (start + count) * per_block)
+            for start, count in memory.present_runs()]
+    return OpenDump(memory.name, "kdump", header.machine, page, info, memory.read,
+                    header.phys_base or None, header.max_mapnr * per_block, runs, memory.close)
 
 
 def kernel_page_size(vmcoreinfo: dict, option: int | None, block_size: int) -> int:

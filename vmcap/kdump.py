@@ -1107,6 +1107,9 @@ class KdumpReader:
                                 f"max_mapnr {self._max_mapnr} pfns")
         self._present_bitmap = self._clip_bitmap(present)
         self._dumped_bitmap = self._clip_bitmap(dumped)
+        self.split_range = self._split_range()
+        if self.split_range is not None:
+            self._keep_dumped_within(*self.split_range)
         if (self._dumped_bitmap & ~self._present_bitmap).any():
             first_bad = int(np.flatnonzero(self._dumped_bitmap & ~self._present_bitmap)[0]) * 8
             raise CorruptOutput(f"{self._name}: pfn near {first_bad:#x} is dumped but not present "
@@ -1128,6 +1131,35 @@ class KdumpReader:
         self._descriptor_dtype = _descriptor_dtype(self._byte_order)
         self._descriptor_cache: dict[int, np.ndarray] = {}
         self._page_decoder = PageDecoder(self._page_size)
+
+    def _split_range(self) -> tuple[int, int] | None:
+        """[start, end) pfns of one file of a makedumpfile --split set, or None.
+
+        Each file of a set has the whole 2nd bitmap but descriptors and
+        pages only for its own pfns; crash counts a pfn's descriptor from
+        start_pfn (diskdump.c pfn_to_pos).
+        """
+        sub = self.sub_header
+        if not sub.get("split"):
+            return None
+        wide = self.header.header_version >= 6 and (sub.get("end_pfn_64") or sub.get("start_pfn_64"))
+        start = int(sub["start_pfn_64" if wide else "start_pfn"])
+        end = int(sub["end_pfn_64" if wide else "end_pfn"])
+        if not 0 <= start <= end or end > self._max_mapnr:
+            raise CorruptOutput(f"{self._name}: split dump range {start:#x}-{end:#x} is not "
+                                f"within max_mapnr {self._max_mapnr:#x}")
+        return start, end
+
+    def _keep_dumped_within(self, start: int, end: int) -> None:
+        """Clear the 2nd bitmap outside [start, end): those pages are in other files."""
+        bits = self._dumped_bitmap
+        first_byte, last_byte = start >> 3, -(-end // 8)
+        bits[:first_byte] = 0
+        bits[last_byte:] = 0
+        if start & 7 and first_byte < len(bits):
+            bits[first_byte] &= (0xFF << (start & 7)) & 0xFF
+        if end & 7 and last_byte - 1 < len(bits) and last_byte > 0:
+            bits[last_byte - 1] &= (1 << (end & 7)) - 1
 
     def _clip_bitmap(self, bitmap: np.ndarray) -> np.ndarray:
         """Bits for pfns < max_mapnr only: padding bits beyond it are ignored."""
@@ -1213,9 +1245,6 @@ class KdumpReader:
             if self._header_max_mapnr != min(self._max_mapnr, 0xFFFFFFFF):
                 raise CorruptOutput(f"{name}: kdump header max_mapnr {self._header_max_mapnr:#x} "
                                     f"disagrees with the sub header's {self._max_mapnr:#x}")
-            if sub.get("split"):
-                raise CorruptOutput(f"{name}: sub header says split dump ({sub['split']}); vmcap "
-                                    "never writes one")
             for field in ("note", "vmcoreinfo"):
                 offset, size = int(sub.get(f"offset_{field}", 0)), int(sub.get(f"size_{field}", 0))
                 if (offset or size) and not sub_start <= offset <= offset + size <= sub_end:

@@ -341,14 +341,14 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     return len(records)
 
 
-def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> None:
+def check_outputs(source_path, output_path: str, options: SaveOptions) -> None:
     """Refuse bad output paths before anything is written (the log is written first).
 
     Each output must be a regular file or absent, and no two of SRC, OUT and
     the log file may be one file: ``save --force X X`` would replace the
     source with its own dump.
     """
-    inputs = [("SRC", source_path)]
+    inputs = [("SRC", path) for path in source_paths(source_path)]
     if options.vmcoreinfo_path:
         inputs.append(("--vmcoreinfo FILE", options.vmcoreinfo_path))
     refuse_same_files(inputs, [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
@@ -357,10 +357,17 @@ def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> N
         check_output_target(options.dmesg_path, options.force)
 
 
-def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
+def source_paths(source_path) -> list[str]:
+    """A path, or the paths of a makedumpfile --split set, as a list."""
+    return [source_path] if isinstance(source_path, str) else list(source_path)
+
+
+def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
          progress: Callable[[int, int, str], None] | None = None,
          source: Source | None = None) -> SaveSummary:
     """Capture ``source_path`` into ``output_path`` ("-" for stdout).
+
+    ``source_path`` may be a list: the files of a makedumpfile --split set.
 
     ``progress(done_bytes_increment, phase_total_bytes, phase)`` is called as
     bytes are read; ``phase`` is PHASE_SCAN (the -d 1 scan pass of the ELF
@@ -376,6 +383,9 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         raise OutputError("--format kdump needs a seekable output file, not stdout "
                           "(--format kdump-flat writes makedumpfile's flattened stream to a pipe)")
     check_outputs(source_path, output_path, options)
+    if not isinstance(source_path, str):
+        paths = source_paths(source_path)
+        source_path = paths[0] if len(paths) == 1 else paths
     header_level = None
     if source is None:
         source, header_level = open_save_source(source_path, allow_mmap=options.allow_mmap)
@@ -387,6 +397,7 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
             vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
         layout = read_layout(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
         require_memory(layout)
+        source_path = source.name if not isinstance(source_path, str) else source_path
         layout, source_level, source_warnings = saved_dump_source(layout, header_level)
         # An ELF core saved with bit 1 has no zero pages; makedumpfile's and
         # QEMU's kdump files keep them (one shared stored zero page).
