@@ -282,7 +282,7 @@ def test_vmcap_kdump_flat_compressed_is_refused_with_the_way_out(tmp_path, sourc
 
 def test_a_wrapped_file_that_is_not_a_flattened_stream_is_a_bad_source(tmp_path, source_vmcore):
     wrapped = tmp_path / "vmcore.xz"
-    wrapped.write_bytes(lzma.compress(Path(source_vmcore[0]).read_bytes()[:100000], preset=0))
+    wrapped.write_bytes(lzma.compress(b"not a dump\n" * 1000, preset=0))
     line = one_error_line(vmcap("save", wrapped, tmp_path / "out.zelf"), {3})
     assert "not a flattened kdump stream" in line
 
@@ -344,3 +344,20 @@ def test_a_damaged_record_header_in_a_wrapped_stream_is_refused_in_bounded_memor
     result = vmcap("save", source, tmp_path / "out.zelf")
     one_error_line(result, {6, 8})
     assert "out of memory" not in result.stderr
+
+
+def test_compressed_files_that_are_not_streams_say_what_they_are(tmp_path, source_vmcore,
+                                                                 wrapped_stream):
+    zelf = tmp_path / "a.zelf"
+    save(source_vmcore[0], str(zelf), SaveOptions(frame_bytes=1 << 20))
+    cut = tmp_path / "cut.zelf"
+    cut.write_bytes(zelf.read_bytes()[:zelf.stat().st_size // 2])
+    assert "without a seek table" in one_error_line(vmcap("save", cut, tmp_path / "o"), {3})
+    packed = tmp_path / "vmcore.gz"
+    packed.write_bytes(gzip.compress(Path(source_vmcore[0]).read_bytes(), 1))
+    assert "ELF core compressed whole with gzip" in one_error_line(
+        vmcap("save", packed, tmp_path / "o"), {3})
+    stream = wrapped_stream("xz")
+    for command in ("inspect", "dmesg"):
+        assert "compressed whole with xz" in one_error_line(vmcap(command, stream), {3})
+    assert not (tmp_path / "o").exists()

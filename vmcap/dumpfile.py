@@ -94,6 +94,12 @@ def open_elf_source(path: str, *, allow_mmap: bool = True):
     if container == "zstd":
         raise BadSource(f"{path}: zstd-compressed without a seek table (a zelf file cut short "
                         "loses it; `zstd -d` restores whatever frames are whole)")
+    if container == "unknown":
+        wrapper = compressed_wrapper(path)
+        if wrapper is not None:
+            raise BadSource(f"{path}: compressed whole with {wrapper}: `vmcap save` takes a "
+                            "compressed flattened stream as its source; other commands need "
+                            "the file decompressed")
     # Plain files, /proc/vmcore and devices; FileSource reports open errors.
     return FileSource(path, allow_mmap=allow_mmap)
 

@@ -87,16 +87,24 @@ _DECOMPRESS_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 class _RecordStream:
     """The records of a flattened stream, read in order from a decompressing reader."""
 
-    def __init__(self, reader, name: str):
+    def __init__(self, reader, name: str, wrapper: str):
         self._reader = reader
         self.name = name
         self.position = 0  # in the decompressed stream
-        head = self.read_exact(HEADER_BYTES, "flattened header")
+        head = self._read_upto(HEADER_BYTES)
+        if head.startswith(b"\x7fELF"):
+            raise BadSource(f"{name}: " + (
+                "zstd-compressed without a seek table (a zelf file cut short loses it; "
+                "`zstd -d` restores whatever frames are whole)" if wrapper == "zstd" else
+                f"an ELF core compressed whole with {wrapper}: decompress it first"))
         if not is_flattened(head):
-            raise BadSource(f"{name}: the compressed data is not a flattened kdump stream "
-                            "(makedumpfile -F); decompress it and give vmcap the file")
+            raise BadSource(f"{name}: the {wrapper}-compressed data is not a flattened kdump "
+                            "stream (makedumpfile -F); decompress it and give vmcap the file")
+        if len(head) < HEADER_BYTES:
+            raise CorruptOutput(f"{name}: flattened header truncated at {len(head)} bytes")
 
-    def read_exact(self, length: int, what: str) -> bytes:
+    def _read_upto(self, length: int) -> bytes:
+        """Up to length bytes: fewer only at the end of the stream."""
         parts, got = [], 0
         while got < length:
             try:
@@ -104,19 +112,25 @@ class _RecordStream:
             except _DECOMPRESS_ERRORS as e:
                 if isinstance(e, OSError) and not isinstance(e, (gzip.BadGzipFile, EOFError)) \
                         and e.errno is not None:
-                    raise SourceIOError(f"{self.name}: reading {what}: {e.strerror or e}") from e
+                    raise SourceIOError(f"{self.name}: {e.strerror or e}") from e
                 raise CorruptOutput(f"{self.name}: compressed data damaged near decompressed "
                                     f"offset {self.position + got:#x}: {e}") from None
             except Exception as e:  # zstandard.ZstdError and lz4's RuntimeError
                 raise CorruptOutput(f"{self.name}: compressed data damaged near decompressed "
                                     f"offset {self.position + got:#x}: {e}") from None
             if not part:
-                raise CorruptOutput(f"{self.name}: the stream ends at decompressed offset "
-                                    f"{self.position + got:#x}, inside {what} (cut short?)")
+                break
             parts.append(part)
             got += len(part)
-        self.position += length
+        self.position += got
         return b"".join(parts)
+
+    def read_exact(self, length: int, what: str) -> bytes:
+        data = self._read_upto(length)
+        if len(data) < length:
+            raise CorruptOutput(f"{self.name}: the stream ends at decompressed offset "
+                                f"{self.position:#x}, inside {what} (cut short?)")
+        return data
 
     def next_record(self) -> tuple[int, int] | None:
         """(offset, size) of the next record, or None at the end record."""
@@ -152,7 +166,7 @@ class StreamKdumpMemory:
 
     def __init__(self, path: str, wrapper: str):
         self.name = str(path)
-        self._records = _RecordStream(open_decompressed(path, wrapper), self.name)
+        self._records = _RecordStream(open_decompressed(path, wrapper), self.name, wrapper)
         try:
             self._open()
         except BaseException:
