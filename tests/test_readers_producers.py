@@ -244,3 +244,14 @@ def test_part_of_a_split_set_is_refused_in_one_line(split_set, tmp_path):
     assert result.returncode == 3 and "give all the set's files together" in result.stderr
     # Each file alone is still whole as a file: verify checks its own pages.
     assert verify(str(split_set[1]))["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_the_makedumpfile_front_end_adds_the_source_bits_as_makedumpfile_does(produced, tmp_path):
+    theirs, ours = tmp_path / "theirs", tmp_path / "ours"
+    makedumpfile("-c", "-d", "1", produced["lzo-d31"], theirs)
+    result = vmcap("makedumpfile", "-c", "-d", "1", produced["lzo-d31"], ours)
+    assert result.returncode == 0, result.stderr
+    with KdumpReader(str(theirs)) as a, KdumpReader(str(ours)) as b:
+        assert a.header.dump_level == b.header.dump_level == 31
+    assert dumped_bitmap_and_pages(ours) == dumped_bitmap_and_pages(theirs)
