@@ -13,7 +13,10 @@ A dump comes in one of three containers:
 
 For the first two the ELF bytes are offered through the same ``Source``
 interface as the capture source, so layout parsing and inspection work the
-same on a saved dump as on /proc/vmcore.
+same on a saved dump as on /proc/vmcore. As a `save` source
+(open_save_source), a kdump or flattened file, the files of a makedumpfile
+--split set and a flattened stream compressed whole are offered as the ELF
+core they stand for (vmcap.elfview, source_kdump, source_stream).
 """
 
 from __future__ import annotations

@@ -124,6 +124,9 @@ class ElfCoreView:
                  closer=None):
         self.memory = memory
         self.name = identity.source_name
+        # Memory read once, in order (a compressed stream): save must not
+        # scan before copying, nor read struct pages (vmcap.save).
+        self.sequential = bool(getattr(memory, "sequential", False))
         self._closer = closer
         granule = memory.granule
         present, dumped = list(memory.present_runs()), list(memory.dumped_runs())

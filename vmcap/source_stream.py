@@ -164,6 +164,8 @@ class _MetadataFile:
 class StreamKdumpMemory:
     """The pages of a wrapped flattened stream, in ascending pfn order (elfview.PhysicalMemory)."""
 
+    sequential = True
+
     def __init__(self, path: str, wrapper: str):
         self.name = str(path)
         self._records = _RecordStream(open_decompressed(path, wrapper), self.name, wrapper)
@@ -343,5 +345,4 @@ def open_stream_view(path: str, wrapper: str) -> tuple[ElfCoreView, int]:
     except BaseException:
         memory.close()
         raise
-    view.sequential = True
     return view, header.dump_level
