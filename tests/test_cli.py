@@ -129,7 +129,7 @@ def test_verify_detects_a_difference(make_vmcore, tmp_path):
     ("directory", 3, "is a directory"),
     ("output exists", 5, "already exists"),
     ("output dir missing", 5, "does not exist"),
-    ("usage", 2, "expected [SRC] OUT"),
+    ("usage", 2, "expected [SRC...] OUT"),
 ])
 def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, case, code,
                                                         message):
@@ -149,7 +149,8 @@ def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, c
     elif case == "output dir missing":
         args = ["save", path, tmp_path / "no" / "out"]
     else:
-        args = ["save", "a", "b", "c"]
+        # Three or more paths are a --split set and OUT; none is a usage error.
+        args = ["save"]
     result = run_subprocess(*args)
     assert result.returncode == code, result.stderr
     assert message in result.stderr

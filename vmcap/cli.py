@@ -412,7 +412,7 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 
 
 @main.command()
-@click.argument("paths", nargs=-1, metavar="[SRC] OUT", type=PATH)
+@click.argument("paths", nargs=-1, metavar="[SRC...] OUT", type=PATH)
 @click.option("--format", "output_format",
               type=click.Choice(["zelf", "elf", "kdump", "kdump-flat"]),
               default="zelf", show_default=True,
@@ -433,10 +433,12 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @click.option("--on-error", type=click.Choice(["fail", "zero"]), default="fail",
               show_default=True,
               help="On a source read error: fail, or zero-fill the range, record it and go on.")
-@click.option("-d", "--dump-level", type=DumpLevels(), default="0", show_default=True,
+@click.option("-d", "--dump-level", type=DumpLevels(), default=None,
               help="makedumpfile dump level, bits added up: 1 zero pages, 2 cache, "
                    "4 cache with private data, 8 user pages, 16 free pages (31: all). "
-                   "A list (1,31) tries the next level when the output does not fit.")
+                   "A list (1,31) tries the next level when the output does not fit. "
+                   "Default: 0, or a saved dump's own level; a saved dump can only be "
+                   "re-filtered at levels that include its bits (else exit 8).")
 @click.option("--size-limit", type=ByteSize(*SIZE_LIMIT_RANGE), default=None,
               help="Largest output file, e.g. 2G (makedumpfile -L); past it the next dump "
                    "level is tried, after the last an incomplete dump is kept.")
@@ -466,9 +468,11 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_error,
          dump_level, size_limit, strict, compress, zero_pages, dmesg_path, force, as_json, quiet,
          progress_mode, page_size, vmcoreinfo_path):
-    """Save a vmcore: vmcap save [SRC] OUT.
+    """Save a vmcore: vmcap save [SRC...] OUT.
 
-    SRC defaults to /proc/vmcore. OUT "-" writes the stream to stdout
+    SRC defaults to /proc/vmcore. It may be any dump vmcap reads (ELF,
+    zelf, kdump, flattened, a flattened stream compressed whole with
+    gzip/xz/lz4/zstd), or the files of a makedumpfile --split set. OUT "-" writes the stream to stdout
     (zelf, elf or kdump-flat). The output is written to a new hidden
     .OUT.XXXXXXXX.part beside OUT, synced, then given OUT's name.
     """
@@ -478,8 +482,11 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
         src, out = DEFAULT_SOURCE, paths[0]
     elif len(paths) == 2:
         src, out = paths
+    elif len(paths) > 2:
+        # The files of a makedumpfile --split set, then OUT.
+        src, out = list(paths[:-1]), paths[-1]
     else:
-        raise click.UsageError("expected [SRC] OUT")
+        raise click.UsageError("expected [SRC...] OUT")
     if output_format == "kdump" and out == "-":
         raise click.UsageError("--format kdump needs a seekable output file, not stdout "
                                "(--format kdump-flat writes a stream)")
@@ -490,7 +497,9 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     options = SaveOptions(output_format=output_format, level=level, threads=threads,
                           frame_bytes=frame_size, window_bytes=window, on_error=on_error,
                           force=force, page_size=page_size, allow_mmap=not no_mmap,
-                          dump_level=dump_level[0], retry_levels=dump_level[1:],
+                          dump_level=(dump_level or (0,))[0],
+                          retry_levels=(dump_level or (0,))[1:],
+                          inherit_level=dump_level is None,
                           size_limit=size_limit, strict=strict, compress=compress,
                           zero_pages=zero_pages, dmesg_path=dmesg_path,
                           vmcoreinfo_path=vmcoreinfo_path)
@@ -572,7 +581,7 @@ def decompress(dump, plain, force):
 
 
 @main.command()
-@click.argument("src", required=False, default=DEFAULT_SOURCE, type=PATH)
+@click.argument("src", nargs=-1, type=PATH, metavar="[SRC...]")
 @click.option("--json", "as_json", is_flag=True,
               help="Print the records as JSON (seq, ts_nsec, level, facility, caller, text).")
 @click.option("--caller-id", is_flag=True,
@@ -582,12 +591,14 @@ def decompress(dump, plain, force):
 def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
     """Print the crashed kernel's log (like makedumpfile --dump-dmesg).
 
-    Works on /proc/vmcore, saved ELF dumps, zelf and kdump files; needs
+    Works on /proc/vmcore, saved ELF dumps, zelf, kdump and flattened files,
+    and the files of a makedumpfile --split set given together; needs
     VMCOREINFO and an x86_64 or arm64 dump. SRC defaults to /proc/vmcore.
     """
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump
 
+    src = list(src) or [DEFAULT_SOURCE]
     with _errors_to_exit_codes():
         with open_dump(src, page_size=page_size,
                        vmcoreinfo=_read_vmcoreinfo(vmcoreinfo_path)) as dump:

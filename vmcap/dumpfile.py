@@ -13,7 +13,10 @@ A dump comes in one of three containers:
 
 For the first two the ELF bytes are offered through the same ``Source``
 interface as the capture source, so layout parsing and inspection work the
-same on a saved dump as on /proc/vmcore.
+same on a saved dump as on /proc/vmcore. As a `save` source
+(open_save_source), a kdump or flattened file, the files of a makedumpfile
+--split set and a flattened stream compressed whole are offered as the ELF
+core they stand for (vmcap.elfview, source_kdump, source_stream).
 """
 
 from __future__ import annotations
@@ -94,8 +97,70 @@ def open_elf_source(path: str, *, allow_mmap: bool = True):
     if container == "zstd":
         raise BadSource(f"{path}: zstd-compressed without a seek table (a zelf file cut short "
                         "loses it; `zstd -d` restores whatever frames are whole)")
+    if container == "unknown":
+        wrapper = compressed_wrapper(path)
+        if wrapper is not None:
+            raise BadSource(f"{path}: compressed whole with {wrapper}: `vmcap save` takes a "
+                            "compressed flattened stream as its source; other commands need "
+                            "the file decompressed")
     # Plain files, /proc/vmcore and devices; FileSource reports open errors.
     return FileSource(path, allow_mmap=allow_mmap)
+
+
+def compressed_wrapper(path: str) -> str | None:
+    """'gzip', 'xz', 'lz4' or 'zstd' for a file compressed as a whole, else None."""
+    from .source_stream import wrapper_of
+
+    fd = open_source_fd(path)
+    try:
+        head = os.pread(fd, 8, 0)
+    except OSError as e:
+        raise BadSource(f"{path}: cannot read: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    return wrapper_of(head)
+
+
+def check_split_set_paths(paths) -> None:
+    """Several sources are the files of a makedumpfile --split set: kdump files."""
+    for path in paths:
+        if detect_container(path) not in ("kdump", "kdump-flat"):
+            raise BadSource(f"{path}: several sources are the files of a makedumpfile --split "
+                            "set, which are kdump files; this one is not")
+
+
+def open_save_source(path, *, allow_mmap: bool = True):
+    """(a Source of ELF core bytes for `vmcap save`, the source's dump level or None).
+
+    /proc/vmcore and ELF files are read as they are, a zelf file through its
+    seek table, a kdump or flattened kdump file through its ELF view
+    (vmcap.elfview), a flattened stream compressed as a whole (gzip, xz,
+    lz4, zstd without a seek table) once, in order (vmcap.source_stream;
+    the Source then has ``sequential = True``). A list of paths is the
+    files of a makedumpfile --split set. The dump level is the kdump header's; for an ELF core
+    it is None here (a vmcap output's VMCAP note says it, see save).
+    """
+    if not isinstance(path, str):
+        paths = list(path)
+        if len(paths) > 1:
+            from .source_kdump import open_kdump_view
+
+            check_split_set_paths(paths)
+            return open_kdump_view(paths)
+        path = paths[0]
+    container = detect_container(path)
+    if container in ("kdump", "kdump-flat"):
+        from .source_kdump import open_kdump_view
+
+        return open_kdump_view(path)
+    wrapper = compressed_wrapper(path) if container in ("zstd", "unknown") else None
+    if wrapper is not None:
+        from .source_stream import open_stream_view
+
+        return open_stream_view(path, wrapper)
+    if container in ("zstd-seekable", "zstd"):
+        return open_elf_source(path, allow_mmap=allow_mmap), None
+    return FileSource(path, allow_mmap=allow_mmap), None
 
 
 @dataclass
@@ -182,7 +247,7 @@ class OpenDump:
         self.close()
 
 
-def open_dump(path: str, *, page_size: int | None = None,
+def open_dump(path, *, page_size: int | None = None,
               vmcoreinfo: bytes | None = None) -> OpenDump:
     """Open /proc/vmcore, a saved ELF, a vmcap zelf or a kdump file for reading memory.
 
@@ -191,6 +256,11 @@ def open_dump(path: str, *, page_size: int | None = None,
     from .layout import read_layout
     from .vmcoreinfo import parse_vmcoreinfo
 
+    if not isinstance(path, str):
+        paths = list(path)
+        if len(paths) > 1:
+            return _split_set_dump(paths, page_size, vmcoreinfo)
+        path = paths[0]
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .kdump import KdumpReader
@@ -199,12 +269,24 @@ def open_dump(path: str, *, page_size: int | None = None,
             reader = KdumpReader(path)
         except OSError as e:
             raise BadSource(f"{path}: cannot open: {e.strerror}") from None
+        try:
+            from .source_kdump import refuse_split_part
+
+            refuse_split_part(reader)
+        except BaseException:
+            reader.close()
+            raise
         header = reader.header
-        runs = [(first, first + count) for first, count in reader.iter_present_runs()]
-        return OpenDump(path, container, header.machine, header.page_size,
-                        parse_vmcoreinfo(reader.vmcoreinfo if vmcoreinfo is None
-                                         else vmcoreinfo), reader.pread_physical,
-                        header.phys_base or None, header.max_mapnr, runs, reader.close)
+        info = parse_vmcoreinfo(reader.vmcoreinfo if vmcoreinfo is None else vmcoreinfo)
+        # The kernel's page, which may be smaller than the file's block: QEMU
+        # stores arm64 dumps in 64 KiB blocks whatever the kernel's page size.
+        page = kernel_page_size(info, page_size, header.page_size)
+        per_block = header.page_size // page
+        runs = [(first * per_block, (first + count) * per_block)
+                for first, count in reader.iter_present_runs()]
+        return OpenDump(path, container, header.machine, page, info, reader.pread_physical,
+                        header.phys_base or None, header.max_mapnr * per_block, runs,
+                        reader.close)
     source = open_elf_source(path)
     try:
         layout = read_layout(source, page_size=page_size, vmcoreinfo=vmcoreinfo)
@@ -212,6 +294,43 @@ def open_dump(path: str, *, page_size: int | None = None,
         source.close()
         raise
     return elf_dump(layout, source, container=container, closer=source.close)
+
+
+def _split_set_dump(paths, page_size, vmcoreinfo) -> OpenDump:
+    from .source_kdump import SplitSetMemory, open_kdump_readers
+    from .vmcoreinfo import parse_vmcoreinfo
+
+    check_split_set_paths(paths)
+    readers = open_kdump_readers(paths)
+    try:
+        memory = SplitSetMemory(readers)
+    except BaseException:
+        for reader in readers:
+            reader.close()
+        raise
+    header, first = memory.header, memory.readers[0]
+    info = parse_vmcoreinfo(first.vmcoreinfo if vmcoreinfo is None else vmcoreinfo)
+    page = kernel_page_size(info, page_size, header.page_size)
+    per_block = header.page_size // page
+    runs = [(start * per_block, (start + count) * per_block)
+            for start, count in memory.present_runs()]
+    return OpenDump(memory.name, "kdump", header.machine, page, info, memory.read,
+                    header.phys_base or None, header.max_mapnr * per_block, runs, memory.close)
+
+
+def kernel_page_size(vmcoreinfo: dict, option: int | None, block_size: int) -> int:
+    """The dumped kernel's page size in a kdump file: --page-size, else VMCOREINFO
+    PAGESIZE when it divides the block size, else the block size."""
+    if option:
+        page = option
+    else:
+        try:
+            page = int(vmcoreinfo.get("PAGESIZE") or block_size)
+        except ValueError:
+            page = block_size
+    if page <= 0 or page & (page - 1) or block_size % page:
+        return block_size
+    return page
 
 
 def elf_dump(layout, source, *, container: str = "elf", closer=None) -> OpenDump:

@@ -966,6 +966,29 @@ _RANK_SECTION_PFNS = 4096  # crash's BITMAP_SECT_LEN: one cumulative count per 5
 _DESCRIPTOR_CHUNK = 1024
 
 
+def decode_disk_dump_header(first: bytes, name: str) -> tuple[dict, int, str]:
+    """(disk_dump_header fields, ELF class, byte order) of a kdump file's first bytes."""
+    if len(first) < _HEADER_BYTES_MIN:
+        raise CorruptOutput(f"{name}: kdump header truncated at {len(first)} bytes")
+    machine = _cstring(first[12 + 4 * 65:12 + 5 * 65])
+    likely_class = 64 if machine.startswith(_64BIT_MACHINES) else 32
+    classes = (likely_class, 96 - likely_class)
+    # libkdumpfile guesses byte order and class by trying layouts until the
+    # block size is sane; the machine name orders the guesses, because a
+    # 32-bit header read as 64-bit puts max_mapnr where block_size is.
+    for byte_order in ("little", "big"):
+        for elf_class in classes:
+            layout = _header_layout(elf_class, byte_order)
+            if len(first) < layout.size:
+                continue
+            fields = layout.unpack(first)
+            block_size = fields["block_size"]
+            if (_MIN_BLOCK_SIZE <= block_size <= _MAX_BLOCK_SIZE and not block_size & (block_size - 1)
+                    and 0 < fields["header_version"] < 1000):
+                return fields, elf_class, byte_order
+    raise CorruptOutput(f"{name}: kdump header has no sane block size / header version")
+
+
 class KdumpReader:
     """Random access to the pages of a kdump-compressed file.
 
@@ -1058,21 +1081,7 @@ class KdumpReader:
         self._read_bitmaps(header["sub_hdr_size"], header["bitmap_blocks"])
 
     def _decode_header(self, first: bytes) -> tuple[dict, int, str]:
-        machine = _cstring(first[12 + 4 * 65:12 + 5 * 65])
-        likely_class = 64 if machine.startswith(_64BIT_MACHINES) else 32
-        classes = (likely_class, 96 - likely_class)
-        # libkdumpfile guesses byte order and class by trying layouts until the
-        # block size is sane; the machine name orders the guesses, because a
-        # 32-bit header read as 64-bit puts max_mapnr where block_size is.
-        for byte_order in ("little", "big"):
-            for elf_class in classes:
-                layout = _header_layout(elf_class, byte_order)
-                fields = layout.unpack(first)
-                block_size = fields["block_size"]
-                if (_MIN_BLOCK_SIZE <= block_size <= _MAX_BLOCK_SIZE and not block_size & (block_size - 1)
-                        and 0 < fields["header_version"] < 1000):
-                    return fields, elf_class, byte_order
-        raise CorruptOutput(f"{self._name}: kdump header has no sane block size / header version")
+        return decode_disk_dump_header(first, self._name)
 
     def _read_bitmaps(self, sub_header_blocks: int, bitmap_blocks: int) -> None:
         bs = self._page_size
@@ -1100,6 +1109,9 @@ class KdumpReader:
                                 f"max_mapnr {self._max_mapnr} pfns")
         self._present_bitmap = self._clip_bitmap(present)
         self._dumped_bitmap = self._clip_bitmap(dumped)
+        self.split_range = self._split_range()
+        if self.split_range is not None:
+            self._keep_dumped_within(*self.split_range)
         if (self._dumped_bitmap & ~self._present_bitmap).any():
             first_bad = int(np.flatnonzero(self._dumped_bitmap & ~self._present_bitmap)[0]) * 8
             raise CorruptOutput(f"{self._name}: pfn near {first_bad:#x} is dumped but not present "
@@ -1121,6 +1133,35 @@ class KdumpReader:
         self._descriptor_dtype = _descriptor_dtype(self._byte_order)
         self._descriptor_cache: dict[int, np.ndarray] = {}
         self._page_decoder = PageDecoder(self._page_size)
+
+    def _split_range(self) -> tuple[int, int] | None:
+        """[start, end) pfns of one file of a makedumpfile --split set, or None.
+
+        Each file of a set has the whole 2nd bitmap but descriptors and
+        pages only for its own pfns; crash counts a pfn's descriptor from
+        start_pfn (diskdump.c pfn_to_pos).
+        """
+        sub = self.sub_header
+        if not sub.get("split"):
+            return None
+        wide = self.header.header_version >= 6 and (sub.get("end_pfn_64") or sub.get("start_pfn_64"))
+        start = int(sub["start_pfn_64" if wide else "start_pfn"])
+        end = int(sub["end_pfn_64" if wide else "end_pfn"])
+        if not 0 <= start <= end or end > self._max_mapnr:
+            raise CorruptOutput(f"{self._name}: split dump range {start:#x}-{end:#x} is not "
+                                f"within max_mapnr {self._max_mapnr:#x}")
+        return start, end
+
+    def _keep_dumped_within(self, start: int, end: int) -> None:
+        """Clear the 2nd bitmap outside [start, end): those pages are in other files."""
+        bits = self._dumped_bitmap
+        first_byte, last_byte = start >> 3, -(-end // 8)
+        bits[:first_byte] = 0
+        bits[last_byte:] = 0
+        if start & 7 and first_byte < len(bits):
+            bits[first_byte] &= (0xFF << (start & 7)) & 0xFF
+        if end & 7 and last_byte - 1 < len(bits) and last_byte > 0:
+            bits[last_byte - 1] &= (1 << (end & 7)) - 1
 
     def _clip_bitmap(self, bitmap: np.ndarray) -> np.ndarray:
         """Bits for pfns < max_mapnr only: padding bits beyond it are ignored."""
@@ -1151,6 +1192,10 @@ class KdumpReader:
         return b"".join(chunks)
 
     # -- queries -------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._name
 
     @property
     def page_size(self) -> int:
@@ -1202,9 +1247,6 @@ class KdumpReader:
             if self._header_max_mapnr != min(self._max_mapnr, 0xFFFFFFFF):
                 raise CorruptOutput(f"{name}: kdump header max_mapnr {self._header_max_mapnr:#x} "
                                     f"disagrees with the sub header's {self._max_mapnr:#x}")
-            if sub.get("split"):
-                raise CorruptOutput(f"{name}: sub header says split dump ({sub['split']}); vmcap "
-                                    "never writes one")
             for field in ("note", "vmcoreinfo"):
                 offset, size = int(sub.get(f"offset_{field}", 0)), int(sub.get(f"size_{field}", 0))
                 if (offset or size) and not sub_start <= offset <= offset + size <= sub_end:
@@ -1306,6 +1348,64 @@ class KdumpReader:
             raise CorruptOutput(f"{where}: {e}") from e
         except Unsupported as e:
             raise Unsupported(f"{where}: {e}") from e
+
+    def read_dumped_pages_into(self, first_pfn: int, out: memoryview) -> None:
+        """Fill ``out`` (a whole number of pages) with the dumped pages from first_pfn on.
+
+        Every pfn must be dumped (iter_dumped_runs gives such runs). One
+        pread takes their descriptors and one (or a few) their stored bytes:
+        makedumpfile, QEMU and vmcap store the pages of consecutive
+        descriptors one after the other. Each page is then decoded on its
+        own, as it was compressed.
+        """
+        page_size = self._page_size
+        count = len(out) // page_size
+        if count * page_size != len(out) or first_pfn < 0:
+            raise ValueError(f"bad page range: pfn {first_pfn:#x}, {len(out)} bytes")
+        if not count:
+            return
+        first_index = self._descriptor_index(first_pfn)
+        last_pfn = first_pfn + count - 1
+        if (not self.is_dumped(first_pfn) or not self.is_dumped(last_pfn)
+                or self._descriptor_index(last_pfn) != first_index + count - 1):
+            raise ValueError(f"pfns {first_pfn:#x}-{last_pfn:#x} are not all dumped")
+        table_at = self._descriptor_offset + DESCRIPTOR_BYTES * first_index
+        table = np.frombuffer(self._pread(table_at, DESCRIPTOR_BYTES * count, "page descriptors"),
+                              dtype=self._descriptor_dtype)
+        offsets = table["offset"].astype(np.int64)
+        sizes = table["size"].astype(np.int64)
+        flags = (table["flags"] & _PAGE_COMPRESSION_FLAGS).astype(np.int64)
+        bad = ((offsets < self._descriptor_offset) | (sizes <= 0) | (sizes > 2 * page_size)
+               | (offsets + sizes > self._file_bytes) | ((flags == 0) & (sizes != page_size)))
+        if bad.any():
+            # The page's own reader names what is wrong with it.
+            i = int(np.flatnonzero(bad)[0])
+            self.read_page(first_pfn + i)
+            raise CorruptOutput(f"{self._name}: pfn {first_pfn + i:#x}: bad page data range "
+                                f"offset {int(offsets[i]):#x} size {int(sizes[i])}")
+        # Stored bytes are read in spans of consecutive pages: a descriptor
+        # pointing back (a shared zero page) starts a new span.
+        ends = offsets + sizes
+        breaks = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        stops = np.concatenate((breaks, [count])).tolist()
+        decode = self._page_decoder.decode
+        for lo, hi in zip(starts, stops):
+            span_at = int(offsets[lo])
+            stored = self._pread(span_at, int(ends[hi - 1]) - span_at, "page data")
+            if (flags[lo:hi] == 0).all():
+                out[lo * page_size:hi * page_size] = stored
+                continue
+            rel = (offsets[lo:hi] - span_at).tolist()
+            for i, (at, size, flag) in enumerate(zip(rel, sizes[lo:hi].tolist(),
+                                                     flags[lo:hi].tolist()), start=lo):
+                try:
+                    out[i * page_size:(i + 1) * page_size] = decode(flag, stored[at:at + size])
+                except (PageDataError, Unsupported) as e:
+                    kind = CorruptOutput if isinstance(e, PageDataError) else Unsupported
+                    raise kind(f"{self._name}: pfn {first_pfn + i:#x} (descriptor "
+                               f"{first_index + i} at offset "
+                               f"{table_at + DESCRIPTOR_BYTES * i:#x}): {e}") from e
 
     def pread_physical(self, paddr: int, length: int) -> bytes:
         """length bytes of physical memory at paddr; pages not dumped read as zeros."""

@@ -330,6 +330,11 @@ def describe_kdump(path: str) -> dict:
         runs = list(reader.iter_present_runs())
         flattened = reader.flattened
     page = header.page_size
+    info = parse_vmcoreinfo(vmcoreinfo_text)
+    # QEMU leaves the header's utsname and time empty: VMCOREINFO has them.
+    crash_time = header.crash_time or None
+    if crash_time is None and (info.get("CRASHTIME") or "").isdigit():
+        crash_time = int(info["CRASHTIME"])
     report = {
         "source": path,
         "container": "kdump-flat" if flattened else "kdump",
@@ -340,8 +345,8 @@ def describe_kdump(path: str) -> dict:
         "machine": header.machine,
         "arch": header.machine,
         "cpus": header.nr_cpus,
-        "osrelease": header.release or None,
-        "crash_time": header.crash_time or None,
+        "osrelease": header.release or info.get("OSRELEASE") or None,
+        "crash_time": crash_time,
         # A kdump file has no PT_LOADs: its present pages, as runs.
         "segments": [{"index": i, "paddr": first * page, "vaddr": 0, "offset": 0,
                       "filesz": count * page, "memsz": count * page}
@@ -350,7 +355,7 @@ def describe_kdump(path: str) -> dict:
         "totals": {"memory": present * page, "mapped_bytes": 0, "buffered_bytes": 0,
                    "zero_fill_bytes": 0},
         "notes": [{"name": n.name, "type": n.type, "size": len(n.desc)} for n in notes],
-        "vmcoreinfo": parse_vmcoreinfo(vmcoreinfo_text),
+        "vmcoreinfo": info,
         "vmcoreinfo_text": vmcoreinfo_text.decode("utf-8", "replace"),
         "warnings": [],
         "kdump": {"header_version": header.header_version, "compression": header.compression,

@@ -253,7 +253,9 @@ def save_options(request: Request):
                        size_limit=request.size_limit,
                        threads=request.threads if request.threads is not None else 0,
                        allow_mmap=request.allow_mmap, force=request.force,
-                       vmcoreinfo_path=request.vmcoreinfo_path)
+                       vmcoreinfo_path=request.vmcoreinfo_path,
+                       # Re-filtering a dump, makedumpfile adds the bits it was saved with.
+                       inherit_level=True)
 
 
 def execute(request: Request, *, stderr_is_terminal: bool) -> int:

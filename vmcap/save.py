@@ -14,11 +14,13 @@ from .cpus import usable_cpus
 from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
 from .exclude import runs_from_mask, scan_excluded_runs, split_segments
 from .elfwriter import (ElfStreamWriter, OutputSegment, aligned_notes, cut_image,
-                        describe_incomplete, incomplete_lines, plan_elf_image, vmcap_note)
+                        describe_incomplete, find_vmcap_note, incomplete_lines, plan_elf_image,
+                        vmcap_note)
 from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupported
 from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
 from .layout import Layout, read_layout, require_memory
-from .mmapio import FileSource, Source
+from .dumpfile import open_save_source
+from .mmapio import Source
 from .output import (OutputFile, SparseSink, check_output_target, refuse_same_files,
                      write_whole_file)
 from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
@@ -69,6 +71,9 @@ class SaveOptions:
     # A dump level needing kernel knowledge vmcap lacks: fail (exit 8)
     # rather than save at the level that needs none.
     strict: bool = False
+    # No level was asked for (the CLI without -d): a saved dump as the source
+    # is saved at its own dump level, the bits of dump_level added.
+    inherit_level: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,8 @@ class Capture:
         self.progress = progress
         self.copiers: list[PlanCopier] = []
         self.classification = None  # pageclass.ExclusionResult for dump level bits 2-16
+        # Read once, in order (a compressed stream): no scan pass, no struct pages.
+        self.sequential = bool(getattr(source, "sequential", False))
 
     def copier(self, plan: CopyPlan, phase: str = PHASE_COPY) -> PlanCopier:
         """A copier over ``plan``, reported as one phase of the progress."""
@@ -186,7 +193,12 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     segments = layout.segments
     plan = plan_copy(segments, page)
     classification = capture.classification
-    if options.dump_level:
+    if options.dump_level and capture.sequential:
+        # A source read once, in order, cannot be scanned before the copy:
+        # what it left out stays out (zero fill), its zero pages stay in.
+        warnings.append("the source is read once, in order: its zero pages are kept, not "
+                        "excluded (dump level bit 1 allows both)")
+    elif options.dump_level:
         # The headers come first, so exclusions must be known before writing.
         mask = classification.excluded if classification is not None else None
         zero_seen = 0
@@ -329,14 +341,14 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     return len(records)
 
 
-def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> None:
+def check_outputs(source_path, output_path: str, options: SaveOptions) -> None:
     """Refuse bad output paths before anything is written (the log is written first).
 
     Each output must be a regular file or absent, and no two of SRC, OUT and
     the log file may be one file: ``save --force X X`` would replace the
     source with its own dump.
     """
-    inputs = [("SRC", source_path)]
+    inputs = [("SRC", path) for path in source_paths(source_path)]
     if options.vmcoreinfo_path:
         inputs.append(("--vmcoreinfo FILE", options.vmcoreinfo_path))
     refuse_same_files(inputs, [("OUT", output_path), ("--dmesg FILE", options.dmesg_path)])
@@ -345,10 +357,17 @@ def check_outputs(source_path: str, output_path: str, options: SaveOptions) -> N
         check_output_target(options.dmesg_path, options.force)
 
 
-def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(), *,
+def source_paths(source_path) -> list[str]:
+    """A path, or the paths of a makedumpfile --split set, as a list."""
+    return [source_path] if isinstance(source_path, str) else list(source_path)
+
+
+def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
          progress: Callable[[int, int, str], None] | None = None,
          source: Source | None = None) -> SaveSummary:
     """Capture ``source_path`` into ``output_path`` ("-" for stdout).
+
+    ``source_path`` may be a list: the files of a makedumpfile --split set.
 
     ``progress(done_bytes_increment, phase_total_bytes, phase)`` is called as
     bytes are read; ``phase`` is PHASE_SCAN (the -d 1 scan pass of the ELF
@@ -369,8 +388,12 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         raise OutputError("--format kdump needs a seekable output file, not stdout "
                           "(--format kdump-flat writes makedumpfile's flattened stream to a pipe)")
     check_outputs(source_path, output_path, options)
+    if not isinstance(source_path, str):
+        paths = source_paths(source_path)
+        source_path = paths[0] if len(paths) == 1 else paths
+    header_level = None
     if source is None:
-        source = FileSource(source_path, allow_mmap=options.allow_mmap)
+        source, header_level = open_save_source(source_path, allow_mmap=options.allow_mmap)
     try:
         vmcoreinfo = None
         if options.vmcoreinfo_path:
@@ -379,6 +402,20 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
             vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
         layout = read_layout(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
         require_memory(layout)
+        source_path = source.name if not isinstance(source_path, str) else source_path
+        layout, source_level, source_warnings = saved_dump_source(layout, header_level)
+        # An ELF core saved with bit 1 has no zero pages; makedumpfile's and
+        # QEMU's kdump files keep them (one shared stored zero page).
+        source_drops_zero = bool(source_level & 1) and header_level is None
+        if options.inherit_level:
+            options = replace(options, dump_level=options.dump_level | source_level,
+                              retry_levels=tuple(level | source_level
+                                                 for level in options.retry_levels))
+        check_refilter_levels(source_path, source_level,
+                              (options.dump_level, *options.retry_levels))
+        sequential = bool(getattr(source, "sequential", False))
+        if sequential:
+            check_sequential_request(source_path, source_level, options)
         dmesg_records = 0
         log_warning: list[str] = []
         if options.dmesg_path:
@@ -393,8 +430,17 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         for attempt, level in enumerate(levels):
             retry_left = attempt + 1 < len(levels) and output_path != "-"
             # Kernel page classes come from a few MiB of struct pages, read first.
-            classification, run_options, fallback = classify_or_fall_back(
-                layout, source, replace(options, dump_level=level))
+            if sequential:
+                classification, run_options, fallback = None, replace(options, dump_level=level), []
+            else:
+                classification, run_options, fallback = classify_or_fall_back(
+                    layout, source, replace(options, dump_level=level))
+            # What the source left out stays out, whatever could be classified.
+            run_options = replace(run_options, dump_level=run_options.dump_level | source_level)
+            if source_drops_zero and run_options.output_format in KDUMP_FORMATS:
+                # Its zero pages are gone already: a kdump output cannot
+                # keep them readable (--zero-pages shared), and says so.
+                run_options = replace(run_options, zero_pages="exclude")
             level_warnings += fallback
             capture = Capture(source, layout, run_options, progress)
             capture.classification = classification
@@ -432,8 +478,70 @@ def save(source_path: str, output_path: str, options: SaveOptions = SaveOptions(
         pages_excluded=pages_excluded,
         dmesg=options.dmesg_path if options.dmesg_path and not log_warning else None,
         dmesg_records=dmesg_records,
-        warnings=layout.warnings + tuple(log_warning) + tuple(level_warnings) + tuple(warnings),
+        warnings=(layout.warnings + tuple(source_warnings) + tuple(log_warning)
+                  + tuple(level_warnings) + tuple(warnings)),
         dump_level=capture.options.dump_level)
+
+
+def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout, int, list[str]]:
+    """(layout without the source's VMCAP note, the dump level the source was saved at, warnings).
+
+    A saved dump is a source like /proc/vmcore, but what its dump level left
+    out cannot come back. Its VMCAP note described the old file (digests,
+    format): the new dump gets its own.
+    """
+    from .elfview import VMCAP_NOTE_NAME, notes_without
+
+    note = find_vmcap_note(layout.notes)
+    level = header_level
+    if level is None:
+        try:
+            level = int((note or {}).get("DUMP_LEVEL") or 0)
+        except ValueError:
+            raise BadSource(f"{layout.source_name}: VMCAP note DUMP_LEVEL "
+                            f"{note.get('DUMP_LEVEL')!r} is not a number") from None
+    if not 0 <= level <= 31:
+        raise BadSource(f"{layout.source_name}: saved at dump level {level}, not 0..31")
+    warnings = []
+    if note is not None and note.get("error_ranges"):
+        warnings.append(f"the source lists {len(note['error_ranges'])} range(s) its capture "
+                        "zero-filled after read errors; they stay zero here but are not listed "
+                        "in the new dump's note")
+    if note is not None:
+        layout = replace(layout, notes=tuple(n for n in layout.notes
+                                             if n.name != VMCAP_NOTE_NAME),
+                         note_bytes=notes_without(layout.note_bytes, layout.byte_order,
+                                                  VMCAP_NOTE_NAME))
+    return layout, level, warnings
+
+
+def check_refilter_levels(source_path: str, source_level: int, levels) -> None:
+    """Refuse a dump level without every bit of the source's (exit 8).
+
+    makedumpfile silently adds the source's bits when it re-filters; vmcap
+    says so instead, so that the level asked for is the level written.
+    """
+    for level in levels:
+        if level & source_level != source_level:
+            raise Unsupported(
+                f"{source_path} was saved at dump level {source_level}: the pages it left out "
+                f"cannot come back, so dump level {level} is impossible; use a level that "
+                f"includes {source_level}'s bits, such as -d {level | source_level}")
+
+
+def check_sequential_request(source_path: str, source_level: int, options: SaveOptions) -> None:
+    """Refuse (exit 8) what a source read once, in order, cannot give."""
+    why = None
+    if options.dump_level & ~source_level & ~1:
+        why = (f"dump level {options.dump_level} classifies pages the source kept "
+               f"(dump level {source_level}), which needs random access to its struct pages")
+    elif options.retry_levels:
+        why = "a dump level list may need a second pass"
+    elif options.dmesg_path:
+        why = "--dmesg reads the kernel log out of order"
+    if why:
+        raise Unsupported(f"{source_path} is compressed as a whole and is read once, in order: "
+                          f"{why}; decompress it first")
 
 
 def write_output(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:

@@ -24,7 +24,6 @@ from .dumpfile import ElfPhysicalView, detect_container, open_elf_source
 from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
 from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
 from .layout import iter_note_spans, read_layout
-from .mmapio import FileSource
 from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
 
 COMPARE_BYTES = 4 << 20
@@ -365,7 +364,10 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0,
     """
     from .save import classify_source
 
-    source = FileSource(source_path)
+    from .dumpfile import open_save_source
+
+    # Any dump vmcap reads can be the source (a kdump file through its ELF view).
+    source, _ = open_save_source(source_path)
     try:
         src_layout = read_layout(source)
         if vmcoreinfo and not src_layout.vmcoreinfo_raw:
