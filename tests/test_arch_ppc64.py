@@ -297,3 +297,38 @@ def test_real_kdump_output_is_read_by_drgn(dump, tmp_path):
     name = int(info["SYMBOL(init_uts_ns)"], 16) + int(info["OFFSET(uts_namespace.name)"])
     release = prog.read(name + 2 * 65, 65).rstrip(b"\0").decode()
     assert release == info["OSRELEASE"]
+
+
+def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
+    """A ppc64 dump whose prb pointer is 0: exit 3 and one line, no traceback."""
+    from conftest import spec
+    from vmcap.layout import EM_PPC64
+    from vmcap.sample import RamRange
+
+    info = {"OSRELEASE": "6.1.0-test", "PAGESIZE": "65536", "SYMBOL(_stext)": f"{PAGE_OFFSET:x}",
+            "SYMBOL(swapper_pg_dir)": f"{PAGE_OFFSET + 0x10000:x}", "SYMBOL(prb)": f"{PAGE_OFFSET + 0x20000:x}",
+            "SIZE(printk_ringbuffer)": "80", "SIZE(prb_desc)": "24", "SIZE(printk_info)": "88",
+            "OFFSET(printk_ringbuffer.desc_ring)": "0", "OFFSET(printk_ringbuffer.text_data_ring)": "48",
+            "OFFSET(prb_desc_ring.count_bits)": "0", "OFFSET(prb_desc_ring.descs)": "8",
+            "OFFSET(prb_desc_ring.infos)": "16", "OFFSET(prb_desc_ring.head_id)": "24",
+            "OFFSET(prb_desc_ring.tail_id)": "32", "OFFSET(prb_data_ring.size_bits)": "0",
+            "OFFSET(prb_data_ring.data)": "8", "OFFSET(prb_desc.state_var)": "0",
+            "OFFSET(prb_desc.text_blk_lpos)": "8", "OFFSET(prb_data_blk_lpos.begin)": "0",
+            "OFFSET(prb_data_blk_lpos.next)": "8", "OFFSET(printk_info.seq)": "0",
+            "OFFSET(printk_info.ts_nsec)": "8", "OFFSET(printk_info.text_len)": "16",
+            "OFFSET(printk_info.caller_id)": "20", "OFFSET(printk_info.dev_info)": "24",
+            "OFFSET(atomic_long_t.counter)": "0", "OFFSET(printk_info.facility)": "18",
+            "OFFSET(printk_info.flags)": "19", "OFFSET(printk_info.level)": "19"}
+    path, _ = make_vmcore(spec([RamRange(0, 1 << 20)], page_size=PAGE, machine=EM_PPC64, content="zero",
+                               vmcoreinfo=info))
+    done = run_vmcap("dmesg", path, check=False)
+    lines = done.stderr.decode().splitlines()
+    assert done.returncode == 3, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("vmcap: error:") and "0x0 is not a ppc64 kernel address" in lines[0], lines
+    del info["SYMBOL(swapper_pg_dir)"]
+    path, _ = make_vmcore(spec([RamRange(0, 1 << 20)], page_size=PAGE, machine=EM_PPC64, content="zero",
+                               vmcoreinfo=info))
+    done = run_vmcap("dmesg", path, check=False)
+    assert done.returncode == 8
+    assert done.stderr.decode().splitlines() == [
+        "vmcap: error: EM_PPC64 kernel virtual addresses: VMCOREINFO lacks SYMBOL(swapper_pg_dir)"]

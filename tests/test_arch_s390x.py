@@ -234,3 +234,21 @@ def test_real_outputs_are_read_by_drgn(dump, tmp_path, fmt):
     assert prog.read(name, 65).rstrip(b"\0") == b"Linux"
     assert prog.read(name + 2 * 65, 65).rstrip(b"\0").decode() == info["OSRELEASE"]
 
+
+
+def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):
+    """A big-endian s390x dump whose VMCOREINFO lacks what the walk needs: exit 8 and one line;
+    saving it at -d 31 falls back (no --strict) and the output verifies."""
+    from conftest import spec
+    from vmcap.layout import EM_S390
+    from vmcap.sample import RamRange
+
+    info = {"OSRELEASE": "6.1.0-test", "PAGESIZE": "4096", "SYMBOL(prb)": "e63e08"}
+    path, _ = make_vmcore(spec([RamRange(0, 4 << 20)], machine=EM_S390, byte_order="big", content="pattern",
+                               vmcoreinfo=info))
+    done = run_vmcap("dmesg", path, check=False)
+    assert done.returncode == 8
+    assert done.stderr.decode().splitlines() == [
+        "vmcap: error: EM_S390 kernel virtual addresses: VMCOREINFO lacks SYMBOL(swapper_pg_dir)"]
+    described = json.loads(run_vmcap("inspect", "--json", path).stdout)
+    assert (described["byte_order"], described["kernel_byte_order"], described["arch"]) == ("big", "big", "s390x")
