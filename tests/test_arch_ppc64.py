@@ -332,3 +332,13 @@ def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
     assert done.returncode == 8
     assert done.stderr.decode().splitlines() == [
         "vmcap: error: EM_PPC64 kernel virtual addresses: VMCOREINFO lacks SYMBOL(swapper_pg_dir)"]
+
+
+def test_real_log_levels(dump):
+    """The marker line /init wrote to /dev/kmsg with <5>: level 5, facility 1 (little-endian bit-fields)."""
+    from vmcap.dumpfile import kernel_log, open_dump
+    from vmcap.vmcoreinfo import read_vmcoreinfo_file
+
+    with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
+        records = kernel_log(source)
+    assert [(r.level, r.facility) for r in records if b"VMCAPLAB-MARKER" in r.text] == [(5, 1)]

@@ -252,3 +252,16 @@ def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):
         "vmcap: error: EM_S390 kernel virtual addresses: VMCOREINFO lacks SYMBOL(swapper_pg_dir)"]
     described = json.loads(run_vmcap("inspect", "--json", path).stdout)
     assert (described["byte_order"], described["kernel_byte_order"], described["arch"]) == ("big", "big", "s390x")
+
+
+def test_real_log_levels_read_from_big_endian_bit_fields(dump):
+    """printk_info's "u8 flags:5, level:3" is packed from the high bit on s390x: the marker line
+    that /init wrote to /dev/kmsg with <5> is level 5, facility 1 (user); the panic is level 0."""
+    from vmcap.dumpfile import kernel_log, open_dump
+    from vmcap.vmcoreinfo import read_vmcoreinfo_file
+
+    with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
+        records = kernel_log(source)
+    marker = [(r.level, r.facility) for r in records if b"VMCAPLAB-MARKER" in r.text]
+    panic = [(r.level, r.facility) for r in records if r.text.startswith(b"Kernel panic")]
+    assert (marker, panic) == ([(5, 1)], [(0, 0)])
