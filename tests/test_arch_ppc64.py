@@ -258,6 +258,14 @@ def test_real_mmu_and_byte_orders(dump):
     assert (described["byte_order"], described["kernel_byte_order"], described["arch"]) == ("big", "little", "ppc64le")
 
 
+@pytest.mark.parametrize("level", [2, 4, 8, 16])
+def test_real_single_levels_keep_what_makedumpfile_keeps(dump, tmp_path, level):
+    expected = dump.kept_by_makedumpfile(level)
+    out = tmp_path / f"d{level}.kdump"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", level, dump.elf, out)
+    assert kept_ranges(str(out)) == expected
+
+
 def test_real_d31_keeps_exactly_the_pages_makedumpfile_keeps(dump, tmp_path):
     out = tmp_path / "d31.kdump"
     run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", "31", dump.elf, out)

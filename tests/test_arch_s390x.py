@@ -186,6 +186,14 @@ def test_real_d31_keeps_exactly_the_pages_makedumpfile_keeps(dump, kdump_d31):
     assert kept_ranges(str(kdump_d31)) == dump.d31_ranges
 
 
+@pytest.mark.parametrize("level", [2, 4, 8, 16])
+def test_real_single_levels_keep_what_makedumpfile_keeps(dump, tmp_path, level):
+    expected = dump.kept_by_makedumpfile(level)
+    out = tmp_path / f"d{level}.kdump"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", level, dump.elf, out)
+    assert kept_ranges(str(out)) == expected
+
+
 def test_real_kdump_output_is_big_endian_verifies_and_reads_back(dump, kdump_d31):
     from vmcap.kdump import KdumpReader
     from vmcap.layout import iter_note_spans

@@ -2,8 +2,8 @@
 
 Each dump NAME has NAME.elf.zst (QEMU's ELF), NAME.vmcoreinfo (the kernel's
 VMCOREINFO, taken from its memory: QEMU wrote no note), NAME.dmesg.txt
-(makedumpfile --dump-dmesg) and NAME.d31-pfns.txt (the pfns makedumpfile -d 31
-keeps, as "start end" ranges).
+(makedumpfile --dump-dmesg) and NAME.dN-pfns.txt (the pfns makedumpfile -d N
+keeps, as "start end" ranges, for N in 31 2 4 8 16).
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ class RealDump:
     vmcoreinfo: Path
     dmesg: bytes  # makedumpfile's --dump-dmesg
     d31_ranges: list[tuple[int, int]]  # what makedumpfile -d 31 keeps
+
+    def kept_by_makedumpfile(self, level: int) -> list[tuple[int, int]]:
+        """What makedumpfile -d level keeps; skips when that expectation was not made."""
+        path = DATA / f"{self.name}.d{level}-pfns.txt"
+        if not path.exists():
+            pytest.skip(f"no makedumpfile -d {level} expectation for {self.name} ({path})")
+        return expected_ranges(path)
 
 
 def expected_ranges(path: Path) -> list[tuple[int, int]]:

@@ -10,19 +10,22 @@
 # Foreign packages are downloaded with apt (dpkg --add-architecture) and unpacked with dpkg -x,
 # never installed. Work files go to $WORK (default /var/tmp/vmcap-arch-ps); the results are copied
 # to tests/data/:
-# STAGE=boot stops after the dumps.
 #   NAME.elf.zst          QEMU 7.2 dump-guest-memory ELF of a 256 MiB TCG guest that panicked with
 #                         sysrq-c (Debian linux-image 6.1.0-50, busybox initramfs), zstd -19 --long
 #   NAME.vmcoreinfo       the kernel's VMCOREINFO, taken from guest memory (extract_vmcoreinfo.py):
 #                         QEMU has no vmcoreinfo device on pseries and s390-ccw-virtio
 #   NAME.dmesg.txt        makedumpfile 1.7.2 (the foreign-arch Debian build, under qemu-user-static)
 #                         --dump-dmesg -i NAME.vmcoreinfo of the dump
-#   NAME.d31-pfns.txt     the pfns makedumpfile -c -d 31 keeps (its kdump output's 2nd bitmap),
-#                         as "start end" ranges (end exclusive), from vmcap's kdump reader
+#   NAME.dN-pfns.txt      the pfns makedumpfile -c -d N keeps (its kdump output's 2nd bitmap), as
+#                         "start end" ranges (end exclusive), read by tests/arch/kept_pfns.py with
+#                         vmcap's kdump reader; N in $LEVELS (31 2 4 8 16)
 # makedumpfile 1.7.2 reads program header i at offset 64 + 56 * i, and QEMU 7.2 puts them at 192;
 # makedumpfile on ppc64le reads ELF headers natively, and QEMU 7.2 writes pseries headers
 # big-endian: it is run on a copy with the program headers moved to 64 and, for ppc64, the
 # headers made little-endian (elf_for_makedumpfile.py; no data byte changes).
+# Guests run with -action panic=pause: pseries kernels call RTAS ibm,os-term when they panic and
+# QEMU's default is then to exit before anything is dumped. STAGE=boot stops after the dumps;
+# LEVELS (default "31 2 4 8 16") picks the dump levels; WORK, KVER, MEM as below.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 LAB=${LAB:-$REPO/../shared/lab/arch}
@@ -31,6 +34,7 @@ WORK=${WORK:-/var/tmp/vmcap-arch-ps}
 DATA=$REPO/tests/data
 KVER=${KVER:-6.1.0-50}
 MEM=${MEM:-256}
+LEVELS=${LEVELS:-31 2 4 8 16}
 NAMES=${*:-ppc64-radix ppc64-hash s390x}
 mkdir -p "$WORK/debs" "$DATA"
 export ARCHOUT=$WORK ARCHLAB=$LAB WANT=${WANT:-"Kernel panic - not syncing"}
@@ -59,6 +63,7 @@ fetch_debs() {  # $1 = Debian architecture
 boot() {  # $1 = NAME: boots the guest to its panic and writes $WORK/NAME/NAME.elf
   local name=$1 a; a=$(debarch "$name")
   local dir=$WORK/$name
+  rm -f "$DATA/$name.elf.zst"
   mkdir -p "$dir/bb"; cp -a "$WORK/root-$a/bin" "$dir/bb/"   # mkinit.sh wants ARCHOUT/ARCH/bb/bin/busybox
   bash "$LAB/mkinit.sh" "$name"
   local k=$WORK/kernel-$a/boot
@@ -86,12 +91,16 @@ expected() {  # $1 = NAME: the files makedumpfile gives
   python3 "$REPO/tests/arch/elf_for_makedumpfile.py" "$dir/$name.elf" "$dir/$name.phdr64.elf" $le
   rm -f "$dir/$name.mdf-dmesg.txt" "$dir/$name.mdf-d31.kdump"
   "${mdf[@]}" --dump-dmesg -i "$dir/$name.vmcoreinfo" "$dir/$name.phdr64.elf" "$dir/$name.mdf-dmesg.txt"
-  "${mdf[@]}" -c -d 31 -i "$dir/$name.vmcoreinfo" "$dir/$name.phdr64.elf" "$dir/$name.mdf-d31.kdump"
-  (cd "$REPO" && PYTHONPATH=$REPO python3 "$REPO/tests/arch/kept_pfns.py" "$dir/$name.mdf-d31.kdump") > "$dir/$name.d31-pfns.txt"
+  for level in $LEVELS; do
+    rm -f "$dir/$name.mdf-d$level.kdump"
+    "${mdf[@]}" -c -d "$level" -i "$dir/$name.vmcoreinfo" "$dir/$name.phdr64.elf" "$dir/$name.mdf-d$level.kdump"
+    (cd "$REPO" && PYTHONPATH=$REPO python3 "$REPO/tests/arch/kept_pfns.py" "$dir/$name.mdf-d$level.kdump") \
+      > "$DATA/$name.d$level-pfns.txt"
+  done
   cp "$dir/$name.vmcoreinfo" "$DATA/$name.vmcoreinfo"
   cp "$dir/$name.mdf-dmesg.txt" "$DATA/$name.dmesg.txt"
-  cp "$dir/$name.d31-pfns.txt" "$DATA/$name.d31-pfns.txt"
-  zstd -q -f -19 --long=27 -T2 "$dir/$name.elf" -o "$DATA/$name.elf.zst"
+  # the compressed dump is made once per boot (boot() removes it)
+  [[ -s $DATA/$name.elf.zst ]] || zstd -q -f -19 --long=27 -T2 "$dir/$name.elf" -o "$DATA/$name.elf.zst"
   chmod 644 "$DATA/$name".*
   ls -l "$DATA/$name".*
 }
