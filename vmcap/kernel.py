@@ -1,5 +1,8 @@
 """Kernel virtual addresses as a layer over the dump's physical memory (x86_64, aarch64).
 
+ppc64 and s390x have their own modules (kernel_ppc64, kernel_s390x);
+make_translator picks the layer for a dump's machine.
+
 Reads of kernel data (the printk ring buffer, struct pages in vmemmap) use
 virtual addresses; this module turns them into physical ones the way the
 crashed CPU would have, by walking the kernel's own page tables:
@@ -15,8 +18,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import vmcoreinfo as vi
-from .kernel_memory import ReadPhysical, read_translated
 from .errors import BadSource, Unsupported
+from .kernel_memory import ReadPhysical, read_translated
 from .kernel_ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
 from .kernel_s390x import S390X_MACHINE_NAMES, S390xTranslator
 

@@ -38,7 +38,9 @@ is chosen once from the VMCOREINFO keys the kernel wrote (page_rules):
 A key the chosen rules need but the kernel did not write raises Unsupported
 naming it, rather than quietly keeping or dropping the wrong pages.
 
-Only x86_64 with SPARSEMEM (the mem_section tree; vmemmap or not) is handled.
+Only SPARSEMEM (the mem_section tree; vmemmap or not) is handled, on the
+architectures vmcap.kernel translates; struct pages are read in the kernel's
+byte order (big on s390x).
 """
 
 from __future__ import annotations
