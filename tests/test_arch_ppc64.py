@@ -189,8 +189,13 @@ def test_vmemmap_page_shift_out_of_range_is_bad_source():
     memory = FakeMemory()
     build_radix(memory, [])
     info = _vmemmap_info(memory, [(0xC00C_0000_0000_0000, 0x0200_0000)], shift=63)
+    t = Ppc64Translator(memory.read_physical, info)
+    assert t.to_physical(PAGE_OFFSET + 0x1000) == 0x1000  # the linear map needs no vmemmap_list
     with pytest.raises(BadSource, match="vmemmap page shift 63"):
-        Ppc64Translator(memory.read_physical, info)
+        t.to_physical(0xC00C_0000_0000_0000)
+    info["OFFSET(vmemmap_backing.virt_addr)"] = "20"
+    with pytest.raises(BadSource, match=r"OFFSET\(vmemmap_backing.virt_addr\)=20 does not fit"):
+        Ppc64Translator(memory.read_physical, info).to_physical(0xC00C_0000_0000_0000)
 
 
 def test_kernel_byte_order_is_read_from_a_pointer_variable():
@@ -215,9 +220,13 @@ def test_missing_or_misplaced_keys_are_clear_errors():
         Ppc64Translator(memory.read_physical, vmcoreinfo(**{"SYMBOL(swapper_pg_dir)": "ffff800010000000"}))
     with pytest.raises(BadSource, match="not a ppc64 page size"):
         Ppc64Translator(memory.read_physical, vmcoreinfo(PAGESIZE="16384"))
-    short = FakeMemory(size=ROOT + 8)  # the root table runs past the dump
-    with pytest.raises(BadSource):
-        Ppc64Translator(short.read_physical, vmcoreinfo())
+    short = FakeMemory(size=ROOT + 8)  # the root table runs past the dump: only walks fail
+    t = Ppc64Translator(short.read_physical, vmcoreinfo())
+    assert t.to_physical(PAGE_OFFSET + 8) == 8
+    with pytest.raises(BadSource, match="is not in the dump"):
+        t.to_physical(VMALLOC)
+    with pytest.raises(BadSource, match="NUMBER\\(vmalloc_start\\)"):
+        Ppc64Translator(memory.read_physical, vmcoreinfo(**{"NUMBER(vmalloc_start)": "4096"}))
 
 
 # --- the real dumps --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, SourceIOError, Unsupported
@@ -58,6 +59,9 @@ RADIX_NEXT_LEVEL_SIZE = 0x1F
 # Leaf entries: the real page number sits in place, bits up to 52 (PTE_RPN_MASK since 4.11).
 LEAF_ADDRESS_BITS = (1 << 53) - 1
 MMU_FTR_TYPE_RADIX = 0x40
+# swapper_pg_dir is MAX_PGD_TABLE_SIZE (radix's 64 KiB) with either MMU and page size;
+# a hash root uses its first 2 or 4 KiB and the rest stays zero.
+MAX_PGD_TABLE_BYTES = 65536
 # vmemmap_list holds one entry per vmemmap block (16 MiB or 2 MiB of struct pages);
 # a list longer than this is a damaged or looping one.
 MAX_VMEMMAP_BLOCKS = 1 << 22
@@ -141,6 +145,8 @@ class Ppc64Translator:
         self.byte_order = byte_order
         self._int = "<" if byte_order == "little" else ">"
         self.page_size = vi.page_size(vmcoreinfo, required=True)
+        if self.page_size not in (4096, 65536):
+            raise BadSource(f"VMCOREINFO PAGESIZE={self.page_size} is not a ppc64 page size (4096, 65536)")
         self.kernel_start = vi.symbol(vmcoreinfo, "_stext") or PAGE_OFFSET
         if self.kernel_start != PAGE_OFFSET:
             # makedumpfile translates the linear map as vaddr - SYMBOL(_stext);
@@ -148,16 +154,38 @@ class Ppc64Translator:
             raise Unsupported(f"ppc64 kernel with SYMBOL(_stext)={self.kernel_start:#x}, not PAGE_OFFSET "
                               f"{PAGE_OFFSET:#x}")
         self.vmalloc_start = vi.number(vmcoreinfo, "vmalloc_start") or KERN_VIRT_START
+        if not PAGE_OFFSET < self.vmalloc_start < KERNEL_QUADRANT_END:
+            raise BadSource(f"VMCOREINFO NUMBER(vmalloc_start)={self.vmalloc_start:#x} is not a ppc64 "
+                            f"kernel address")
         swapper_pg_dir = vi.symbol(vmcoreinfo, "swapper_pg_dir", required=True)
         if not PAGE_OFFSET <= swapper_pg_dir < KERN_VIRT_START:
             raise BadSource(f"VMCOREINFO SYMBOL(swapper_pg_dir)={swapper_pg_dir:x} is not in the ppc64 "
                             f"linear map ({PAGE_OFFSET:#x}-{KERN_VIRT_START:#x})")
         self.root_table_paddr = swapper_pg_dir - PAGE_OFFSET
         self._tables: dict[int, bytes] = {}
-        self.mmu = self._mmu_type(vmcoreinfo)
-        self.levels = ppc64_levels(self.mmu, self.page_size)
-        self.vmemmap_blocks = self._vmemmap_blocks(vmcoreinfo)
-        self._vmemmap_virt = [virt for virt, _phys in self.vmemmap_blocks[0]]
+        self._vmcoreinfo = vmcoreinfo
+
+    # The MMU type and vmemmap_list are read when first needed: the printk
+    # buffer is in the linear map, and a dump whose tables are damaged or
+    # left out should still give its log.
+
+    @cached_property
+    def mmu(self) -> str:
+        """"radix" or "hash"."""
+        return self._mmu_type(self._vmcoreinfo)
+
+    @cached_property
+    def levels(self) -> tuple[Ppc64Level, ...]:
+        return ppc64_levels(self.mmu, self.page_size)
+
+    @cached_property
+    def vmemmap_blocks(self) -> tuple[list[tuple[int, int]], int]:
+        """([(virt, phys)] sorted by virt, block bytes) from vmemmap_list; ([], 0) without one."""
+        return self._vmemmap_blocks(self._vmcoreinfo)
+
+    @cached_property
+    def _vmemmap_virt(self) -> list[int]:
+        return [virt for virt, _phys in self.vmemmap_blocks[0]]
 
     # -- reading kernel data before translation works: the linear map only ----------------------
 
@@ -173,20 +201,25 @@ class Ppc64Translator:
         return struct.unpack(self._int + "i", self._linear(vaddr, 4))[0]
 
     def _mmu_type(self, info: vi.VmcoreInfo) -> str:
-        radix = vi.number(info, "RADIX_MMU")
-        if radix is not None:
-            return "radix" if radix == 1 else "hash"
+        known = self.mmu_if_known(info)
+        if known is not None:
+            return known
         cur_cpu_spec = vi.symbol(info, "cur_cpu_spec")
         features_at = vi.offset(info, "cpu_spec.mmu_features")
         if cur_cpu_spec is not None and features_at is not None:
             features = struct.unpack(self._int + "I", self._linear(self._u64(cur_cpu_spec) + features_at, 4))[0]
             return "radix" if features & MMU_FTR_TYPE_RADIX else "hash"
-        root = self._table(self.root_table_paddr, self.page_size)
+        root = self._table(self.root_table_paddr, MAX_PGD_TABLE_BYTES)
         entries = [e for (e,) in struct.iter_unpack(">Q", root) if e & ENTRY_PRESENT and not e & ENTRY_LEAF]
         return "radix" if any(e & RADIX_NEXT_LEVEL_SIZE for e in entries) else "hash"
 
+    @staticmethod
+    def mmu_if_known(info: vi.VmcoreInfo) -> str | None:
+        """What NUMBER(RADIX_MMU) says (newer kernels export it), None without it."""
+        radix = vi.number(info, "RADIX_MMU")
+        return None if radix is None else ("radix" if radix == 1 else "hash")
+
     def _vmemmap_blocks(self, info: vi.VmcoreInfo) -> tuple[list[tuple[int, int]], int]:
-        """([(virt, phys)] sorted, block bytes) from vmemmap_list; ([], 0) when the list is empty or absent."""
         head_at = vi.symbol(info, "vmemmap_list")
         if head_at is None:
             return [], 0
@@ -200,6 +233,10 @@ class Ppc64Translator:
         psize = self._i32(vi.symbol(info, "mmu_vmemmap_psize", required=True))
         def_size = vi.size(info, "mmu_psize_def", required=True)
         shift_at = vi.offset(info, "mmu_psize_def.shift", required=True)
+        for key, at in (("list", list_at), ("phys", phys_at), ("virt_addr", virt_at)):
+            if at + 8 > backing_size:
+                raise BadSource(f"VMCOREINFO OFFSET(vmemmap_backing.{key})={at} does not fit "
+                                f"SIZE(vmemmap_backing)={backing_size}")
         if not 0 <= psize < 64:
             raise BadSource(f"ppc64 mmu_vmemmap_psize {psize} is not a page-size index")
         shift = self._i32(vi.symbol(info, "mmu_psize_defs", required=True) + psize * def_size + shift_at)
