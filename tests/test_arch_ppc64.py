@@ -207,6 +207,12 @@ def test_kernel_byte_order_is_read_from_a_pointer_variable():
     assert ppc64_kernel_byte_order(memory.read_physical, info, "little") == "big"
     memory.u64(PRB, 0, "big")  # nothing to tell by: the header's order stays
     assert ppc64_kernel_byte_order(memory.read_physical, info, "big") == "big"
+    # 0xc0000000000004c0 reads as a linear address both ways (0xc0040000000000c0 big-endian):
+    # prb == printk_rb_static decides
+    memory.u64(PRB, PAGE_OFFSET + 0x4C0, "little")
+    assert ppc64_kernel_byte_order(memory.read_physical, info, "big") == "big"
+    info["SYMBOL(printk_rb_static)"] = f"{PAGE_OFFSET + 0x4C0:x}"
+    assert ppc64_kernel_byte_order(memory.read_physical, info, "big") == "little"
 
 
 def test_missing_or_misplaced_keys_are_clear_errors():

@@ -103,33 +103,40 @@ def _exactly(read_physical: ReadPhysical, paddr: int, size: int) -> bytes:
     return data
 
 
-def _kernel_pointer_order(raw: bytes, preferred: str) -> str | None:
-    """The byte order in which 8 bytes read as a linear-map (0xc000...) address, or None."""
-    for order in (preferred, "big" if preferred == "little" else "little"):
-        value = int.from_bytes(raw, order)
-        if PAGE_OFFSET <= value < KERN_VIRT_START:
-            return order
-    return None
+def _orders_reading_as(raw: bytes, wanted) -> list[str]:
+    """The byte orders in which 8 bytes read as a value that wanted(value) accepts."""
+    return [order for order in ("little", "big") if wanted(int.from_bytes(raw, order))]
 
 
 def ppc64_kernel_byte_order(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, header_byte_order: str) -> str:
-    """The crashed kernel's byte order, told by a pointer variable in its image.
+    """The crashed kernel's byte order, told by pointer variables in its image.
 
-    SYMBOL(prb) (5.10+) points at printk_rb_static, SYMBOL(mem_section) at the
-    section roots, both in the linear map. When neither reads as such an
-    address in either order, the ELF header's order is kept.
+    prb (5.10+) points at printk_rb_static, whose address VMCOREINFO also
+    gives: the order in which it reads so is the kernel's. Else the first of
+    prb, mem_section and vmemmap_list that reads as a linear-map address in
+    one order only decides. When nothing decides, the ELF header's order is kept.
     """
-    for name in ("prb", "mem_section", "vmemmap_list"):
+    def pointer_at(name: str) -> bytes | None:
         vaddr = vi.symbol(vmcoreinfo, name)
         if vaddr is None or not PAGE_OFFSET <= vaddr < KERN_VIRT_START:
-            continue
+            return None
         try:
-            raw = _exactly(read_physical, vaddr - PAGE_OFFSET, 8)
+            return _exactly(read_physical, vaddr - PAGE_OFFSET, 8)
         except (BadSource, SourceIOError):
-            continue
-        order = _kernel_pointer_order(raw, header_byte_order)
-        if order is not None:
-            return order
+            return None
+
+    static = vi.symbol(vmcoreinfo, "printk_rb_static")
+    raw = pointer_at("prb")
+    if raw is not None and static is not None:
+        orders = _orders_reading_as(raw, lambda value: value == static)
+        if len(orders) == 1:
+            return orders[0]
+    for name in ("prb", "mem_section", "vmemmap_list"):
+        raw = pointer_at(name)
+        if raw is not None:
+            orders = _orders_reading_as(raw, lambda value: PAGE_OFFSET <= value < KERN_VIRT_START)
+            if len(orders) == 1:
+                return orders[0]
     return header_byte_order
 
 
