@@ -21,7 +21,7 @@ from vmcap.kernel_ppc64 import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
-from real_dumps import kept_ranges, real_dump, run_vmcap  # noqa: E402
+from real_dumps import foreign_makedumpfile, kept_ranges, real_dump, run_vmcap  # noqa: E402
 
 PAGE = 65536
 ROOT = 0x100000  # swapper_pg_dir's paddr in the synthetic memory
@@ -365,3 +365,16 @@ def test_real_log_levels(dump):
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)
     assert [(r.level, r.facility) for r in records if b"VMCAPLAB-MARKER" in r.text] == [(5, 1)]
+
+
+def test_real_makedumpfile_reads_vmcaps_elf_output_without_the_vmcoreinfo_file(dump, tmp_path):
+    """Debian's ppc64el makedumpfile (under qemu-user) finds the VMCOREINFO that --vmcoreinfo put in
+    vmcap's ELF output and gives the same log as from the original dump with -i."""
+    import subprocess
+
+    command = foreign_makedumpfile("ppc64el")
+    out = tmp_path / "d31.elf"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "elf", "-d", "31", dump.elf, out)
+    log = tmp_path / "dmesg.txt"
+    subprocess.run([*command, "--dump-dmesg", str(out), str(log)], check=True, capture_output=True)
+    assert log.read_bytes() == dump.dmesg

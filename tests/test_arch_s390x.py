@@ -17,7 +17,7 @@ from vmcap.kernel import make_translator
 from vmcap.kernel_s390x import S390xTranslator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
-from real_dumps import kept_ranges, real_dump, run_vmcap  # noqa: E402
+from real_dumps import foreign_makedumpfile, kept_ranges, real_dump, run_vmcap  # noqa: E402
 
 ROOT = 0x100000
 HIGH_MEMORY_AT = 0x1000  # the high_memory variable
@@ -273,3 +273,16 @@ def test_real_log_levels_read_from_big_endian_bit_fields(dump):
     marker = [(r.level, r.facility) for r in records if b"VMCAPLAB-MARKER" in r.text]
     panic = [(r.level, r.facility) for r in records if r.text.startswith(b"Kernel panic")]
     assert (marker, panic) == ([(5, 1)], [(0, 0)])
+
+
+def test_real_makedumpfile_reads_vmcaps_elf_output_without_the_vmcoreinfo_file(dump, tmp_path):
+    """Debian's s390x makedumpfile (under qemu-user) finds the VMCOREINFO that --vmcoreinfo put in
+    vmcap's ELF output and gives the same log as from the original dump with -i."""
+    import subprocess
+
+    command = foreign_makedumpfile("s390x")
+    out = tmp_path / "d31.elf"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "elf", "-d", "31", dump.elf, out)
+    log = tmp_path / "dmesg.txt"
+    subprocess.run([*command, "--dump-dmesg", str(out), str(log)], check=True, capture_output=True)
+    assert log.read_bytes() == dump.dmesg

@@ -67,3 +67,16 @@ def run_vmcap(*args, check: bool = True) -> subprocess.CompletedProcess:
         raise AssertionError(f"vmcap {' '.join(map(str, args))} exited {done.returncode}: "
                              f"{done.stderr.decode(errors='replace')}")
     return done
+
+
+def foreign_makedumpfile(debian_arch: str) -> list[str]:
+    """The command running Debian's makedumpfile for debian_arch (ppc64el, s390x) under qemu-user,
+    from the root regen-ppc64-s390x.sh unpacks in $WORK (default /var/tmp/vmcap-arch-ps); skips
+    where that is not here."""
+    import os
+
+    root = Path(os.environ.get("WORK", "/var/tmp/vmcap-arch-ps")) / f"root-{debian_arch}"
+    qemu = {"ppc64el": "qemu-ppc64le-static", "s390x": "qemu-s390x-static"}[debian_arch]
+    if not (root / "usr/bin/makedumpfile").exists() or not shutil.which(qemu):
+        pytest.skip(f"no {debian_arch} makedumpfile under {qemu} (run tests/arch/regen-ppc64-s390x.sh)")
+    return [qemu, "-L", str(root), str(root / "usr/bin/makedumpfile")]
