@@ -378,3 +378,18 @@ def test_real_makedumpfile_reads_vmcaps_elf_output_without_the_vmcoreinfo_file(d
     log = tmp_path / "dmesg.txt"
     subprocess.run([*command, "--dump-dmesg", str(out), str(log)], check=True, capture_output=True)
     assert log.read_bytes() == dump.dmesg
+
+
+def test_real_kernel_without_max_physmem_bits_gets_the_same_pages(dump, tmp_path):
+    """Kernels before NUMBER(MAX_PHYSMEM_BITS): the size that makes LENGTH(mem_section) the root
+    count is used, as makedumpfile does, and -d 31 keeps the same pages."""
+    info = tmp_path / "vmcoreinfo"
+    info.write_text("".join(line for line in dump.vmcoreinfo.read_text().splitlines(keepends=True)
+                            if not line.startswith("NUMBER(MAX_PHYSMEM_BITS)=")))
+    out = tmp_path / "d31.kdump"
+    run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "--format", "kdump", "-d", "31", dump.elf, out)
+    assert kept_ranges(str(out)) == dump.d31_ranges
+    info.write_text(info.read_text().replace("LENGTH(mem_section)=", "LENGTH(mem_section)=3"))
+    done = run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "-d", "31", dump.elf, tmp_path / "x", check=False)
+    assert done.returncode == 8
+    assert b"lacks NUMBER(MAX_PHYSMEM_BITS), and LENGTH(mem_section)=3" in done.stderr

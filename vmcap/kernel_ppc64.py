@@ -147,6 +147,10 @@ class Ppc64Translator:
     ppc64_kernel_byte_order); page-table entries are big-endian regardless.
     """
 
+    # MAX_PHYSMEM_BITS of kernels that do not export it, oldest first (makedumpfile:
+    # _MAX_PHYSMEM_BITS_ORIG, _3_7, _4_19, _4_20); page classification picks by LENGTH(mem_section).
+    physmem_bits_candidates = (42, 46, 47, 51)
+
     def __init__(self, read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, *, byte_order: str = "little"):
         self._read_physical = read_physical
         self.byte_order = byte_order

@@ -71,6 +71,8 @@ class S390xTranslator:
 
     byte_order = "big"
     kernel_start = 0  # the identity map: kernel addresses start at 0
+    # MAX_PHYSMEM_BITS of kernels that do not export it (makedumpfile: _ORIG, _3_3)
+    physmem_bits_candidates = (42, 46)
 
     def __init__(self, read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo):
         self._read_physical = read_physical

@@ -478,14 +478,22 @@ class SparseMemLayout:
     struct_page_size: int
 
 
-def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
-    """Read the SPARSEMEM description from VMCOREINFO (makedumpfile get_mem_type)."""
+def sparsemem_layout(info: vi.VmcoreInfo, physmem_bits_candidates: tuple[int, ...] = ()) -> SparseMemLayout:
+    """Read the SPARSEMEM description from VMCOREINFO (makedumpfile get_mem_type).
+
+    Kernels before NUMBER(MAX_PHYSMEM_BITS) (5.x): x86_64's default, or, given
+    the architecture's candidates (ppc64, s390x), the first that makes
+    LENGTH(mem_section) the number of section roots, as makedumpfile's
+    set_ppc64_max_physmem_bits and set_s390x_max_physmem_bits choose.
+    """
     if vi.symbol(info, "mem_section") is None and vi.symbol(info, "mem_map") is not None:
         raise Unsupported("FLATMEM (SYMBOL(mem_map) without SYMBOL(mem_section)) is not supported")
     page_size = vi.page_size(info, required=True)
     page_shift = page_size.bit_length() - 1
     section_size_bits = vi.number(info, "SECTION_SIZE_BITS", required=True)
     max_physmem_bits = vi.number(info, "MAX_PHYSMEM_BITS")
+    if max_physmem_bits is None and physmem_bits_candidates:
+        max_physmem_bits = _physmem_bits_by_roots(info, physmem_bits_candidates, page_size, section_size_bits)
     if max_physmem_bits is None:  # before 5.x; x86_64's defaults
         max_physmem_bits = X86_64_DEFAULT_MAX_PHYSMEM_BITS[bool(vi.number(info, "pgtable_l5_enabled"))]
     elif not page_shift < max_physmem_bits <= 64:
@@ -519,6 +527,18 @@ def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
         nr_mem_sections=nr_mem_sections,
         struct_page_size=struct_page_size,
     )
+
+
+def _physmem_bits_by_roots(info: vi.VmcoreInfo, candidates: tuple[int, ...], page_size: int,
+                           section_size_bits: int) -> int:
+    roots = vi.length(info, "mem_section")
+    mem_section_size = vi.size(info, "mem_section", required=True)
+    for bits in candidates:
+        sections = 1 << max(bits - section_size_bits, 0)
+        if roots in (sections // max(page_size // mem_section_size, 1), sections):
+            return bits
+    raise Unsupported(f"VMCOREINFO lacks NUMBER(MAX_PHYSMEM_BITS), and LENGTH(mem_section)={roots} "
+                      f"fits none of this architecture's sizes {', '.join(map(str, candidates))}")
 
 
 def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_vaddr: int,
@@ -568,7 +588,8 @@ def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_v
 
 
 def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int, *, byte_order: str = "little",
-                 kernel_start: int = KERNEL_HALF) -> tuple[MemMapRun, ...]:
+                 kernel_start: int = KERNEL_HALF,
+                 physmem_bits_candidates: tuple[int, ...] = ()) -> tuple[MemMapRun, ...]:
     """The struct pages of pfns below max_pfn, as runs of contiguous mem_map (makedumpfile get_mm_sparsemem).
 
     byte_order and kernel_start (the lowest kernel address: a section root or
@@ -579,7 +600,7 @@ def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int, *
     does not validate, it is read as a pointer to the root array (the
     4.15-era VMCOREINFO that printed the pointer variable's address).
     """
-    layout = sparsemem_layout(info)
+    layout = sparsemem_layout(info, physmem_bits_candidates)
     sections = min(-(-max_pfn // layout.pages_per_section), layout.nr_mem_sections)
     if sections <= 0:
         return ()
@@ -1003,7 +1024,8 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     translator = make_translator(read_physical, vmcoreinfo, machine)
     byte_order = getattr(translator, "byte_order", "little")
     runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn, byte_order=byte_order,
-                        kernel_start=getattr(translator, "kernel_start", KERNEL_HALF))
+                        kernel_start=getattr(translator, "kernel_start", KERNEL_HALF),
+                        physmem_bits_candidates=getattr(translator, "physmem_bits_candidates", ()))
     return classify_mem_map(translator.read_virtual, runs, rules, max_pfn=max_pfn,
                             chunk_pages=chunk_pages, ram_pfn_ranges=ram_pfn_ranges, byte_order=byte_order)
 
