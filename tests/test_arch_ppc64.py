@@ -2,7 +2,8 @@
 
 The real dumps (tests/data/ppc64-{radix,hash}.*, see tests/arch/regen-ppc64-s390x.sh) are
 Debian 6.1 ppc64el guests under QEMU pseries (POWER9, radix MMU, and disable_radix for hash),
-whose ELF headers QEMU 7.2 wrote big-endian over little-endian memory.
+whose ELF headers QEMU 7.2 wrote big-endian over little-endian memory. ppc64-powernv (bare-metal
+radix, 1 GiB, not committed) is tested where the script has made it.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def test_missing_or_misplaced_keys_are_clear_errors():
 # --- the real dumps --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["ppc64-radix", "ppc64-hash"])
+@pytest.fixture(scope="module", params=["ppc64-radix", "ppc64-hash", "ppc64-powernv"])
 def dump(request, tmp_path_factory):
     return real_dump(request.param, tmp_path_factory)
 
@@ -255,14 +256,14 @@ def test_real_mmu_and_byte_orders(dump):
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as opened:
         t = make_translator(opened.read_physical, opened.vmcoreinfo, opened.machine)
-        assert (t.mmu, t.byte_order) == (dump.name.split("-")[1], "little")
+        assert (t.mmu, t.byte_order) == ("hash" if dump.name == "ppc64-hash" else "radix", "little")
         blocks, block_size = t.vmemmap_blocks
         assert blocks and block_size in (1 << 16, 1 << 21, 1 << 24)
         if t.mmu == "radix":
             # The radix tables map the linear map and vmemmap too: the walk agrees with
             # the linear rule and with vmemmap_list, pages apart.
             for virt, phys in blocks:
-                for offset in (0, 0x12348, block_size - 8):
+                for offset in (0, block_size // 3 & ~7, block_size - 8):
                     assert t.walk_page_tables(virt + offset)[0] == phys + offset
             for paddr in (0, 0x123_4560, 0x0FFF_FFF8):
                 assert t.walk_page_tables(PAGE_OFFSET + paddr)[0] == paddr
@@ -270,7 +271,9 @@ def test_real_mmu_and_byte_orders(dump):
     import json
 
     described = json.loads(report)
-    assert (described["byte_order"], described["kernel_byte_order"], described["arch"]) == ("big", "little", "ppc64le")
+    # QEMU 7.2 writes pseries headers big-endian; powernv ones little-endian
+    header = "little" if dump.name == "ppc64-powernv" else "big"
+    assert (described["byte_order"], described["kernel_byte_order"], described["arch"]) == (header, "little", "ppc64le")
 
 
 @pytest.mark.parametrize("level", [2, 4, 8, 16])

@@ -3,7 +3,11 @@
 # outputs that tests/test_arch_ppc64.py and tests/test_arch_s390x.py compare vmcap with.
 #
 #   bash tests/arch/regen-ppc64-s390x.sh [NAME...]     (from the repository root; NAME in
-#                                                      ppc64-radix ppc64-hash s390x; default all)
+#                                  ppc64-radix ppc64-hash s390x (the default) and ppc64-powernv)
+#
+# ppc64-radix and ppc64-hash are pseries guests (POWER9 radix MMU; disable_radix for hash);
+# ppc64-powernv is a bare-metal powernv9 guest (radix, no hypervisor, little-endian ELF headers),
+# which QEMU will not run in less than 1 GiB: its dump is not committed (tests skip without it).
 #
 # Needs root on Debian 12 with the lab recipe at ../shared/lab/arch (relative to the repository):
 #   apt-get install -y qemu-system-ppc qemu-system-misc qemu-user-static zstd cpio
@@ -74,6 +78,10 @@ boot() {  # $1 = NAME: boots the guest to its panic and writes $WORK/NAME/NAME.e
         -cpu power9 -smp 1 -action panic=pause -m "$MEM" -nographic -nodefaults -serial "file:$dir/$name.console.txt" \
         -kernel "$k/vmlinux-$KVER-powerpc64le" -initrd "$dir/init.cpio.gz" \
         -append "console=hvc0 panic=0 nokaslr$extra" ;;
+    ppc64-powernv)
+      bash "$LAB/boot-dump.sh" "$name" "$name" qemu-system-ppc64 -M powernv9 -cpu power9 -smp 1 -m 1G \
+        -action panic=pause -nographic -nodefaults -serial "file:$dir/$name.console.txt" \
+        -kernel "$k/vmlinux-$KVER-powerpc64le" -initrd "$dir/init.cpio.gz" -append "console=hvc0 panic=0" ;;
     s390x)
       bash "$LAB/boot-dump.sh" "$name" "$name" qemu-system-s390x -M s390-ccw-virtio -cpu max -smp 1 -action panic=pause -m "$MEM" \
         -nographic -nodefaults -serial "file:$dir/$name.console.txt" \
