@@ -396,3 +396,14 @@ def test_real_kernel_without_max_physmem_bits_gets_the_same_pages(dump, tmp_path
     done = run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "-d", "31", dump.elf, tmp_path / "x", check=False)
     assert done.returncode == 8
     assert b"lacks NUMBER(MAX_PHYSMEM_BITS), and LENGTH(mem_section)=3" in done.stderr
+
+
+def test_note_headers_are_turned_around_descriptors_kept():
+    from vmcap.layout import build_note, iter_note_spans, reencode_note_headers
+
+    notes = build_note(b"CORE", 1, b"\x01\x02\x03", "big") + build_note(b"VMCOREINFO", 0, b"OSRELEASE=x\n", "big")
+    turned = reencode_note_headers(notes, "big", "little")
+    assert len(turned) == len(notes)
+    spans = [(s.name, s.type, turned[s.desc_offset:s.desc_offset + s.desc_size])
+             for s in iter_note_spans(turned, "little")]
+    assert spans == [("CORE", 1, b"\x01\x02\x03"), ("VMCOREINFO", 0, b"OSRELEASE=x\n")]
