@@ -522,8 +522,8 @@ def test_make_translator_dispatches_arm64_machine_names(machine):
 
 
 def test_other_machines_stay_unsupported_and_x86_64_unchanged():
-    with pytest.raises(Unsupported, match="EM_PPC64"):
-        make_translator(lambda paddr, size: b"", CONFIGS[0].vmcoreinfo(), "EM_PPC64")
+    with pytest.raises(Unsupported, match="EM_MIPS"):
+        make_translator(lambda paddr, size: b"", CONFIGS[0].vmcoreinfo(), "EM_MIPS")
     x86_info = {"SYMBOL(init_top_pgt)": "ffffffff82a0c000", "NUMBER(phys_base)": "0"}
     assert isinstance(make_translator(lambda paddr, size: b"", x86_info, "EM_X86_64"), X86_64Translator)
 

@@ -48,16 +48,28 @@ class VirtualMemory(Protocol):
     def read_virtual(self, vaddr: int, size: int) -> bytes: ...
 
 
-def _u16(buf: bytes, at: int) -> int:
-    return struct.unpack_from("<H", buf, at)[0]
+# Kernel integers in the crashed kernel's byte order ("little" or "big"): the
+# translator says which (its byte_order; x86_64 and arm64 dumps are little).
+_INTS = {order: tuple(struct.Struct(prefix + code) for code in "HIQ")
+         for order, prefix in (("little", "<"), ("big", ">"))}
 
 
-def _u32(buf: bytes, at: int) -> int:
-    return struct.unpack_from("<I", buf, at)[0]
+def _u16(buf: bytes, at: int, order: str = "little") -> int:
+    return _INTS[order][0].unpack_from(buf, at)[0]
 
 
-def _u64(buf: bytes, at: int) -> int:
-    return struct.unpack_from("<Q", buf, at)[0]
+def _u32(buf: bytes, at: int, order: str = "little") -> int:
+    return _INTS[order][1].unpack_from(buf, at)[0]
+
+
+def _u64(buf: bytes, at: int, order: str = "little") -> int:
+    return _INTS[order][2].unpack_from(buf, at)[0]
+
+
+def _level(flags_byte: int, order: str) -> int:
+    """printk_info/printk_log's "u8 flags:5, level:3": GCC packs bit-fields from the low bit
+    on little-endian targets and from the high bit on big-endian ones (s390x)."""
+    return flags_byte >> 5 if order == "little" else flags_byte & 0x7
 
 
 # --- 5.10+ lockless ring buffer ------------------------------------------------
@@ -170,7 +182,7 @@ def check_ringbuffer_layout(layout: RingbufferLayout) -> None:
 
 
 def records_from_rings(layout: RingbufferLayout, ringbuffer: bytes, descs: bytes, infos: bytes,
-                       text_data: bytes) -> list[LogRecord]:
+                       text_data: bytes, byte_order: str = "little") -> list[LogRecord]:
     """Decode the records from tail_id to head_id (inclusive) as makedumpfile does.
 
     ringbuffer is the struct printk_ringbuffer; descs, infos and text_data are
@@ -178,11 +190,12 @@ def records_from_rings(layout: RingbufferLayout, ringbuffer: bytes, descs: bytes
     finalized, whose state names another id (reused), or with no data block
     are skipped.
     """
+    order = byte_order
     desc_ring = layout.desc_ring
-    count = 1 << _u32(ringbuffer, desc_ring + layout.count_bits)
+    count = 1 << _u32(ringbuffer, desc_ring + layout.count_bits, order)
     data_size = len(text_data)
-    head_id = _u64(ringbuffer, desc_ring + layout.head_id)
-    tail_id = _u64(ringbuffer, desc_ring + layout.tail_id)
+    head_id = _u64(ringbuffer, desc_ring + layout.head_id, order)
+    tail_id = _u64(ringbuffer, desc_ring + layout.tail_id, order)
     span = (head_id - tail_id) & DESC_ID_MASK
     if span >= count:
         raise BadSource(
@@ -194,13 +207,13 @@ def records_from_rings(layout: RingbufferLayout, ringbuffer: bytes, descs: bytes
         record_id = (tail_id + step) & DESC_ID_MASK
         index = record_id % count
         desc = index * layout.desc_size
-        state_var = _u64(descs, desc + layout.state_var)
+        state_var = _u64(descs, desc + layout.state_var, order)
         if state_var & DESC_ID_MASK != record_id:
             continue
         if state_var >> DESC_STATE_SHIFT not in (DESC_COMMITTED, DESC_FINALIZED):
             continue
-        begin = _u64(descs, desc + layout.text_begin) % data_size
-        next_ = _u64(descs, desc + layout.text_next) % data_size
+        begin = _u64(descs, desc + layout.text_begin, order) % data_size
+        next_ = _u64(descs, desc + layout.text_next, order) % data_size
         if begin == next_:  # data-less record (e.g. FAILED_LPOS)
             continue
         if begin > next_:  # the block wrapped: the kernel stored it at the ring's start
@@ -212,25 +225,26 @@ def records_from_rings(layout: RingbufferLayout, ringbuffer: bytes, descs: bytes
                 f"is shorter than its id"
             )
         info = index * layout.info_size
-        text_len = min(_u16(infos, info + layout.text_len), next_ - begin)
+        text_len = min(_u16(infos, info + layout.text_len, order), next_ - begin)
         records.append(LogRecord(
-            seq=_u64(infos, info + layout.seq),
-            ts_nsec=_u64(infos, info + layout.ts_nsec),
-            level=infos[info + layout.facility + 1] >> 5,
+            seq=_u64(infos, info + layout.seq, order),
+            ts_nsec=_u64(infos, info + layout.ts_nsec, order),
+            level=_level(infos[info + layout.facility + 1], order),
             facility=infos[info + layout.facility],
-            caller_id=None if layout.caller_id is None else _u32(infos, info + layout.caller_id),
+            caller_id=None if layout.caller_id is None else _u32(infos, info + layout.caller_id, order),
             text=bytes(text_data[begin:begin + text_len]),
         ))
     return records
 
 
 def _read_lockless(memory: VirtualMemory, layout: RingbufferLayout) -> list[LogRecord]:
+    order = getattr(memory, "byte_order", "little")
     check_ringbuffer_layout(layout)
-    prb = _u64(memory.read_virtual(layout.prb_symbol, 8), 0)
+    prb = _u64(memory.read_virtual(layout.prb_symbol, 8), 0, order)
     ringbuffer = memory.read_virtual(prb, layout.ringbuffer_size)
     desc_ring, data_ring = layout.desc_ring, layout.text_data_ring
-    count_bits = _u32(ringbuffer, desc_ring + layout.count_bits)
-    size_bits = _u32(ringbuffer, data_ring + layout.size_bits)
+    count_bits = _u32(ringbuffer, desc_ring + layout.count_bits, order)
+    size_bits = _u32(ringbuffer, data_ring + layout.size_bits, order)
     if size_bits > MAX_RING_BITS or count_bits > size_bits:
         raise BadSource(
             f"printk ring buffer at {prb:#x}: count_bits {count_bits}, size_bits {size_bits} are not plausible"
@@ -241,10 +255,10 @@ def _read_lockless(memory: VirtualMemory, layout: RingbufferLayout) -> list[LogR
         raise Unsupported(f"printk ring buffer at {prb:#x}: {count} descriptors and "
                           f"{1 << size_bits} text bytes ({total} bytes); vmcap reads logs up to "
                           f"{MAX_LOG_BYTES} bytes")
-    descs = memory.read_virtual(_u64(ringbuffer, desc_ring + layout.descs), count * layout.desc_size)
-    infos = memory.read_virtual(_u64(ringbuffer, desc_ring + layout.infos), count * layout.info_size)
-    text_data = memory.read_virtual(_u64(ringbuffer, data_ring + layout.data), 1 << size_bits)
-    return records_from_rings(layout, ringbuffer, descs, infos, text_data)
+    descs = memory.read_virtual(_u64(ringbuffer, desc_ring + layout.descs, order), count * layout.desc_size)
+    infos = memory.read_virtual(_u64(ringbuffer, desc_ring + layout.infos, order), count * layout.info_size)
+    text_data = memory.read_virtual(_u64(ringbuffer, data_ring + layout.data, order), 1 << size_bits)
+    return records_from_rings(layout, ringbuffer, descs, infos, text_data, order)
 
 
 # --- 3.5-5.9 log_buf -----------------------------------------------------------
@@ -298,8 +312,10 @@ def check_log_buf_layout(layout: LogBufLayout) -> None:
     _check_fields("SIZE(printk_log)", layout.header_size, fields)
 
 
-def records_from_log_buf(layout: LogBufLayout, log_buf: bytes, first_idx: int, next_idx: int) -> list[LogRecord]:
+def records_from_log_buf(layout: LogBufLayout, log_buf: bytes, first_idx: int, next_idx: int,
+                         byte_order: str = "little") -> list[LogRecord]:
     """Walk log_buf from first_idx to next_idx as makedumpfile's dump_dmesg does."""
+    order = byte_order
     check_log_buf_layout(layout)
     header = layout.header_size
     # Each step advances by at least one header, so more steps than this is a cycle.
@@ -317,11 +333,11 @@ def records_from_log_buf(layout: LogBufLayout, log_buf: bytes, first_idx: int, n
                 f"log_buf records loop without reaching log_next_idx {next_idx:#x} "
                 f"(log_first_idx {first_idx:#x}, now at {position:#x})"
             )
-        record_len = _u16(log_buf, position + layout.len)
+        record_len = _u16(log_buf, position + layout.len, order)
         if record_len == 0:  # end-of-buffer marker: this record is at the start
             position = 0
-            record_len = _u16(log_buf, layout.len)
-        text_len = _u16(log_buf, position + layout.text_len)
+            record_len = _u16(log_buf, layout.len, order)
+        text_len = _u16(log_buf, position + layout.text_len, order)
         if record_len < header or header + text_len > record_len or position + record_len > len(log_buf):
             raise BadSource(
                 f"log_buf record at index {position:#x}: len {record_len}, text_len {text_len} "
@@ -330,10 +346,10 @@ def records_from_log_buf(layout: LogBufLayout, log_buf: bytes, first_idx: int, n
         text_start = position + header
         records.append(LogRecord(
             seq=len(records),
-            ts_nsec=_u64(log_buf, position + layout.ts_nsec),
-            level=log_buf[position + layout.facility + 1] >> 5,
+            ts_nsec=_u64(log_buf, position + layout.ts_nsec, order),
+            level=_level(log_buf[position + layout.facility + 1], order),
             facility=log_buf[position + layout.facility],
-            caller_id=None if layout.caller_id is None else _u32(log_buf, position + layout.caller_id),
+            caller_id=None if layout.caller_id is None else _u32(log_buf, position + layout.caller_id, order),
             text=bytes(log_buf[text_start:text_start + text_len]),
         ))
         position += record_len
@@ -341,15 +357,16 @@ def records_from_log_buf(layout: LogBufLayout, log_buf: bytes, first_idx: int, n
 
 
 def _read_log_buf(memory: VirtualMemory, layout: LogBufLayout) -> list[LogRecord]:
-    log_buf = _u64(memory.read_virtual(layout.log_buf_symbol, 8), 0)
-    log_buf_len = _u32(memory.read_virtual(layout.log_buf_len_symbol, 4), 0)
-    first_idx = _u32(memory.read_virtual(layout.first_idx_symbol, 4), 0)
-    next_idx = _u32(memory.read_virtual(layout.next_idx_symbol, 4), 0)
+    order = getattr(memory, "byte_order", "little")
+    log_buf = _u64(memory.read_virtual(layout.log_buf_symbol, 8), 0, order)
+    log_buf_len = _u32(memory.read_virtual(layout.log_buf_len_symbol, 4), 0, order)
+    first_idx = _u32(memory.read_virtual(layout.first_idx_symbol, 4), 0, order)
+    next_idx = _u32(memory.read_virtual(layout.next_idx_symbol, 4), 0, order)
     if not 0 < log_buf_len <= 1 << MAX_RING_BITS:
         raise BadSource(f"log_buf_len {log_buf_len:#x} at {layout.log_buf_len_symbol:#x} is not plausible")
     if log_buf_len > MAX_LOG_BYTES:
         raise Unsupported(f"log_buf_len {log_buf_len:#x}: vmcap reads logs up to {MAX_LOG_BYTES} bytes")
-    return records_from_log_buf(layout, memory.read_virtual(log_buf, log_buf_len), first_idx, next_idx)
+    return records_from_log_buf(layout, memory.read_virtual(log_buf, log_buf_len), first_idx, next_idx, order)
 
 
 # --- entry points --------------------------------------------------------------

@@ -56,7 +56,9 @@ def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None)
         "page_size": layout.page_size,
         "page_size_origin": layout.page_size_origin,
         "elf_class": layout.elf_class,
-        "byte_order": layout.byte_order,
+        # The file's ELF encoding; the kernel's when it differs (QEMU 7.2 pseries dumps).
+        "byte_order": layout.header_byte_order or layout.byte_order,
+        "kernel_byte_order": layout.byte_order,
         "machine": layout.machine,
         "arch": layout.arch,
         "cpus": layout.cpus,

@@ -1,5 +1,9 @@
 """Kernel virtual addresses as a layer over the dump's physical memory (x86_64, aarch64).
 
+ppc64, s390x and riscv64 have their own modules (kernel_ppc64, kernel_s390x,
+kernel_riscv64);
+make_translator picks the layer for a dump's machine.
+
 Reads of kernel data (the printk ring buffer, struct pages in vmemmap) use
 virtual addresses; this module turns them into physical ones the way the
 crashed CPU would have, by walking the kernel's own page tables:
@@ -12,12 +16,15 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Iterable
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, Unsupported
+from .kernel_memory import ReadPhysical, read_translated
+from .kernel_ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
+from .kernel_riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
+from .kernel_s390x import S390X_MACHINE_NAMES, S390xTranslator
 
-ReadPhysical = Callable[[int, int], bytes]
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
 # Without NUMBER(KERNEL_IMAGE_SIZE) (older kernels) only trust the non-KASLR
@@ -53,26 +60,6 @@ def phys_base_from_segments(segments: Iterable[tuple[int, int]]) -> int | None:
         if vaddr >= START_KERNEL_MAP:
             return paddr - (vaddr - START_KERNEL_MAP)
     return None
-
-
-def read_translated(vaddr: int, size: int, translate, read_physical) -> bytes:
-    """size bytes at vaddr, one read_physical per physically contiguous run.
-
-    translate(vaddr) gives (paddr, bytes mapped contiguously from there), so a
-    large buffer in the kernel image or the linear map costs one read, not
-    one per page.
-    """
-    runs: list[tuple[int, int]] = []  # (paddr, length)
-    position, end = vaddr, vaddr + size
-    while position < end:
-        paddr, mapped = translate(position)
-        piece = min(end - position, mapped)
-        if runs and runs[-1][0] + runs[-1][1] == paddr:
-            runs[-1] = (runs[-1][0], runs[-1][1] + piece)
-        else:
-            runs.append((paddr, piece))
-        position += piece
-    return b"".join(read_physical(paddr, length) for paddr, length in runs)
 
 
 class X86_64Translator:
@@ -326,6 +313,7 @@ class Aarch64Translator:
         swapper_pg_dir = vi.symbol(vmcoreinfo, "swapper_pg_dir", required=True)
         self.kimage_voffset = vi.number(vmcoreinfo, "kimage_voffset", required=True) & ADDRESS_MASK_64
         self.root_table_paddr = (swapper_pg_dir - self.kimage_voffset) & ADDRESS_MASK_64
+        self.byte_order = byte_order
         self._descriptor_format = ("<" if byte_order == "little" else ">") + "Q"
         self._last_level = self.paging.levels[-1]
         self._tables: dict[int, bytes] = {}
@@ -378,7 +366,7 @@ class Aarch64Translator:
         return read_translated(vaddr, size, self.translate, self._read_physical)
 
 
-KernelTranslator = X86_64Translator | Aarch64Translator
+KernelTranslator = X86_64Translator | Aarch64Translator | Ppc64Translator | S390xTranslator | Riscv64Translator
 
 
 def make_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, *,
@@ -401,8 +389,20 @@ def make_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, mach
             # Say which architecture needed the key: the same key may be
             # optional elsewhere, and the dump may have been mislabelled.
             raise Unsupported(f"{machine} kernel virtual addresses: {e}") from None
-    # Imported here: kernel_riscv64 builds on this module's read_translated.
-    from .kernel_riscv64 import RISCV64_MACHINE_NAMES, make_riscv64_translator
+    if name in PPC64_MACHINE_NAMES:
+        return _with_arch(machine, make_ppc64_translator, read_physical, vmcoreinfo, name)
+    if name in S390X_MACHINE_NAMES:
+        return _with_arch(machine, S390xTranslator, read_physical, vmcoreinfo)
     if name in RISCV64_MACHINE_NAMES:
         return make_riscv64_translator(read_physical, vmcoreinfo, machine)
-    raise Unsupported(f"kernel virtual addresses are only supported on x86_64, aarch64 and riscv64, not {machine}")
+    raise Unsupported(f"kernel virtual addresses are only supported on x86_64, aarch64, ppc64, s390x "
+                      f"and riscv64, not {machine}")
+
+
+def _with_arch(machine: str, make, *args):
+    """make(*args), with Unsupported saying which architecture needed the missing key."""
+    try:
+        return make(*args)
+    except Unsupported as e:
+        raise Unsupported(f"{machine} kernel virtual addresses: {e}") from None
+

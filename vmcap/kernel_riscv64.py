@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, Unsupported
-from .kernel import ReadPhysical, read_translated
+from .kernel_memory import ReadPhysical, read_translated
 
 RISCV64_MACHINE_NAMES = frozenset({"em_riscv", "riscv64"})
 

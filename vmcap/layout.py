@@ -16,10 +16,12 @@ from __future__ import annotations
 import io
 import struct
 from dataclasses import dataclass
+from typing import Callable
 
 from elftools.elf.elffile import ELFFile
 
 from .errors import BadSource
+from .kernel_ppc64 import ppc64_kernel_byte_order
 from .mmapio import Source
 from .vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
 
@@ -119,6 +121,9 @@ class Layout:
     vmcoreinfo_raw: bytes
     vmcoreinfo: dict[str, str]
     warnings: tuple[str, ...] = ()
+    # The byte order of the source's own ELF headers when it differs from
+    # byte_order, the kernel's (QEMU 7.2's pseries dumps); None when they agree.
+    header_byte_order: str | None = None
 
     @property
     def cpus(self) -> int:
@@ -379,6 +384,17 @@ def read_layout(source: Source, *, page_size: int | None = None,
         notes = [n for n in notes if n.name != "VMCOREINFO"] + [
             Note("VMCOREINFO", 0, vmcoreinfo)]
     parsed = parse_vmcoreinfo(vmcoreinfo_raw)
+    header_byte_order = None
+    if machine == "EM_PPC64" and parsed and segments:
+        kernel_order = ppc64_kernel_byte_order(_segment_reader(source, segments), parsed, byte_order)
+        if kernel_order != byte_order:
+            # Memory, and every output vmcap writes, follow the kernel; the
+            # notes' headers are turned around (their descriptors are QEMU's).
+            warnings.append(f"ELF headers are {byte_order}-endian but the kernel is {kernel_order}-endian "
+                            f"(QEMU 7.2 writes pseries dumps so): outputs are written {kernel_order}-endian")
+            note_bytes = reencode_note_headers(note_bytes, byte_order, kernel_order)
+            header_byte_order, byte_order = byte_order, kernel_order
+            arch = "ppc64le" if kernel_order == "little" else "ppc64"
 
     if page_size is not None:
         if not is_page_size(page_size):
@@ -405,7 +421,28 @@ def read_layout(source: Source, *, page_size: int | None = None,
         e_machine=e_machine, machine=str(machine), arch=arch, e_flags=header["e_flags"],
         e_phoff=phoff, page_size=page_size, page_size_origin=origin,
         segments=tuple(segments), notes=tuple(notes), note_bytes=note_bytes,
-        vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=parsed, warnings=tuple(warnings))
+        vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=parsed, warnings=tuple(warnings),
+        header_byte_order=header_byte_order)
+
+
+def _segment_reader(source: Source, segments) -> Callable[[int, int], bytes]:
+    """read_physical over the PT_LOADs' file bytes, for the few reads read_layout makes."""
+    def read_physical(paddr: int, length: int) -> bytes:
+        for segment in segments:
+            if segment.paddr <= paddr and paddr + length <= segment.paddr + segment.filesz:
+                return source.pread(segment.offset + paddr - segment.paddr, length)
+        raise BadSource(f"paddr {paddr:#x} ({length} bytes) is not in the dump")
+    return read_physical
+
+
+def reencode_note_headers(note_bytes: bytes, from_order: str, to_order: str) -> bytes:
+    """The notes with their (namesz, descsz, type) headers written in to_order."""
+    out = bytearray(note_bytes)
+    target = _note_header(to_order)
+    for span in iter_note_spans(note_bytes, from_order):
+        (namesz,) = struct.unpack_from(("<" if from_order == "little" else ">") + "I", note_bytes, span.offset)
+        target.pack_into(out, span.offset, namesz, span.desc_size, span.type)
+    return bytes(out)
 
 
 def replace_vmcoreinfo_note(note_bytes: bytes, vmcoreinfo: bytes, byte_order: str) -> bytes:

@@ -38,7 +38,9 @@ is chosen once from the VMCOREINFO keys the kernel wrote (page_rules):
 A key the chosen rules need but the kernel did not write raises Unsupported
 naming it, rather than quietly keeping or dropping the wrong pages.
 
-Only x86_64 with SPARSEMEM (the mem_section tree; vmemmap or not) is handled.
+Only SPARSEMEM (the mem_section tree; vmemmap or not) is handled, on the
+architectures vmcap.kernel translates; struct pages are read in the kernel's
+byte order (big on s390x).
 """
 
 from __future__ import annotations
@@ -285,20 +287,24 @@ def walks_mem_map(info: vi.VmcoreInfo, dump_level: int) -> bool:
 # --- decoding struct pages ----------------------------------------------------------------
 
 
-def struct_page_dtype(rules: PageRules) -> np.dtype:
-    """A numpy view of struct page with the fields the rules read (fields may overlap)."""
+def struct_page_dtype(rules: PageRules, byte_order: str = "little") -> np.dtype:
+    """A numpy view of struct page with the fields the rules read (fields may overlap).
+
+    byte_order is the crashed kernel's (big on s390x).
+    """
+    e = "<" if byte_order == "little" else ">"
     fields = {
-        "flags": (rules.flags_offset, "<u8"),
-        "mapping": (rules.mapping_offset, "<u8"),
-        "mapcount": (rules.mapcount_offset, "<u4"),
-        "private": (rules.private_offset, "<u8"),
-        "compound_head": (rules.compound_head_offset, "<u8"),
+        "flags": (rules.flags_offset, e + "u8"),
+        "mapping": (rules.mapping_offset, e + "u8"),
+        "mapcount": (rules.mapcount_offset, e + "u4"),
+        "private": (rules.private_offset, e + "u8"),
+        "compound_head": (rules.compound_head_offset, e + "u8"),
     }
     compound = rules.compound
     if compound is not None:
-        fields["tail_order"] = (compound.order_offset, f"<u{compound.order_bytes}")
+        fields["tail_order"] = (compound.order_offset, f"{e}u{compound.order_bytes}")
         if compound.dtor_offset is not None:
-            fields["tail_dtor"] = (compound.dtor_offset, f"<u{compound.dtor_bytes}")
+            fields["tail_dtor"] = (compound.dtor_offset, f"{e}u{compound.dtor_bytes}")
     for name, (at, fmt) in fields.items():
         if at < 0 or at + np.dtype(fmt).itemsize > rules.struct_page_size:
             raise BadSource(f"struct page field {name} at offset {at} is outside SIZE(page)="
@@ -472,14 +478,22 @@ class SparseMemLayout:
     struct_page_size: int
 
 
-def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
-    """Read the SPARSEMEM description from VMCOREINFO (makedumpfile get_mem_type)."""
+def sparsemem_layout(info: vi.VmcoreInfo, physmem_bits_candidates: tuple[int, ...] = ()) -> SparseMemLayout:
+    """Read the SPARSEMEM description from VMCOREINFO (makedumpfile get_mem_type).
+
+    Kernels before NUMBER(MAX_PHYSMEM_BITS) (5.x): x86_64's default, or, given
+    the architecture's candidates (ppc64, s390x), the first that makes
+    LENGTH(mem_section) the number of section roots, as makedumpfile's
+    set_ppc64_max_physmem_bits and set_s390x_max_physmem_bits choose.
+    """
     if vi.symbol(info, "mem_section") is None and vi.symbol(info, "mem_map") is not None:
         raise Unsupported("FLATMEM (SYMBOL(mem_map) without SYMBOL(mem_section)) is not supported")
     page_size = vi.page_size(info, required=True)
     page_shift = page_size.bit_length() - 1
     section_size_bits = vi.number(info, "SECTION_SIZE_BITS", required=True)
     max_physmem_bits = vi.number(info, "MAX_PHYSMEM_BITS")
+    if max_physmem_bits is None and physmem_bits_candidates:
+        max_physmem_bits = _physmem_bits_by_roots(info, physmem_bits_candidates, page_size, section_size_bits)
     if max_physmem_bits is None:  # before 5.x; x86_64's defaults
         max_physmem_bits = X86_64_DEFAULT_MAX_PHYSMEM_BITS[bool(vi.number(info, "pgtable_l5_enabled"))]
     elif not page_shift < max_physmem_bits <= 64:
@@ -515,8 +529,21 @@ def sparsemem_layout(info: vi.VmcoreInfo) -> SparseMemLayout:
     )
 
 
+def _physmem_bits_by_roots(info: vi.VmcoreInfo, candidates: tuple[int, ...], page_size: int,
+                           section_size_bits: int) -> int:
+    roots = vi.length(info, "mem_section")
+    mem_section_size = vi.size(info, "mem_section", required=True)
+    for bits in candidates:
+        sections = 1 << max(bits - section_size_bits, 0)
+        if roots in (sections // max(page_size // mem_section_size, 1), sections):
+            return bits
+    raise Unsupported(f"VMCOREINFO lacks NUMBER(MAX_PHYSMEM_BITS), and LENGTH(mem_section)={roots} "
+                      f"fits none of this architecture's sizes {', '.join(map(str, candidates))}")
+
+
 def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_vaddr: int,
-                      sections: int) -> list[int | None] | None:
+                      sections: int, byte_order: str = "little",
+                      kernel_start: int = KERNEL_HALF) -> list[int | None] | None:
     """Each section's mem_map (already decoded to the section's first pfn), None if absent.
 
     Returns None when the tree at root_vaddr does not validate (no present
@@ -528,7 +555,7 @@ def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_v
     try:
         if layout.extreme:
             raw_roots = read_virtual(root_vaddr, roots * POINTER_BYTES)
-            root_addrs = np.frombuffer(raw_roots, dtype="<u8").tolist()
+            root_addrs = np.frombuffer(raw_roots, dtype=("<" if byte_order == "little" else ">") + "u8").tolist()
         else:
             root_addrs = [root_vaddr + i * layout.mem_section_size for i in range(roots)]
         mem_maps: list[int | None] = []
@@ -537,12 +564,12 @@ def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_v
             if root_addr == 0:
                 mem_maps.extend([None] * in_root)
                 continue
-            if root_addr < KERNEL_HALF:
+            if root_addr < kernel_start:
                 return None
             raw = read_virtual(root_addr, in_root * layout.mem_section_size)
             for i in range(in_root):
                 at = i * layout.mem_section_size + layout.section_mem_map_offset
-                coded = int.from_bytes(raw[at:at + POINTER_BYTES], "little")
+                coded = int.from_bytes(raw[at:at + POINTER_BYTES], byte_order)
                 if not coded & SECTION_MARKED_PRESENT:
                     mem_maps.append(None)
                     continue
@@ -552,7 +579,7 @@ def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_v
                 mem_map = ((coded & SECTION_MAP_MASK)
                            + section_nr * layout.pages_per_section * layout.struct_page_size) \
                     & 0xFFFF_FFFF_FFFF_FFFF
-                if mem_map < KERNEL_HALF:
+                if mem_map < kernel_start:
                     return None
                 mem_maps.append(mem_map)
     except (BadSource, SourceIOError):
@@ -560,28 +587,34 @@ def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_v
     return mem_maps if any(m is not None for m in mem_maps) else None
 
 
-def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int) -> tuple[MemMapRun, ...]:
+def mem_map_runs(read_virtual: ReadVirtual, info: vi.VmcoreInfo, max_pfn: int, *, byte_order: str = "little",
+                 kernel_start: int = KERNEL_HALF,
+                 physmem_bits_candidates: tuple[int, ...] = ()) -> tuple[MemMapRun, ...]:
     """The struct pages of pfns below max_pfn, as runs of contiguous mem_map (makedumpfile get_mm_sparsemem).
+
+    byte_order and kernel_start (the lowest kernel address: a section root or
+    mem_map below it is not valid) are the translator's: on s390x the kernel
+    is big-endian and its addresses start at 0.
 
     SYMBOL(mem_section) is the root array's address from VMCOREINFO; if that
     does not validate, it is read as a pointer to the root array (the
     4.15-era VMCOREINFO that printed the pointer variable's address).
     """
-    layout = sparsemem_layout(info)
+    layout = sparsemem_layout(info, physmem_bits_candidates)
     sections = min(-(-max_pfn // layout.pages_per_section), layout.nr_mem_sections)
     if sections <= 0:
         return ()
     if sections > MAX_MEM_SECTIONS:
         raise Unsupported(f"memory up to pfn {max_pfn:#x} spans {sections} mem_sections of "
                           f"{layout.pages_per_section} pages; vmcap walks at most {MAX_MEM_SECTIONS}")
-    mem_maps = _section_mem_maps(read_virtual, layout, layout.root_vaddr, sections)
+    mem_maps = _section_mem_maps(read_virtual, layout, layout.root_vaddr, sections, byte_order, kernel_start)
     if mem_maps is None and layout.extreme:
         try:
-            pointer = int.from_bytes(read_virtual(layout.root_vaddr, POINTER_BYTES), "little")
+            pointer = int.from_bytes(read_virtual(layout.root_vaddr, POINTER_BYTES), byte_order)
         except (BadSource, SourceIOError):
             pointer = 0
-        if pointer >= KERNEL_HALF:
-            mem_maps = _section_mem_maps(read_virtual, layout, pointer, sections)
+        if pointer >= max(kernel_start, 1):
+            mem_maps = _section_mem_maps(read_virtual, layout, pointer, sections, byte_order, kernel_start)
     if mem_maps is None:
         raise BadSource(f"mem_section tree at SYMBOL(mem_section)={layout.root_vaddr:#x} "
                         "has no valid section (nor as a pointer to one)")
@@ -843,14 +876,14 @@ class _Walk:
     """makedumpfile's pfn-order walk over struct pages, restartable at any cycle boundary."""
 
     def __init__(self, read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules,
-                 max_pfn: int, chunk_pages: int, ram: RamPfnRanges | None):
+                 max_pfn: int, chunk_pages: int, ram: RamPfnRanges | None, byte_order: str = "little"):
         self.read_virtual = read_virtual
         self.runs = sorted(runs, key=lambda r: r.start_pfn)
         self.rules = rules
         self.max_pfn = max_pfn
         self.chunk_pages = chunk_pages
         self.ram = ram
-        self.dtype = struct_page_dtype(rules)
+        self.dtype = struct_page_dtype(rules, byte_order)
 
     def runs_overlap(self) -> bool:
         return any(a.end_pfn > b.start_pfn for a, b in zip(self.runs, self.runs[1:]))
@@ -911,7 +944,7 @@ class _Walk:
 def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules, *,
                      max_pfn: int, chunk_pages: int = 1 << 14,
                      ram_pfn_ranges: Sequence[tuple[int, int]] | None = None,
-                     cycle_pfns: int = CYCLE_PFNS) -> ExclusionResult:
+                     cycle_pfns: int = CYCLE_PFNS, byte_order: str = "little") -> ExclusionResult:
     """Walk the struct pages of runs in pfn order, chunk_pages at a time, and apply the rules.
 
     One read_virtual call per chunk (chunk_pages * SIZE(page) bytes); chunks
@@ -922,7 +955,7 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     """
     chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
     walk = _Walk(read_virtual, runs, rules, max_pfn, chunk_pages,
-                 None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges))
+                 None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges), byte_order)
     # Cycles are whole chunks, so a cycle's walk meets the full walk's chunks.
     cycle_pfns = max(chunk_pages, -(-cycle_pfns // chunk_pages) * chunk_pages)
     if walk.runs_overlap():
@@ -989,9 +1022,12 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
         return ExclusionResult(max_pfn, no_exclusion(max_pfn), {**counts, "total_pages": 0}, dump_level)
     rules = page_rules(vmcoreinfo, dump_level)
     translator = make_translator(read_physical, vmcoreinfo, machine)
-    runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn)
+    byte_order = getattr(translator, "byte_order", "little")
+    runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn, byte_order=byte_order,
+                        kernel_start=getattr(translator, "kernel_start", KERNEL_HALF),
+                        physmem_bits_candidates=getattr(translator, "physmem_bits_candidates", ()))
     return classify_mem_map(translator.read_virtual, runs, rules, max_pfn=max_pfn,
-                            chunk_pages=chunk_pages, ram_pfn_ranges=ram_pfn_ranges)
+                            chunk_pages=chunk_pages, ram_pfn_ranges=ram_pfn_ranges, byte_order=byte_order)
 
 
 # --- --mem-usage ------------------------------------------------------------------------------
