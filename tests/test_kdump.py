@@ -152,6 +152,23 @@ def test_round_trip_with_gaps(tmp_path, compress):
                 assert not reader.is_dumped(pfn) and reader.read_page(pfn) is None
 
 
+@pytest.mark.parametrize("page_size", [64 << 10, 1 << 20])
+def test_big_pages_every_page_reaches_the_file(tmp_path, page_size):
+    """With big pages a staging batch holds fewer pages than a chunk below DIRECT_MIN_PAGES
+    (1 MiB a thread: 16 pages of 64 KiB, one of 1 MiB): every page of such a chunk is still
+    staged and stored, none dropped (ppc64's 64 KiB pages lost 4 of 36 before)."""
+    pages = mixed_pages(1 + 36 + 70 + 5, page_size=page_size)
+    calls = [(0, pages[0:1]), (1, pages[1:37]), (40, pages[37:107]), (200, pages[107:112])]
+    pfns = [0] + list(range(1, 37)) + list(range(40, 110)) + list(range(200, 205))
+    path = tmp_path / "big.kdump"
+    stats = write_kdump(path, x86_64_info(page_size=page_size), calls, max_mapnr=256,
+                        compress="zstd", threads=1)
+    assert stats.pages_present == stats.pages_dumped == len(pfns)
+    with KdumpReader(path) as reader:
+        for pfn, page in zip(pfns, pages):
+            assert reader.read_page(pfn) == page.tobytes(), pfn
+
+
 def test_zero_pages_share_one_stored_copy(tmp_path):
     pages = mixed_pages(64)
     path = tmp_path / "shared-zero.kdump"

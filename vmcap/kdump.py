@@ -673,7 +673,8 @@ class KdumpWriter:
             if count >= DIRECT_MIN_PAGES:
                 self._flush_staged()  # a short batch costs less than copying this chunk
             else:
-                done = self._stage(pfn, pages)
+                while done < count:  # a batch may hold fewer pages than a chunk (big pages)
+                    done += self._stage(pfn + done, pages[done:])
         # Chunks of DIRECT_MIN_PAGES or more go straight from the caller's
         # buffer, without a copy; each page is compressed on its own, so
         # where batches start does not change the output.
@@ -682,8 +683,8 @@ class KdumpWriter:
             take = min(count - done, self._batch_pages)
             self._store_batch(np.arange(first, first + take, dtype=np.int64), pages[done:done + take])
             done += take
-        if done < count:
-            self._stage(pfn + done, pages[done:])
+        while done < count:
+            done += self._stage(pfn + done, pages[done:])
 
     def mark_present(self, pfn: int, count: int) -> None:
         """Pages pfn .. pfn+count-1 exist but are not dumped (a dump level excluded them).
