@@ -305,7 +305,7 @@ def main():
 @_vmcoreinfo_option
 @click.option("--mem-usage", "show_mem_usage", is_flag=True,
               help="Count pages per class (cache, user, free, kernel) like makedumpfile "
-                   "--mem-usage; reads the kernel's struct pages (x86_64, arm64; needs VMCOREINFO).")
+                   "--mem-usage; reads the kernel's struct pages (x86_64, arm64, ppc64, s390x, riscv64; needs VMCOREINFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
 @_page_size_option
 def inspect(src, show_segments, show_fractional, show_vmcoreinfo, vmcoreinfo_path,
@@ -593,7 +593,8 @@ def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
 
     Works on /proc/vmcore, saved ELF dumps, zelf, kdump and flattened files,
     and the files of a makedumpfile --split set given together; needs
-    VMCOREINFO and an x86_64 or arm64 dump. SRC defaults to /proc/vmcore.
+    VMCOREINFO and an x86_64, arm64, ppc64, s390x or riscv64 dump. SRC
+    defaults to /proc/vmcore.
     """
     from .dmesg import format_makedumpfile
     from .dumpfile import kernel_log, open_dump
