@@ -154,3 +154,31 @@ def test_real_dump_layout(real_vmcore):
         (0x0, 0xa0000), (0xc0000, 0x20000000 - 0xc0000), (0xfd000000, 0x1000000),
         (0xfffc0000, 0x40000)]
     assert "SYMBOL(prb)" in layout.vmcoreinfo
+
+
+@pytest.mark.parametrize("e_machine,name,arch", [
+    (62, "EM_X86_64", "x86_64"), (183, "EM_AARCH64", "aarch64"), (22, "EM_S390", "s390x"),
+    (243, "EM_RISCV", "riscv64"), (4, "EM_68K", "68k"), (0x1234, "4660", "4660"),
+])
+def test_machine_names_as_readelf_spells_them(make_vmcore, tmp_path, e_machine, name, arch):
+    path, _ = make_vmcore(spec())
+    layout = layout_of(_patched(path, tmp_path, 18, "<H", e_machine))
+    assert (layout.e_machine, layout.machine, layout.arch) == (e_machine, name, arch)
+
+
+def test_exec_file_names_its_type(make_vmcore, tmp_path):
+    path, _ = make_vmcore(spec())
+    with pytest.raises(BadSource, match=r"e_type is ET_EXEC, a vmcore is ET_CORE"):
+        layout_of(_patched(path, tmp_path, 16, "<H", 2))
+
+
+def test_capture_path_imports_no_pyelftools():
+    """The ELF structures are vmcap's own (layout.py): pyelftools cost 3 MiB and 17 ms of
+    start-up in every capture, and is only a test oracle now."""
+    import subprocess
+    import sys
+    code = ("import sys, vmcap.entry, vmcap.cli, vmcap.save, vmcap.kdumpsave, vmcap.verify, "
+            "vmcap.dmesg, vmcap.makedumpfile_cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'elftools'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

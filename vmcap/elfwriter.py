@@ -30,12 +30,9 @@ from typing import Iterable, Protocol, Sequence
 from . import __version__
 from .copy import ErrorRange
 from .errors import CorruptOutput, Unsupported
-from .layout import _PHDR_FORMATS, PN_XNUM, PT_LOAD, PT_NOTE, Layout, build_note
+from .layout import (_PHDR_FORMATS, EHDR_FORMATS, ET_CORE, EV_CURRENT, PN_XNUM, PT_LOAD, PT_NOTE,
+                     SHDR_FORMATS, Layout, build_note)
 
-ET_CORE = 4
-EV_CURRENT = 1
-_EHDR_FORMATS = {32: "16sHHIIIIIHHHHHH", 64: "16sHHIQQQIHHHHHH"}
-_SHDR_FORMATS = {32: "IIIIIIIIII", 64: "IIQQQQIIQQ"}
 
 VMCAP_NOTE_NAME = b"VMCAP"
 VMCAP_NOTE_TYPE = 1
@@ -270,9 +267,9 @@ def _elf_structs(layout: Layout):
     """(Ehdr, Phdr, Phdr field names, Shdr) structs of the output's class and byte order."""
     endian = _endian(layout.byte_order)
     phdr_format, phdr_fields = _PHDR_FORMATS[layout.elf_class]
-    return (struct.Struct(endian + _EHDR_FORMATS[layout.elf_class]),
+    return (struct.Struct(endian + EHDR_FORMATS[layout.elf_class]),
             struct.Struct(endian + phdr_format), phdr_fields,
-            struct.Struct(endian + _SHDR_FORMATS[layout.elf_class]))
+            struct.Struct(endian + SHDR_FORMATS[layout.elf_class]))
 
 
 def _pack_header(layout: Layout, placed: Sequence[OutputSegment], notes_offset: int,

@@ -373,7 +373,7 @@ def make_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, mach
                     fallback_phys_base: int | None = None) -> KernelTranslator:
     """The kernel-virtual layer for a dump of the given machine.
 
-    machine is pyelftools' e_machine name for ELF dumps ("EM_X86_64",
+    machine is the e_machine name for ELF dumps (layout.E_MACHINE_NAMES) ("EM_X86_64",
     "EM_AARCH64") or the utsname machine of kdump files ("x86_64",
     "aarch64", "aarch64_be"). An ELF EM_AARCH64 dump is read as little
     endian, as nearly all arm64 kernels are.

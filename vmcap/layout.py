@@ -6,19 +6,17 @@ segments, nothing else. In /proc/vmcore the bytes after the notes belong to
 the first segment's page-rounded chunk and may be MMIO, so a buffered read
 that "helpfully" reads ahead is a bug, not an optimisation.
 
-pyelftools parses the ELF header and describes the structures; the program
-header table is unpacked in one ``struct.iter_unpack`` call because a
-fragmented EFI memory map can give 100,000 segments.
+The ELF structures are described once, here, for this reader and for the
+writers (elfwriter); the program header table is unpacked in one
+``struct.iter_unpack`` call because a fragmented EFI memory map can give
+100,000 segments.
 """
 
 from __future__ import annotations
 
-import io
 import struct
 from dataclasses import dataclass
 from typing import Callable
-
-from elftools.elf.elffile import ELFFile
 
 from .errors import BadSource
 from .kernel_ppc64 import ppc64_kernel_byte_order
@@ -29,6 +27,8 @@ PT_LOAD = 1
 PT_NOTE = 4
 PN_XNUM = 0xFFFF
 NT_PRSTATUS = 1
+ET_CORE = 4
+EV_CURRENT = 1
 
 # e_machine values vmcap names (the writers and the sample builder use them).
 EM_386 = 3
@@ -42,9 +42,29 @@ EM_RISCV = 243
 EM_LOONGARCH = 258
 ELF_MAGIC = b"\x7fELF"
 
-# Program header layouts, described once per ELF class. The field order
-# differs between the classes (p_flags moves), so each format is paired
-# with the order of its fields.
+# e_machine names, as readelf and pyelftools spell them; Layout.machine is the
+# name, or the number (as text) for a machine not listed.
+E_MACHINE_NAMES = {
+    2: "EM_SPARC", EM_386: "EM_386", 4: "EM_68K", 8: "EM_MIPS", 15: "EM_PARISC",
+    18: "EM_SPARC32PLUS", EM_PPC: "EM_PPC", EM_PPC64: "EM_PPC64", EM_S390: "EM_S390",
+    EM_ARM: "EM_ARM", 42: "EM_SH", 43: "EM_SPARCV9", 50: "EM_IA_64", EM_X86_64: "EM_X86_64",
+    EM_AARCH64: "EM_AARCH64", EM_RISCV: "EM_RISCV", EM_LOONGARCH: "EM_LOONGARCH",
+    0x9026: "EM_ALPHA",
+}
+_E_TYPE_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", ET_CORE: "ET_CORE"}
+
+# The ELF header, program header and section header, per ELF class (no byte
+# order: callers prefix "<" or ">"). Elf32_Ehdr and Elf64_Ehdr share their
+# field order; the program headers do not (p_flags moves), so each format is
+# paired with the order of its fields.
+EHDR_FORMATS = {32: "16sHHIIIIIHHHHHH", 64: "16sHHIQQQIHHHHHH"}
+EHDR_FIELDS = ("e_ident", "e_type", "e_machine", "e_version", "e_entry", "e_phoff", "e_shoff",
+               "e_flags", "e_ehsize", "e_phentsize", "e_phnum", "e_shentsize", "e_shnum",
+               "e_shstrndx")
+SHDR_FORMATS = {32: "IIIIIIIIII", 64: "IIQQQQIIQQ"}
+SHDR_FIELDS = ("sh_name", "sh_type", "sh_flags", "sh_addr", "sh_offset", "sh_size", "sh_link",
+               "sh_info", "sh_addralign", "sh_entsize")
+
 _PHDR_FORMATS = {
     32: ("IIIIIIII", ("p_type", "p_offset", "p_vaddr", "p_paddr", "p_filesz",
                       "p_memsz", "p_flags", "p_align")),
@@ -109,7 +129,7 @@ class Layout:
     elf_class: int  # 32 or 64
     byte_order: str  # "little" or "big"
     e_machine: int
-    machine: str  # pyelftools' name, e.g. "EM_X86_64"
+    machine: str  # E_MACHINE_NAMES name, e.g. "EM_X86_64", or the number (as text) if unlisted
     arch: str  # e.g. "x86_64"
     e_flags: int
     e_phoff: int
@@ -146,50 +166,6 @@ class Layout:
     @property
     def memory_bytes(self) -> int:
         return sum(s.memsz for s in self.segments)
-
-
-class ExactReader(io.RawIOBase):
-    """A file object for pyelftools whose reads never go past what was asked.
-
-    It is also bounded to the ELF header region we allow pyelftools to look
-    at; anything else is read by this module with explicit preads.
-    """
-
-    def __init__(self, source: Source, size: int):
-        self._source = source
-        self._size = size
-        self._pos = 0
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            self._pos = pos
-        elif whence == io.SEEK_CUR:
-            self._pos += pos
-        else:
-            self._pos = self._size + pos
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = self._size - self._pos
-        n = max(0, min(n, self._size - self._pos))
-        data = self._source.pread(self._pos, n) if n else b""
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,20 +253,15 @@ def read_layout(source: Source, *, page_size: int | None = None,
     if size is not None and size < ehdr_size:
         raise BadSource(f"{name}: truncated ELF header ({size} of {ehdr_size} bytes)")
 
-    try:
-        elf = ELFFile(ExactReader(source, min(limit, ehdr_size)))
-        header = elf.header
-    except Exception as e:  # pyelftools raises its own and construct's errors, unrelated classes
-        raise BadSource(f"{name}: unreadable ELF header: {type(e).__name__}: "
-                        f"{shown(str(e))}") from None
-
-    if header["e_type"] != "ET_CORE":
-        raise BadSource(f"{name}: not a core file (e_type is {header['e_type']}, "
-                        "a vmcore is ET_CORE)")
-    byte_order = "little" if elf.little_endian else "big"
-    machine = header["e_machine"]  # a name such as "EM_X86_64", or an int if unknown
-    # e_machine sits at offset 18 in both classes; keep the number for writers.
-    e_machine = struct.unpack(("<" if elf.little_endian else ">") + "H", source.pread(18, 2))[0]
+    endian = "<" if ident[5] == 1 else ">"
+    byte_order = "little" if ident[5] == 1 else "big"
+    header = dict(zip(EHDR_FIELDS, struct.unpack(endian + EHDR_FORMATS[elf_class],
+                                                  source.pread(0, ehdr_size))))
+    if header["e_type"] != ET_CORE:
+        e_type = _E_TYPE_NAMES.get(header["e_type"], header["e_type"])
+        raise BadSource(f"{name}: not a core file (e_type is {e_type}, a vmcore is ET_CORE)")
+    e_machine = header["e_machine"]  # the number, for writers
+    machine = E_MACHINE_NAMES.get(e_machine, e_machine)
     arch, default_page = _ARCHES.get(machine, (str(machine).removeprefix("EM_").lower(),
                                                 FALLBACK_PAGE_SIZE))
     if machine == "EM_PPC64" and byte_order == "little":
@@ -302,16 +273,15 @@ def read_layout(source: Source, *, page_size: int | None = None,
     phentsize = header["e_phentsize"]
     phnum = header["e_phnum"]
     fmt, fields = _PHDR_FORMATS[elf_class]
-    phdr = struct.Struct(("<" if elf.little_endian else ">") + fmt)
+    phdr = struct.Struct(endian + fmt)
     if phnum == PN_XNUM:
         # More than 65534 program headers: the real count is in section 0's sh_info.
         shoff = header["e_shoff"]
-        shdr_size = elf.structs.Elf_Shdr.sizeof()
-        if shoff == 0 or shoff + shdr_size > limit:
+        shdr = struct.Struct(endian + SHDR_FORMATS[elf_class])
+        if shoff == 0 or shoff + shdr.size > limit:
             raise BadSource(f"{name}: e_phnum is PN_XNUM but section header 0 "
                             f"(e_shoff {shoff:#x}) is missing or beyond end of file")
-        shdr = elf.structs.Elf_Shdr.parse(source.pread(shoff, shdr_size))
-        phnum = shdr["sh_info"]
+        phnum = dict(zip(SHDR_FIELDS, shdr.unpack(source.pread(shoff, shdr.size))))["sh_info"]
     if phnum == 0:
         raise BadSource(f"{name}: no program headers (e_phnum is 0)")
     if phnum > MAX_SEGMENTS:
