@@ -172,13 +172,15 @@ def test_exec_file_names_its_type(make_vmcore, tmp_path):
         layout_of(_patched(path, tmp_path, 16, "<H", 2))
 
 
-def test_capture_path_imports_no_pyelftools():
+def test_capture_path_imports_no_pyelftools_or_openssl():
     """The ELF structures are vmcap's own (layout.py): pyelftools cost 3 MiB and 17 ms of
-    start-up in every capture, and is only a test oracle now."""
+    start-up in every capture, and is only a test oracle now; temporary names come from
+    os.urandom, not secrets, whose hmac/hashlib load OpenSSL (3.4 MiB resident)."""
     import subprocess
     import sys
     code = ("import sys, vmcap.entry, vmcap.cli, vmcap.save, vmcap.kdumpsave, vmcap.verify, "
             "vmcap.dmesg, vmcap.makedumpfile_cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'elftools'))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('elftools', 'hashlib', '_hashlib', '_ssl')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -238,7 +238,7 @@ def test_planted_temp_names_are_neither_followed_nor_reused(source, tmp_path, mo
     os.chown(theirs, 65534, 65534)
     theirs.chmod(0o666)
     names = iter(["aaaaaaaa", "bbbbbbbb", "cccccccc"])
-    monkeypatch.setattr("vmcap.output.secrets.token_hex", lambda n: next(names))
+    monkeypatch.setattr("vmcap.output._random_tag", lambda: next(names))
     before = {p: snapshot(p) for p in (victim, link, theirs)}
     out = tmp_path / "out"
     save(source, str(out), SaveOptions(threads=1))

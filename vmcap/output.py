@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import stat
 import sys
 from typing import Sequence
@@ -57,7 +56,13 @@ _KINDS = (
 def temp_name_for(name: str) -> str:
     """A fresh temporary name for OUT's basename: ``.NAME.XXXXXXXX.part``."""
     kept = os.fsdecode(os.fsencode(name)[:_TEMP_NAME_KEEP])
-    return f".{kept}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    return f".{kept}.{_random_tag()}{TEMP_SUFFIX}"
+
+
+def _random_tag() -> str:
+    # os.urandom is what secrets.token_hex reads; secrets itself pulls in hmac, hashlib and
+    # OpenSSL's libcrypto (3.4 MiB resident) for nothing.
+    return os.urandom(4).hex()
 
 
 def _not_regular(mode: int) -> str | None:
