@@ -36,6 +36,7 @@ from vmcap.sample import RamRange, SampleSpec, build_vmcore
 sys.path.insert(0, str(Path(__file__).parent / "arch"))
 from riscv64_kept_pfns import parse as parse_kept_pfns  # noqa: E402
 from riscv64_kept_pfns import stored_pfns  # noqa: E402
+from real_dumps import decompress_zst  # noqa: E402
 
 try:
     import drgn
@@ -362,15 +363,7 @@ def real_riscv64(request, tmp_path_factory) -> tuple[str, Path]:
     compressed = DATA / f"{name}.vmcore.zst"
     if not compressed.exists():
         pytest.skip(f"no real riscv64 dump ({compressed} is absent; tests/arch/make-riscv64-dump.sh makes it)")
-    out = tmp_path_factory.mktemp(name) / f"{name}.vmcore"
-    if shutil.which("zstd"):
-        subprocess.run(["zstd", "-d", "-q", "-f", "--long=31", str(compressed), "-o", str(out)], check=True)
-    else:
-        import zstandard
-
-        with open(compressed, "rb") as src, open(out, "wb") as dst:
-            zstandard.ZstdDecompressor(max_window_size=1 << 31).copy_stream(src, dst)
-    return name, out
+    return name, decompress_zst(compressed, tmp_path_factory.mktemp(name) / f"{name}.vmcore")
 
 
 @pytest.mark.slow

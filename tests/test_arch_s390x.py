@@ -17,7 +17,9 @@ from vmcap.kernel import make_translator
 from vmcap.kernel_s390x import S390xTranslator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
-from real_dumps import foreign_makedumpfile, kept_ranges, real_dump, run_vmcap  # noqa: E402
+from real_dumps import (  # noqa: E402
+    check_foreign_makedumpfile_reads_elf_output, check_without_max_physmem_bits, foreign_makedumpfile,
+    kept_ranges, real_dump, run_vmcap)
 
 ROOT = 0x100000
 HIGH_MEMORY_AT = 0x1000  # the high_memory variable
@@ -276,28 +278,8 @@ def test_real_log_levels_read_from_big_endian_bit_fields(dump):
 
 
 def test_real_makedumpfile_reads_vmcaps_elf_output_without_the_vmcoreinfo_file(dump, tmp_path):
-    """Debian's s390x makedumpfile (under qemu-user) finds the VMCOREINFO that --vmcoreinfo put in
-    vmcap's ELF output and gives the same log as from the original dump with -i."""
-    import subprocess
-
-    command = foreign_makedumpfile("s390x")
-    out = tmp_path / "d31.elf"
-    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "elf", "-d", "31", dump.elf, out)
-    log = tmp_path / "dmesg.txt"
-    subprocess.run([*command, "--dump-dmesg", str(out), str(log)], check=True, capture_output=True)
-    assert log.read_bytes() == dump.dmesg
+    check_foreign_makedumpfile_reads_elf_output(dump, tmp_path, "s390x")
 
 
 def test_real_kernel_without_max_physmem_bits_gets_the_same_pages(dump, tmp_path):
-    """Kernels before NUMBER(MAX_PHYSMEM_BITS): the size that makes LENGTH(mem_section) the root
-    count is used, as makedumpfile does, and -d 31 keeps the same pages."""
-    info = tmp_path / "vmcoreinfo"
-    info.write_text("".join(line for line in dump.vmcoreinfo.read_text().splitlines(keepends=True)
-                            if not line.startswith("NUMBER(MAX_PHYSMEM_BITS)=")))
-    out = tmp_path / "d31.kdump"
-    run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "--format", "kdump", "-d", "31", dump.elf, out)
-    assert kept_ranges(str(out)) == dump.d31_ranges
-    info.write_text(info.read_text().replace("LENGTH(mem_section)=", "LENGTH(mem_section)=3"))
-    done = run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "-d", "31", dump.elf, tmp_path / "x", check=False)
-    assert done.returncode == 8
-    assert b"lacks NUMBER(MAX_PHYSMEM_BITS), and LENGTH(mem_section)=3" in done.stderr
+    check_without_max_physmem_bits(dump, tmp_path)

@@ -20,7 +20,7 @@ from typing import Iterable
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, Unsupported
-from .kernel_memory import ReadPhysical, read_translated
+from .kernel_memory import ReadPhysical, WalkingTranslator, read_translated
 from .kernel_ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
 from .kernel_riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
 from .kernel_s390x import S390X_MACHINE_NAMES, S390xTranslator
@@ -284,7 +284,7 @@ def _untagged(vaddr: int) -> int:
     return vaddr & 0x00FF_FFFF_FFFF_FFFF
 
 
-class Aarch64Translator:
+class Aarch64Translator(WalkingTranslator):
     """Kernel virtual -> physical on arm64 (4/16/64 KiB pages, 36- to 52-bit VAs), Linux 4.12+.
 
     read_physical(paddr, size) reads the dump. Every kernel address is
@@ -357,13 +357,6 @@ class Aarch64Translator:
                             f"at paddr {table_paddr + index * ENTRY_BYTES:#x} {why}")
         raise AssertionError("the last level always returns or raises")
 
-    def to_physical(self, vaddr: int) -> int:
-        """The physical address the kernel mapped vaddr to; BadSource if it is not mapped."""
-        return self.translate(vaddr)[0]
-
-    def read_virtual(self, vaddr: int, size: int) -> bytes:
-        """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
-        return read_translated(vaddr, size, self.translate, self._read_physical)
 
 
 KernelTranslator = X86_64Translator | Aarch64Translator | Ppc64Translator | S390xTranslator | Riscv64Translator

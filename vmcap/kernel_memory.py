@@ -25,3 +25,21 @@ def read_translated(vaddr: int, size: int, translate, read_physical) -> bytes:
             runs.append((paddr, piece))
         position += piece
     return b"".join(read_physical(paddr, length) for paddr, length in runs)
+
+
+class WalkingTranslator:
+    """to_physical and read_virtual for a translator whose translate(vaddr) walks page tables
+    and returns (paddr, bytes mapped contiguously from there), reading through _read_physical."""
+
+    _read_physical: ReadPhysical
+
+    def translate(self, vaddr: int) -> tuple[int, int]:  # pragma: no cover - each architecture's own
+        raise NotImplementedError
+
+    def to_physical(self, vaddr: int) -> int:
+        """The physical address the kernel mapped vaddr to; BadSource if it is not mapped."""
+        return self.translate(vaddr)[0]
+
+    def read_virtual(self, vaddr: int, size: int) -> bytes:
+        """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
+        return read_translated(vaddr, size, self.translate, self._read_physical)

@@ -41,7 +41,7 @@ from functools import cached_property
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, SourceIOError, Unsupported
-from .kernel_memory import ReadPhysical, read_translated
+from .kernel_memory import ReadPhysical, WalkingTranslator
 
 PPC64_MACHINE_NAMES = frozenset({"em_ppc64", "ppc64", "ppc64le"})
 
@@ -140,7 +140,7 @@ def ppc64_kernel_byte_order(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreIn
     return header_byte_order
 
 
-class Ppc64Translator:
+class Ppc64Translator(WalkingTranslator):
     """Kernel virtual -> physical on Book3S-64 (radix or hash MMU; 64 KiB or 4 KiB pages).
 
     read_physical(paddr, size) reads the dump. byte_order is the kernel's (see
@@ -312,12 +312,6 @@ class Ppc64Translator:
             return self.walk_page_tables(vaddr)
         raise BadSource(f"vaddr {vaddr:#x} is not a ppc64 kernel address (below {PAGE_OFFSET:#x})")
 
-    def to_physical(self, vaddr: int) -> int:
-        return self.translate(vaddr)[0]
-
-    def read_virtual(self, vaddr: int, size: int) -> bytes:
-        """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
-        return read_translated(vaddr, size, self.translate, self._read_physical)
 
 
 def make_ppc64_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine_name: str) -> Ppc64Translator:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, Unsupported
-from .kernel_memory import ReadPhysical, read_translated
+from .kernel_memory import ReadPhysical, WalkingTranslator
 
 RISCV64_MACHINE_NAMES = frozenset({"em_riscv", "riscv64"})
 
@@ -99,7 +99,7 @@ def riscv64_levels(vmcoreinfo: vi.VmcoreInfo) -> tuple[int, tuple[Riscv64Level, 
     return va_bits, tuple(Riscv64Level(count - 1 - i, name) for i, name in enumerate(names))
 
 
-class Riscv64Translator:
+class Riscv64Translator(WalkingTranslator):
     """Kernel virtual -> physical on riscv64 (Sv39/Sv48/Sv57), for kernels writing VA_BITS and va_kernel_pa_offset.
 
     read_physical(paddr, size) reads the dump. The root is swapper_pg_dir at
@@ -173,13 +173,6 @@ class Riscv64Translator:
                             f"entry {entry:#x} at paddr {table_paddr + index * ENTRY_BYTES:#x} {why}")
         raise AssertionError("the last level always returns or raises")
 
-    def to_physical(self, vaddr: int) -> int:
-        """The physical address the kernel mapped vaddr to; BadSource if it is not mapped."""
-        return self.translate(vaddr)[0]
-
-    def read_virtual(self, vaddr: int, size: int) -> bytes:
-        """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
-        return read_translated(vaddr, size, self.translate, self._read_physical)
 
 
 def make_riscv64_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo,

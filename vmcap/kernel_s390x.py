@@ -27,7 +27,7 @@ import struct
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, SourceIOError, Unsupported
-from .kernel_memory import ReadPhysical, read_translated
+from .kernel_memory import ReadPhysical, WalkingTranslator
 
 S390X_MACHINE_NAMES = frozenset({"em_s390", "s390x"})
 
@@ -66,7 +66,7 @@ def _exactly(read_physical: ReadPhysical, paddr: int, size: int) -> bytes:
     return data
 
 
-class S390xTranslator:
+class S390xTranslator(WalkingTranslator):
     """Kernel virtual -> physical on s390x: identity below high_memory, DAT tables above."""
 
     byte_order = "big"
@@ -151,9 +151,3 @@ class S390xTranslator:
             return vaddr, self.identity_end - vaddr
         return self.walk_page_tables(vaddr)
 
-    def to_physical(self, vaddr: int) -> int:
-        return self.translate(vaddr)[0]
-
-    def read_virtual(self, vaddr: int, size: int) -> bytes:
-        """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
-        return read_translated(vaddr, size, self.translate, self._read_physical)

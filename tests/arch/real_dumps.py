@@ -20,7 +20,8 @@ DATA = Path(__file__).resolve().parents[1] / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kept_pfns import kept_ranges  # noqa: E402  (tests/arch is not a package)
 
-__all__ = ["RealDump", "real_dump", "kept_ranges", "run_vmcap", "expected_ranges"]
+__all__ = ["RealDump", "real_dump", "kept_ranges", "run_vmcap", "expected_ranges", "decompress_zst",
+           "check_foreign_makedumpfile_reads_elf_output", "check_without_max_physmem_bits"]
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,50 @@ def real_dump(name: str, tmp_path_factory) -> RealDump:
     packed = DATA / f"{name}.elf.zst"
     if not packed.exists():
         pytest.skip(f"real {name} dump not present ({packed})")
-    out = tmp_path_factory.mktemp(name) / f"{name}.elf"
+    out = decompress_zst(packed, tmp_path_factory.mktemp(name) / f"{name}.elf")
+    return RealDump(name, out, DATA / f"{name}.vmcoreinfo", (DATA / f"{name}.dmesg.txt").read_bytes(),
+                    expected_ranges(DATA / f"{name}.d31-pfns.txt"))
+
+
+def decompress_zst(packed: Path, out: Path, window_log: int = 31) -> Path:
+    """A tests/data dump (zstd -19 --long) decompressed to out, by zstd or python-zstandard."""
     if shutil.which("zstd"):
-        subprocess.run(["zstd", "-d", "-q", "-f", "--long=27", str(packed), "-o", str(out)], check=True)
+        subprocess.run(["zstd", "-d", "-q", "-f", f"--long={window_log}", str(packed), "-o", str(out)],
+                       check=True)
     else:
         import zstandard
 
         with open(packed, "rb") as src, open(out, "wb") as dst:
-            zstandard.ZstdDecompressor(max_window_size=1 << 27).copy_stream(src, dst)
-    return RealDump(name, out, DATA / f"{name}.vmcoreinfo", (DATA / f"{name}.dmesg.txt").read_bytes(),
-                    expected_ranges(DATA / f"{name}.d31-pfns.txt"))
+            zstandard.ZstdDecompressor(max_window_size=1 << window_log).copy_stream(src, dst)
+    return out
+
+
+def check_foreign_makedumpfile_reads_elf_output(dump: RealDump, tmp_path: Path, debian_arch: str) -> None:
+    """Debian's makedumpfile for debian_arch (under qemu-user) finds the VMCOREINFO that
+    --vmcoreinfo put in vmcap's ELF output and gives the same log as from the original dump."""
+    out = tmp_path / "d31.elf"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "elf", "-d", "31", dump.elf, out)
+    log = tmp_path / "dmesg.txt"
+    subprocess.run([*foreign_makedumpfile(debian_arch), "--dump-dmesg", str(out), str(log)], check=True,
+                   capture_output=True)
+    assert log.read_bytes() == dump.dmesg
+
+
+def check_without_max_physmem_bits(dump: RealDump, tmp_path: Path) -> None:
+    """Kernels before NUMBER(MAX_PHYSMEM_BITS): the size that makes LENGTH(mem_section) the root
+    count is used, as makedumpfile does, and -d 31 keeps the same pages; a length no size fits
+    is exit 8."""
+    info = tmp_path / "vmcoreinfo"
+    info.write_text("".join(line for line in dump.vmcoreinfo.read_text().splitlines(keepends=True)
+                            if not line.startswith("NUMBER(MAX_PHYSMEM_BITS)=")))
+    out = tmp_path / "d31.kdump"
+    run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "--format", "kdump", "-d", "31", dump.elf, out)
+    assert kept_ranges(str(out)) == dump.d31_ranges
+    info.write_text(info.read_text().replace("LENGTH(mem_section)=", "LENGTH(mem_section)=3"))
+    done = run_vmcap("save", "-q", "--strict", "--vmcoreinfo", info, "-d", "31", dump.elf, tmp_path / "x",
+                     check=False)
+    assert done.returncode == 8
+    assert b"lacks NUMBER(MAX_PHYSMEM_BITS), and LENGTH(mem_section)=3" in done.stderr
 
 
 def run_vmcap(*args, check: bool = True) -> subprocess.CompletedProcess:
