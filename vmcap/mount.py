@@ -80,8 +80,8 @@ def check_mount_point(directory: str) -> None:
 def check_can_mount(directory: str):
     """Everything a mount needs that is not the dump: mfusepy and libfuse,
     /dev/fuse, an empty DIR. Returns the mfusepy module."""
-    fuse = load_fuse()
     check_fuse_device()
+    fuse = load_fuse()
     check_mount_point(directory)
     return fuse
 
