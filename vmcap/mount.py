@@ -31,6 +31,9 @@ VMCORE = "/vmcore"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 READ_ERRORS_REPORTED = 20  # then one line saying the rest are not reported
 STOP_POKE_SECONDS = 0.5
+# A loop stuck in a read (a dump on a hung NFS server) must not keep vmcap
+# from exiting with the stop signals blocked.
+STOP_GIVE_UP_SECONDS = 30
 
 
 def load_fuse():
@@ -271,6 +274,11 @@ class Mount:
             self.filesystem.stopping = True
             attempt = 0
             while not self.finished.is_set():
+                if attempt * STOP_POKE_SECONDS >= STOP_GIVE_UP_SECONDS:
+                    print(f"vmcap: warning: the FUSE loop did not stop in "
+                          f"{STOP_GIVE_UP_SECONDS} s; unmount with `umount -l "
+                          f"{self.directory}`", file=sys.stderr, flush=True)
+                    return
                 if self.mounted.is_set():
                     # A lookup of a fresh name always reaches the loop (no
                     # cached negative entry); in a thread of its own, so a
