@@ -51,19 +51,27 @@ def vmcap(*args, env=None, check=True, timeout=600):
     return result
 
 
-def is_mounted(directory) -> bool:
+def mount_options(directory) -> list[str] | None:
     target = os.path.realpath(directory)
     with open("/proc/mounts") as mounts:
-        return any(line.split()[1] == target for line in mounts)
+        for line in mounts:
+            fields = line.split()
+            if fields[1] == target:
+                return fields[3].split(",")
+    return None
+
+
+def is_mounted(directory) -> bool:
+    return mount_options(directory) is not None
 
 
 @contextmanager
-def mounted(dumps, directory, stop=signal.SIGINT, expect_code=130):
+def mounted(dumps, directory, stop=signal.SIGINT, expect_code=130, options=()):
     """A `vmcap mount` process serving DIR/vmcore; stopped by ``stop`` at the end,
     which must exit with ``expect_code`` and leave DIR unmounted."""
     directory.mkdir(exist_ok=True)
-    process = subprocess.Popen([sys.executable, "-m", "vmcap", "mount", *map(str, dumps),
-                                str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "vmcap", "mount", *options,
+                                *map(str, dumps), str(directory)], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -219,7 +227,9 @@ def test_a_mounted_zelf_is_the_decompressed_file(fixture_dumps, tmp_path):
 
 def test_a_mounted_kdump_holds_the_memory_of_the_source(fixture_dumps, tmp_path):
     source, _, kdump, _ = fixture_dumps
-    with mounted([kdump], tmp_path / "mnt", stop=signal.SIGTERM) as (core, _):
+    with mounted([kdump], tmp_path / "mnt", stop=signal.SIGTERM,
+                 options=["--allow-other"]) as (core, _):
+        assert {"ro", "allow_other"} <= set(mount_options(tmp_path / "mnt"))
         assert "VMCOREINFO" in note_names(core)
         assert_same_memory(core, source)
         # The view covers the memory the source's PT_LOADs cover, page-rounded.
@@ -297,7 +307,7 @@ def test_dumps_without_random_access_are_refused(fixture_dumps, tmp_path):
     assert error_lines(result.stderr) == [f"vmcap: error: {garbage}: not a dump vmcap reads "
                                           "(an ELF core, zelf, kdump or flattened kdump file)"]
     # A flattened file (not wrapped) has random access through its record index.
-    with mounted([flat], tmp_path / "mnt") as (core, _):
+    with mounted([flat], tmp_path / "mnt", stop=signal.SIGHUP) as (core, _):
         assert_same_memory(core, source)
 
 
