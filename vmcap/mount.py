@@ -66,7 +66,9 @@ def check_mount_point(directory: str) -> None:
     try:
         st = os.stat(directory)
     except OSError as e:
-        raise OutputError(f"{directory}: {e.strerror}") from None
+        hint = (" (a FUSE mount whose process is gone: umount -l it)"
+                if e.errno == errno.ENOTCONN else "")
+        raise OutputError(f"{directory}: {e.strerror}{hint}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{directory}: not a directory")
     if os.path.ismount(directory):
