@@ -386,3 +386,30 @@ def test_real_lzo_kdump_mount_reads_like_the_plain_dump(real_dumps, real_vmcore,
                                      capture_output=True, text=True, timeout=300).stdout
                 return [line for line in out.splitlines() if line.startswith("0x")]
             assert gdb_x(core) and gdb_x(core) == gdb_x(real_vmcore)
+
+
+def test_a_stale_mount_on_dir_is_named(fixture_dumps, tmp_path):
+    _, zelf, _, _ = fixture_dumps
+    directory = tmp_path / "mnt"
+    directory.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "vmcap", "mount", str(zelf),
+                                str(directory)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not is_mounted(directory):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.kill()  # SIGKILL: nobody unmounts, the mount stays, disconnected
+        process.wait()
+        result = vmcap("mount", zelf, directory, check=False)
+        assert result.returncode == 5
+        assert error_lines(result.stderr) == [
+            f"vmcap: error: {directory}: Transport endpoint is not connected (a FUSE mount "
+            "whose process is gone: umount -l it)"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+    assert not is_mounted(directory)
