@@ -653,6 +653,41 @@ def demo(directory):
             ])
 
 
+@main.command()
+@click.argument("paths", nargs=-1, metavar="DUMP... DIR", type=PATH)
+@click.option("--allow-other", is_flag=True,
+              help="Let other users read DIR/vmcore (FUSE allow_other; a user other than "
+                   "root needs user_allow_other in /etc/fuse.conf).")
+def mount(paths, allow_other):
+    """Show a dump as a plain ELF core, DIR/vmcore, read-only (FUSE).
+
+    crash, gdb and drgn open DIR/vmcore as a plain vmcore; nothing is
+    decompressed ahead of a read: a zelf file is read through its seek
+    table, a kdump or flattened file through its page descriptors, the files
+    of a --split set together. Runs in the foreground until Ctrl-C (or
+    SIGTERM, SIGHUP: exit 130) or `umount DIR` (exit 0); DIR is unmounted
+    either way. DIR must be an empty directory (else exit 5); without FUSE
+    (no /dev/fuse, no libfuse, no mfusepy, mount refused) exit 8.
+    """
+    if len(paths) < 2:
+        raise click.UsageError("expected DUMP... DIR")
+    from .api import open_dump
+    from .mount import check_can_mount, serve
+
+    dumps, directory = list(paths[:-1]), paths[-1]
+
+    def ready(mount):
+        dump = mount.dump
+        click.echo(f"{mount.directory}/vmcore: {dump.path} ({dump.container}, "
+                   f"{human_bytes(dump.size)} ELF view), read-only; Ctrl-C or "
+                   f"`umount {mount.directory}` ends it")
+
+    with _errors_to_exit_codes():
+        check_can_mount(directory)  # before opening the dump, which may read its bitmaps
+        with open_dump(dumps) as dump:
+            serve(dump, directory, allow_other=allow_other, on_ready=ready)
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                 "help_option_names": []})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
