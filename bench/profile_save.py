@@ -96,7 +96,7 @@ def cpu_profile(argv: list[str]) -> list[tuple[str, float, float]]:
 
     sys.path.insert(0, str(REPO))
     started = time.process_time()
-    from vmcap.cli import main
+    from vmcap.commands import main
     import vmcap.dumpfile, vmcap.exclude, vmcap.kdump, vmcap.kdumpsave, vmcap.pageclass  # noqa: E401,F401
     import vmcap.save, vmcap.seekable  # noqa: E401,F401
     imports = time.process_time() - started

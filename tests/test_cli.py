@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import env_without_debug, error_lines, spec, temp_outputs
-from vmcap.cli import main
+from vmcap.commands import main
 from vmcap.errors import SourceIOError
 
 INSPECT_KEYS = {"page_size", "elf_class", "byte_order", "machine", "cpus", "osrelease",

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from vmcap.cli import EXIT_CODES, main
+from vmcap.cli import EXIT_CODES
+from vmcap.commands import main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()

@@ -172,13 +172,26 @@ def test_exec_file_names_its_type(make_vmcore, tmp_path):
         layout_of(_patched(path, tmp_path, 16, "<H", 2))
 
 
+def test_makedumpfile_front_end_imports_no_click():
+    """kdump scripts run `vmcap-makedumpfile` in the capture kernel: it goes through cli.py
+    alone, without click (1.5 MiB, 11 ms) or rich."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.argv = ['vmcap-makedumpfile', '-v']\n"
+            "from vmcap.makedumpfile_cli import run\n"
+            "try:\n    run()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('click', 'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_capture_path_imports_no_pyelftools_or_openssl():
     """The ELF structures are vmcap's own (layout.py): pyelftools cost 3 MiB and 17 ms of
     start-up in every capture, and is only a test oracle now; temporary names come from
     os.urandom, not secrets, whose hmac/hashlib load OpenSSL (3.4 MiB resident)."""
     import subprocess
     import sys
-    code = ("import sys, vmcap.entry, vmcap.cli, vmcap.save, vmcap.kdumpsave, vmcap.verify, "
+    code = ("import sys, vmcap.entry, vmcap.commands, vmcap.save, vmcap.kdumpsave, vmcap.verify, "
             "vmcap.dmesg, vmcap.makedumpfile_cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('elftools', 'hashlib', '_hashlib', '_ssl')))")

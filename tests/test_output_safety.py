@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import env_without_debug, error_lines, spec, temp_outputs
-from vmcap.cli import main
+from vmcap.commands import main
 from vmcap.errors import OutputError
 from vmcap.mmapio import FileSource
 from vmcap.output import OutputFile

@@ -44,7 +44,7 @@ def vmcap(*args, timeout=60) -> subprocess.CompletedProcess:
 # and prints for each: exit code, then stderr, as a JSON line.
 _BATCH_RUNNER = """
 import contextlib, io, json, sys
-from vmcap.cli import main
+from vmcap.commands import main
 for path in sys.argv[2:]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -286,7 +286,7 @@ def test_kdump_structure_damage_is_corrupt_and_missing_pages_a_mismatch(outputs,
 # copying a 70 MB output once per offset would write gigabytes.
 _IN_PLACE_RUNNER = """
 import contextlib, io, json, os, sys
-from vmcap.cli import main
+from vmcap.commands import main
 path = sys.argv[1]
 fd = os.open(path, os.O_RDWR)
 for offset in map(int, sys.argv[2:]):
