@@ -415,3 +415,9 @@ def test_a_stale_mount_on_dir_is_named(fixture_dumps, tmp_path):
             process.wait()
         subprocess.run(["umount", "-l", str(directory)], check=False)
     assert not is_mounted(directory)
+
+
+def test_a_mounted_plain_elf_is_the_file_itself(fixture_dumps, tmp_path):
+    source, _, _, _ = fixture_dumps
+    with mounted([source], tmp_path / "mnt") as (core, _):
+        assert same_file(core, source)
