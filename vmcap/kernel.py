@@ -20,7 +20,7 @@ from typing import Iterable
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, Unsupported
-from .kernel_memory import ReadPhysical, WalkingTranslator, read_translated
+from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator, read_translated
 from .kernel_ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
 from .kernel_riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
 from .kernel_s390x import S390X_MACHINE_NAMES, S390xTranslator
@@ -45,7 +45,6 @@ _LOWER_LEVELS = (("PUD", 30, 1 << 30), ("PMD", 21, 1 << 21), ("PTE", 12, None))
 _LEVELS_4 = (("PGD", 39, None),) + _LOWER_LEVELS
 _LEVELS_5 = (("PGD", 48, None), ("P4D", 39, None)) + _LOWER_LEVELS
 
-TABLE_CACHE_PAGES = 64
 X86_64_MACHINE_NAMES = frozenset({"x86_64", "x86-64", "amd64", "em_x86_64"})
 
 
@@ -94,16 +93,10 @@ class X86_64Translator:
         image_size = vi.number(vmcoreinfo, "KERNEL_IMAGE_SIZE") or DEFAULT_KERNEL_IMAGE_SIZE
         self.kernel_text_end = START_KERNEL_MAP + image_size
         self._levels = _LEVELS_5 if self.five_level else _LEVELS_4
-        self._tables: dict[int, bytes] = {}
+        self._tables = TableCache(read_physical)
 
     def _table(self, table_paddr: int) -> bytes:
-        table = self._tables.get(table_paddr)
-        if table is None:
-            table = self._read_physical(table_paddr, PAGE_SIZE)
-            if len(self._tables) >= TABLE_CACHE_PAGES:
-                del self._tables[next(iter(self._tables))]  # oldest first
-            self._tables[table_paddr] = table
-        return table
+        return self._tables.get(table_paddr, PAGE_SIZE)
 
     def to_physical(self, vaddr: int) -> int:
         """The physical address the kernel mapped vaddr to; BadSource if it is not mapped."""
@@ -316,16 +309,10 @@ class Aarch64Translator(WalkingTranslator):
         self.byte_order = byte_order
         self._descriptor_format = ("<" if byte_order == "little" else ">") + "Q"
         self._last_level = self.paging.levels[-1]
-        self._tables: dict[int, bytes] = {}
+        self._tables = TableCache(read_physical)
 
     def _table(self, table_paddr: int, entries: int) -> bytes:
-        table = self._tables.get(table_paddr)
-        if table is None or len(table) < entries * ENTRY_BYTES:
-            table = self._read_physical(table_paddr, entries * ENTRY_BYTES)
-            if len(self._tables) >= TABLE_CACHE_PAGES:
-                del self._tables[next(iter(self._tables))]  # oldest first
-            self._tables[table_paddr] = table
-        return table
+        return self._tables.get(table_paddr, entries * ENTRY_BYTES)
 
     def translate(self, vaddr: int) -> tuple[int, int]:
         """(paddr, bytes from vaddr to the end of the page or block mapping it); BadSource if unmapped."""

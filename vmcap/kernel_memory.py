@@ -43,3 +43,30 @@ class WalkingTranslator:
     def read_virtual(self, vaddr: int, size: int) -> bytes:
         """size bytes at kernel virtual address vaddr, one read_physical per physically contiguous run."""
         return read_translated(vaddr, size, self.translate, self._read_physical)
+
+
+TABLE_CACHE_TABLES = 64
+
+
+class TableCache:
+    """The page tables a translator read last, oldest dropped first: walks read the same
+    upper-level tables again and again, and a kernel's are few."""
+
+    def __init__(self, read: ReadPhysical, limit: int = TABLE_CACHE_TABLES):
+        self._read = read
+        self._limit = limit
+        self._tables: dict[int, bytes] = {}
+
+    def get(self, paddr: int, size: int) -> bytes:
+        """The size bytes of the table at paddr (a cached longer read serves a shorter one)."""
+        table = self._tables.get(paddr)
+        if table is None or len(table) < size:
+            table = self._read(paddr, size)
+            if len(self._tables) >= self._limit:
+                del self._tables[next(iter(self._tables))]
+            self._tables[paddr] = table
+        return table
+
+    def clear(self) -> None:
+        """Forget every table (memory under them changed)."""
+        self._tables.clear()

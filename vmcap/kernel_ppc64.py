@@ -41,7 +41,7 @@ from functools import cached_property
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, SourceIOError, Unsupported
-from .kernel_memory import ReadPhysical, WalkingTranslator
+from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator
 
 PPC64_MACHINE_NAMES = frozenset({"em_ppc64", "ppc64", "ppc64le"})
 
@@ -173,7 +173,7 @@ class Ppc64Translator(WalkingTranslator):
             raise BadSource(f"VMCOREINFO SYMBOL(swapper_pg_dir)={swapper_pg_dir:x} is not in the ppc64 "
                             f"linear map ({PAGE_OFFSET:#x}-{KERN_VIRT_START:#x})")
         self.root_table_paddr = swapper_pg_dir - PAGE_OFFSET
-        self._tables: dict[int, bytes] = {}
+        self._tables = TableCache(lambda paddr, size: _exactly(read_physical, paddr, size))
         self._vmcoreinfo = vmcoreinfo
 
     # The MMU type and vmemmap_list are read when first needed: the printk
@@ -272,13 +272,7 @@ class Ppc64Translator(WalkingTranslator):
     # -- translation ----------------------------------------------------------------------------
 
     def _table(self, table_paddr: int, size: int) -> bytes:
-        table = self._tables.get(table_paddr)
-        if table is None or len(table) < size:
-            table = _exactly(self._read_physical, table_paddr, size)
-            if len(self._tables) >= 64:
-                del self._tables[next(iter(self._tables))]
-            self._tables[table_paddr] = table
-        return table
+        return self._tables.get(table_paddr, size)
 
     def walk_page_tables(self, vaddr: int) -> tuple[int, int]:
         """(paddr, bytes mapped from there) by swapper_pg_dir, as makedumpfile's ppc64_vtop_level4."""

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, Unsupported
-from .kernel_memory import ReadPhysical, WalkingTranslator
+from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator
 
 RISCV64_MACHINE_NAMES = frozenset({"em_riscv", "riscv64"})
 
@@ -42,7 +42,6 @@ PAGE_SHIFT = 12
 INDEX_BITS = 9  # every Sv39/48/57 table has 512 eight-byte entries
 ENTRIES_PER_TABLE = 1 << INDEX_BITS
 ENTRY_BYTES = 8
-TABLE_CACHE_PAGES = 64
 
 # Page table entry bits (arch/riscv/include/asm/pgtable-bits.h).
 PTE_VALID = 1 << 0
@@ -122,20 +121,14 @@ class Riscv64Translator(WalkingTranslator):
         # Kernel addresses: bits 63..VA_BITS-1 all set (the spec requires
         # them to equal bit VA_BITS-1; the lower half is user space).
         self.kernel_start = (1 << 64) - (1 << (self.va_bits - 1))
-        self._tables: dict[int, bytes] = {}
+        self._tables = TableCache(read_physical)
 
     @property
     def mode(self) -> str:
         return MODE_NAMES[self.va_bits]
 
     def _table(self, table_paddr: int) -> bytes:
-        table = self._tables.get(table_paddr)
-        if table is None:
-            table = self._read_physical(table_paddr, PAGE_SIZE)
-            if len(self._tables) >= TABLE_CACHE_PAGES:
-                del self._tables[next(iter(self._tables))]  # oldest first
-            self._tables[table_paddr] = table
-        return table
+        return self._tables.get(table_paddr, PAGE_SIZE)
 
     def translate(self, vaddr: int) -> tuple[int, int]:
         """(paddr, bytes from vaddr to the end of the page or superpage mapping it); BadSource if unmapped."""

@@ -27,7 +27,7 @@ import struct
 
 from . import vmcoreinfo as vi
 from .errors import BadSource, SourceIOError, Unsupported
-from .kernel_memory import ReadPhysical, WalkingTranslator
+from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator
 
 S390X_MACHINE_NAMES = frozenset({"em_s390", "s390x"})
 
@@ -81,7 +81,7 @@ class S390xTranslator(WalkingTranslator):
             raise Unsupported("s390x kernel with a virtual kernel image (os_info KASLR_OFFSET, Linux 6.10+)")
         high_memory = vi.symbol(vmcoreinfo, "high_memory", required=True)
         (self.identity_end,) = ENTRY.unpack(_exactly(self._read_physical, high_memory, 8))
-        self._tables: dict[int, bytes] = {}
+        self._tables = TableCache(lambda paddr, size: _exactly(read_physical, paddr, size))
 
     def _kaslr_offset(self) -> int:
         (os_info,) = ENTRY.unpack(_exactly(self._read_physical, LOWCORE_OS_INFO, 8))
@@ -97,12 +97,7 @@ class S390xTranslator(WalkingTranslator):
     def _entry(self, table_paddr: int, index: int) -> int:
         address = table_paddr + index * 8
         page = address & ~(TABLE_BYTES - 1)
-        table = self._tables.get(page)
-        if table is None:
-            table = _exactly(self._read_physical, page, TABLE_BYTES)
-            if len(self._tables) >= 64:
-                del self._tables[next(iter(self._tables))]
-            self._tables[page] = table
+        table = self._tables.get(page, TABLE_BYTES)
         return ENTRY.unpack_from(table, address - page)[0]
 
     def walk_page_tables(self, vaddr: int) -> tuple[int, int]:
