@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kept_pfns import kept_ranges  # noqa: E402  (tests/arch is not a package)
 
 __all__ = ["RealDump", "real_dump", "kept_ranges", "run_vmcap", "expected_ranges", "decompress_zst",
-           "check_foreign_makedumpfile_reads_elf_output", "check_without_max_physmem_bits"]
+           "check_foreign_makedumpfile_reads_elf_output", "check_without_max_physmem_bits",
+           "check_single_level"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,14 @@ def decompress_zst(packed: Path, out: Path, window_log: int = 31) -> Path:
         with open(packed, "rb") as src, open(out, "wb") as dst:
             zstandard.ZstdDecompressor(max_window_size=1 << window_log).copy_stream(src, dst)
     return out
+
+
+def check_single_level(dump: RealDump, tmp_path: Path, level: int) -> None:
+    """save -d LEVEL (kdump) keeps exactly the pfns makedumpfile -d LEVEL keeps."""
+    expected = dump.kept_by_makedumpfile(level)
+    out = tmp_path / f"d{level}.kdump"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", level, dump.elf, out)
+    assert kept_ranges(str(out)) == expected
 
 
 def check_foreign_makedumpfile_reads_elf_output(dump: RealDump, tmp_path: Path, debian_arch: str) -> None:
