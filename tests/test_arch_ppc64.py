@@ -22,6 +22,7 @@ from vmcap.kernel_ppc64 import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
+from sparse_memory import SparseMemory  # noqa: E402
 from real_dumps import (  # noqa: E402
     check_foreign_makedumpfile_reads_elf_output, check_single_level, check_without_max_physmem_bits,
     kept_ranges, real_dump, run_vmcap)
@@ -31,33 +32,11 @@ ROOT = 0x100000  # swapper_pg_dir's paddr in the synthetic memory
 PRB = 0x200000
 
 
-class FakeMemory:
+class FakeMemory(SparseMemory):
     """Sparse physical memory: what the translator reads, nothing else (unwritten bytes are 0)."""
 
     def __init__(self, size: int = 64 << 20):
-        self.size = size
-        self.pages: dict[int, bytearray] = {}
-        self.reads: list[tuple[int, int]] = []
-
-    def write(self, paddr: int, data: bytes) -> None:
-        for i, byte in enumerate(data):
-            page = self.pages.setdefault((paddr + i) // 4096, bytearray(4096))
-            page[(paddr + i) % 4096] = byte
-
-    def u64(self, paddr: int, value: int, order: str) -> None:
-        self.write(paddr, value.to_bytes(8, order))
-
-    def read_physical(self, paddr: int, size: int) -> bytes:
-        if paddr < 0 or paddr + size > self.size:
-            raise BadSource(f"paddr {paddr:#x} is not in the dump")
-        self.reads.append((paddr, size))
-        out = bytearray()
-        while size:
-            piece = min(size, 4096 - paddr % 4096)
-            page = self.pages.get(paddr // 4096)
-            out += page[paddr % 4096:paddr % 4096 + piece] if page else bytes(piece)
-            paddr, size = paddr + piece, size - piece
-        return bytes(out)
+        super().__init__(size)
 
 
 def vmcoreinfo(**extra) -> dict[str, str]:

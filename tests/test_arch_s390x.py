@@ -17,6 +17,7 @@ from vmcap.kernel import make_translator
 from vmcap.kernel_s390x import S390xTranslator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
+from sparse_memory import SparseMemory  # noqa: E402
 from real_dumps import (  # noqa: E402
     check_foreign_makedumpfile_reads_elf_output, check_single_level, check_without_max_physmem_bits,
     kept_ranges, real_dump, run_vmcap)
@@ -29,27 +30,11 @@ INVALID = 0x20
 LARGE = 0x400
 
 
-class FakeMemory:
+class FakeMemory(SparseMemory):
     """Sparse big-endian physical memory (unwritten bytes are 0)."""
 
     def __init__(self, size: int = 1 << 40):
-        self.size = size
-        self.pages: dict[int, bytearray] = {}
-
-    def u64(self, paddr: int, value: int) -> None:
-        page = self.pages.setdefault(paddr // 4096, bytearray(4096))
-        page[paddr % 4096:paddr % 4096 + 8] = value.to_bytes(8, "big")
-
-    def read_physical(self, paddr: int, size: int) -> bytes:
-        if paddr < 0 or paddr + size > self.size:
-            raise BadSource(f"paddr {paddr:#x} is not in the dump")
-        out = bytearray()
-        while size:
-            piece = min(size, 4096 - paddr % 4096)
-            page = self.pages.get(paddr // 4096)
-            out += page[paddr % 4096:paddr % 4096 + piece] if page else bytes(piece)
-            paddr, size = paddr + piece, size - piece
-        return bytes(out)
+        super().__init__(size, byte_order="big")
 
     def table(self, paddr: int, kind: str, entries: int = 2048) -> None:
         """An empty region or segment table: every entry invalid, with the table's type."""
