@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
 from sparse_memory import SparseMemory  # noqa: E402
 from real_dumps import (  # noqa: E402
     check_foreign_makedumpfile_reads_elf_output, check_single_level, check_without_max_physmem_bits,
-    kept_ranges, real_dump, run_vmcap)
+    drgn_on_output, kept_ranges, real_dump, run_vmcap)
 
 PAGE = 65536
 ROOT = 0x100000  # swapper_pg_dir's paddr in the synthetic memory
@@ -287,18 +287,11 @@ def test_real_zelf_output_reads_back(dump, tmp_path):
 
 
 def test_real_kdump_output_is_read_by_drgn(dump, tmp_path):
-    drgn = pytest.importorskip("drgn")
-    out = tmp_path / "d31.kdump"
-    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", "31", dump.elf, out)
-    prog = drgn.Program()
-    try:
-        prog.set_core_dump(str(out))
-    except ValueError as e:  # drgn built without libkdumpfile
-        pytest.skip(f"drgn cannot open kdump files here: {e}")
+    prog, name, info = drgn_on_output(dump, tmp_path, "kdump")
+    import drgn
+
     assert prog.platform.arch == drgn.Architecture.PPC64
     assert prog.platform.flags & drgn.PlatformFlags.IS_LITTLE_ENDIAN
-    info = dict(line.split("=", 1) for line in dump.vmcoreinfo.read_text().splitlines() if "=" in line)
-    name = int(info["SYMBOL(init_uts_ns)"], 16) + int(info["OFFSET(uts_namespace.name)"])
     release = prog.read(name + 2 * 65, 65).rstrip(b"\0").decode()
     assert release == info["OSRELEASE"]
 

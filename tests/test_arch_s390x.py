@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
 from sparse_memory import SparseMemory  # noqa: E402
 from real_dumps import (  # noqa: E402
     check_foreign_makedumpfile_reads_elf_output, check_single_level, check_without_max_physmem_bits,
-    kept_ranges, real_dump, run_vmcap)
+    drgn_on_output, kept_ranges, real_dump, run_vmcap)
 
 ROOT = 0x100000
 HIGH_MEMORY_AT = 0x1000  # the high_memory variable
@@ -212,20 +212,12 @@ def test_real_elf_outputs_verify_and_read_back(dump, tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["elf", "kdump"])
 def test_real_outputs_are_read_by_drgn(dump, tmp_path, fmt):
-    drgn = pytest.importorskip("drgn")
-    out = tmp_path / f"d31.{fmt}"
-    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", fmt, "-d", "31", dump.elf, out)
-    prog = drgn.Program()
-    try:
-        prog.set_core_dump(str(out))
-    except ValueError as e:  # drgn built without libkdumpfile
-        pytest.skip(f"drgn cannot open this format here: {e}")
+    prog, name, info = drgn_on_output(dump, tmp_path, fmt)
+    import drgn
+
     assert prog.platform.arch == drgn.Architecture.S390X
-    info = dict(line.split("=", 1) for line in dump.vmcoreinfo.read_text().splitlines() if "=" in line)
-    name = int(info["SYMBOL(init_uts_ns)"], 16) + int(info["OFFSET(uts_namespace.name)"])
     assert prog.read(name, 65).rstrip(b"\0") == b"Linux"
     assert prog.read(name + 2 * 65, 65).rstrip(b"\0").decode() == info["OSRELEASE"]
-
 
 
 def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):

@@ -22,7 +22,7 @@ from kept_pfns import kept_ranges  # noqa: E402  (tests/arch is not a package)
 
 __all__ = ["RealDump", "real_dump", "kept_ranges", "run_vmcap", "expected_ranges", "decompress_zst",
            "check_foreign_makedumpfile_reads_elf_output", "check_without_max_physmem_bits",
-           "check_single_level"]
+           "check_single_level", "drgn_on_output"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,21 @@ def check_single_level(dump: RealDump, tmp_path: Path, level: int) -> None:
     out = tmp_path / f"d{level}.kdump"
     run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", level, dump.elf, out)
     assert kept_ranges(str(out)) == expected
+
+
+def drgn_on_output(dump: RealDump, tmp_path: Path, fmt: str):
+    """vmcap's -d 31 output of the dump in fmt (elf, kdump) opened by drgn, the address of
+    init_uts_ns.name and the VMCOREINFO; skips where drgn or its kdump support is missing."""
+    drgn = pytest.importorskip("drgn")
+    out = tmp_path / f"d31.{fmt}"
+    run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", fmt, "-d", "31", dump.elf, out)
+    prog = drgn.Program()
+    try:
+        prog.set_core_dump(str(out))
+    except ValueError as e:  # drgn built without libkdumpfile
+        pytest.skip(f"drgn cannot open this format here: {e}")
+    info = dict(line.split("=", 1) for line in dump.vmcoreinfo.read_text().splitlines() if "=" in line)
+    return prog, int(info["SYMBOL(init_uts_ns)"], 16) + int(info["OFFSET(uts_namespace.name)"]), info
 
 
 def check_foreign_makedumpfile_reads_elf_output(dump: RealDump, tmp_path: Path, debian_arch: str) -> None:
