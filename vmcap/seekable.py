@@ -372,6 +372,7 @@ class SeekableWriter:
 
     def _stream_feed(self, piece) -> None:
         if self._stream is None:
+            self._check_frame_count()  # before any of the frame's bytes go out
             self._stream = self._compressor().compressobj()
             self._stream_compressed = 0
             self._stream_tail = b""
@@ -514,8 +515,7 @@ class SeekableWriter:
             )
 
     def _record_frame(self, compressed_size: int, decompressed_size: int, checksum: int) -> None:
-        """A frame wholly written: its seek table entry."""
-        self._check_frame_count()
+        """A frame wholly written: its seek table entry (the count was checked before it was)."""
         self._seek_table += SEEK_ENTRY_WITH_CHECKSUM.pack(compressed_size, decompressed_size, checksum)
         self._frames_written += 1
 
