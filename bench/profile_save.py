@@ -37,21 +37,21 @@ CATEGORIES = [
     ("start-up: imports", lambda s: "_find_and_load" in s or "_call_with_frames_removed" in s
      or "<module> (vmcap/__main__.py" in s and "run (vmcap/entry.py" not in s),
     ("hashing (XXH64 digests)", lambda s: "digest.py" in s or "xxh" in s.lower()),
-    ("classification (struct pages, -d 2..16)", lambda s: "pageclass.py" in s or "classify_dump" in s
-     or "kernel.py" in s),
-    ("compression", lambda s: "_ZstdPages.compress" in s or "_RowPages" in s or "_compress (vmcap/seekable.py" in s
+    ("classification (struct pages, -d 2..16)", lambda s: "kernel/pageclass.py" in s or "classify_dump" in s
+     or "kernel/translate.py" in s),
+    ("compression", lambda s: "_ZstdPages.compress" in s or "_RowPages" in s or "_compress (vmcap/formats/seekable.py" in s
      or "SeekableWriter._compress" in s),
-    ("zero detection", lambda s: "_store_batch (vmcap/kdump.py:653" in s or "page_flags_of_chunk" in s
+    ("zero detection", lambda s: "_store_batch (vmcap/formats/kdump.py:653" in s or "page_flags_of_chunk" in s
      or "_any" in s.rsplit(";", 1)[-1]),
     ("descriptors and bitmaps", lambda s: "_set_bits" in s or "_StreamedBitmap" in s or "mark_present" in s
-     or "descriptors" in s.rsplit(";", 1)[-1] or "_store_batch (vmcap/kdump.py:66" in s),
+     or "descriptors" in s.rsplit(";", 1)[-1] or "_store_batch (vmcap/formats/kdump.py:66" in s),
     ("writes, fsync, rename", lambda s: "_pwrite_all" in s or "OutputFile" in s or "fsync" in s
      or "_write_out" in s or "SparseSink" in s),
-    ("reading the source (mmap faults, pread, staging copies)", lambda s: "mmapio.py" in s or "copy.py" in s
-     or "_stage (vmcap/kdump.py" in s or "SeekableWriter.write" in s or "_write_view" in s
+    ("reading the source (mmap faults, pread, staging copies)", lambda s: "fileio/mmapio.py" in s or "plan/copier.py" in s
+     or "_stage (vmcap/formats/kdump.py" in s or "SeekableWriter.write" in s or "_write_view" in s
      or "scan_excluded_runs" in s),
     ("per-page bookkeeping (encode_pages, batches)", lambda s: "encode_pages" in s or "kdump.py" in s),
-    ("layout, planning, notes", lambda s: "layout.py" in s or "fraction.py" in s or "elfwriter.py" in s
+    ("layout, planning, notes", lambda s: "layout.py" in s or "plan/copyplan.py" in s or "elfwriter.py" in s
      or "vmcoreinfo.py" in s or "dmesg.py" in s),
     ("click, exit, other", lambda s: True),
 ]
@@ -97,8 +97,8 @@ def cpu_profile(argv: list[str]) -> list[tuple[str, float, float]]:
     sys.path.insert(0, str(REPO))
     started = time.process_time()
     from vmcap.commands import main
-    import vmcap.dumpfile, vmcap.exclude, vmcap.kdump, vmcap.kdumpsave, vmcap.pageclass  # noqa: E401,F401
-    import vmcap.save, vmcap.seekable  # noqa: E401,F401
+    import vmcap.source.dumpfile, vmcap.plan.exclude, vmcap.formats.kdump, vmcap.kdumpsave, vmcap.kernel.pageclass  # noqa: E401,F401
+    import vmcap.save, vmcap.formats.seekable  # noqa: E401,F401
     imports = time.process_time() - started
     main(argv, standalone_mode=False)  # numpy's lazy submodules, the page cache
     profiler = cProfile.Profile(time.process_time)

@@ -248,7 +248,7 @@ def planner_segments(count: int, seed: int = 1) -> list:
     Runs of 1..64 pages with 0..3 page gaps; one range in eight starts or
     ends mid-page, so the planner also finds fractional pages.
     """
-    from vmcap.layout import Segment
+    from vmcap.formats.elf import Segment
 
     rng = random.Random(seed)
     segments = []
@@ -269,7 +269,7 @@ def planner_segments(count: int, seed: int = 1) -> list:
 
 
 def time_planner(count: int, repeats: int = 3) -> dict:
-    from vmcap.fraction import plan_copy
+    from vmcap.plan.copyplan import plan_copy
 
     segments = planner_segments(count)
     runs = []
@@ -431,7 +431,7 @@ def run_all(args) -> dict:
                             "result": result})
         scaling.sort(key=lambda s: s["source_size"])
 
-        note(f"timing vmcap.fraction.plan_copy on {PLANNER_SEGMENTS:,} segments")
+        note(f"timing vmcap.plan.copyplan.plan_copy on {PLANNER_SEGMENTS:,} segments")
         planner = time_planner(PLANNER_SEGMENTS)
     finally:
         if not args.keep:
@@ -571,7 +571,7 @@ def markdown(report: dict) -> str:
                          f"{_f(r.rss_mib, '.1f') if r.ok else _md_escape(r.error or '–')} |")
         lines.append("")
     p = report["planner"]
-    lines.append(f"Planner: `vmcap.fraction.plan_copy` on {p['segments']:,} segments: "
+    lines.append(f"Planner: `vmcap.plan.copyplan.plan_copy` on {p['segments']:,} segments: "
                  f"{p['seconds']:.3f} s (best of {len(p['runs'])}; {p['steps']:,} steps, "
                  f"{p['fractional_pages']:,} fractional pages).")
     lines.append("")

@@ -19,7 +19,7 @@ sparse    synthetic vmcores whose physical address space is 1 GiB .. 16 TiB
           but which hold only four 64 MiB RAM ranges spread over it (the file
           stays small): vmcap kdump -d 1, zelf and elf at --threads 1, and
           makedumpfile-upstream -z -d 1; seconds per TiB of address space.
-classify  -d 31 page classification alone (vmcap.pageclass.classify_mem_map
+classify  -d 31 page classification alone (vmcap.kernel.pageclass.classify_mem_map
           in a child process) over synthetic struct pages for the same
           sparse address spaces, with its result read back in 4 MiB pieces
           the way save/kdump do: the whole-process -d 31 run needs a kernel
@@ -278,7 +278,7 @@ def sparse_rows(space: int, src: Path, out: Path) -> list[Row]:
 CLASSIFY_CHILD = r"""
 import sys, time, numpy as np
 sys.path.insert(0, {repo!r})
-from vmcap.pageclass import MemMapRun, classify_mem_map, page_rules
+from vmcap.kernel.pageclass import MemMapRun, classify_mem_map, page_rules
 INFO_6_1 = {info!r}
 space_pfns, ram_pfns = {space_pfns}, {ram_pfns}
 STRUCT, VMEMMAP = 64, 0xFFFF_EA00_0000_0000

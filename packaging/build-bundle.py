@@ -302,9 +302,11 @@ def build_tree(root: Path, prefix: str, traced: dict, vmcap_dir: Path,
 
     for py in sorted(Path(numpy.__file__).parent.joinpath("ma").glob("*.py")):
         add_module_file(str(py))
-    # vmcap itself: every module (error paths import lazily), sources compiled like the rest.
-    for py in sorted(vmcap_dir.glob("*.py")):
-        bundle.add_python(str(py), f"{libdir}/site-packages/vmcap/{py.name}", "vmcap")
+    # vmcap itself: every module of every subpackage (error paths import lazily), sources
+    # compiled like the rest.
+    for py in sorted(vmcap_dir.rglob("*.py")):
+        rel = py.relative_to(vmcap_dir).as_posix()
+        bundle.add_python(str(py), f"{libdir}/site-packages/vmcap/{rel}", "vmcap")
     # lib-dynload must exist for getpath's exec_prefix landmark.
     (bundle.base / libdir / "lib-dynload").mkdir(parents=True, exist_ok=True)
 

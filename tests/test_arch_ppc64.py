@@ -1,4 +1,4 @@
-"""ppc64 kernel virtual addresses (vmcap/kernel_ppc64.py): synthetic page tables and real dumps.
+"""ppc64 kernel virtual addresses (vmcap/kernel/ppc64.py): synthetic page tables and real dumps.
 
 The real dumps (tests/data/ppc64-{radix,hash}.*, see tests/arch/regen-ppc64-s390x.sh) are
 Debian 6.1 ppc64el guests under QEMU pseries (POWER9, radix MMU, and disable_radix for hash),
@@ -16,10 +16,9 @@ import pytest
 
 from conftest import have
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel import make_translator
-from vmcap.kernel_ppc64 import (
-    ENTRY_LEAF, ENTRY_PRESENT, PAGE_OFFSET, Ppc64Translator, ppc64_kernel_byte_order, ppc64_levels,
-)
+from vmcap.kernel.translate import make_translator
+from vmcap.kernel.ppc64 import (ENTRY_LEAF, ENTRY_PRESENT, PAGE_OFFSET, Ppc64Translator,
+                                ppc64_kernel_byte_order, ppc64_levels)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
 from sparse_memory import SparseMemory  # noqa: E402
@@ -232,8 +231,8 @@ def test_real_dmesg_is_byte_identical_to_makedumpfile(dump):
 
 
 def test_real_mmu_and_byte_orders(dump):
-    from vmcap.dumpfile import open_dump
-    from vmcap.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import open_dump
+    from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as opened:
         t = make_translator(opened.read_physical, opened.vmcoreinfo, opened.machine)
@@ -267,7 +266,7 @@ def test_real_d31_keeps_exactly_the_pages_makedumpfile_keeps(dump, tmp_path):
     run_vmcap("save", "-q", "--vmcoreinfo", dump.vmcoreinfo, "--format", "kdump", "-d", "31", dump.elf, out)
     assert kept_ranges(str(out)) == dump.d31_ranges
     # the output follows the kernel (little-endian ppc64le), not QEMU's big-endian headers
-    from vmcap.kdump import KdumpReader
+    from vmcap.formats.kdump import KdumpReader
 
     reader = KdumpReader(str(out))
     try:
@@ -299,7 +298,7 @@ def test_real_kdump_output_is_read_by_drgn(dump, tmp_path):
 def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
     """A ppc64 dump whose prb pointer is 0: exit 3 and one line, no traceback."""
     from conftest import spec
-    from vmcap.layout import EM_PPC64
+    from vmcap.kernel.platform import EM_PPC64
     from vmcap.sample import RamRange
 
     info = {"OSRELEASE": "6.1.0-test", "PAGESIZE": "65536", "SYMBOL(_stext)": f"{PAGE_OFFSET:x}",
@@ -333,8 +332,8 @@ def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
 
 def test_real_log_levels(dump):
     """The marker line /init wrote to /dev/kmsg with <5>: level 5, facility 1 (little-endian bit-fields)."""
-    from vmcap.dumpfile import kernel_log, open_dump
-    from vmcap.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import kernel_log, open_dump
+    from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)
@@ -350,7 +349,7 @@ def test_real_kernel_without_max_physmem_bits_gets_the_same_pages(dump, tmp_path
 
 
 def test_note_headers_are_turned_around_descriptors_kept():
-    from vmcap.layout import build_note, iter_note_spans, reencode_note_headers
+    from vmcap.formats.elf import build_note, iter_note_spans, reencode_note_headers
 
     notes = build_note(b"CORE", 1, b"\x01\x02\x03", "big") + build_note(b"VMCOREINFO", 0, b"OSRELEASE=x\n", "big")
     turned = reencode_note_headers(notes, "big", "little")

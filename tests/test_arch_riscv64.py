@@ -26,11 +26,11 @@ import numpy as np
 import pytest
 
 from conftest import env_without_debug
-from vmcap.dumpfile import kernel_log, open_dump
+from vmcap.source.dumpfile import kernel_log, open_dump
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel import make_translator
-from vmcap.kernel_riscv64 import Riscv64Translator
-from vmcap.layout import EM_RISCV
+from vmcap.kernel.translate import make_translator
+from vmcap.kernel.riscv64 import Riscv64Translator
+from vmcap.kernel.platform import EM_RISCV
 from vmcap.sample import RamRange, SampleSpec, build_vmcore
 
 sys.path.insert(0, str(Path(__file__).parent / "arch"))

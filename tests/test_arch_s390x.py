@@ -1,4 +1,4 @@
-"""s390x kernel virtual addresses (vmcap/kernel_s390x.py) and a big-endian target end to end.
+"""s390x kernel virtual addresses (vmcap/kernel/s390x.py) and a big-endian target end to end.
 
 Synthetic DAT tables for the walker; the real dump (tests/data/s390x.*, see
 tests/arch/regen-ppc64-s390x.sh) is Debian 6.1 s390x under QEMU s390-ccw-virtio (TCG).
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel import make_translator
-from vmcap.kernel_s390x import S390xTranslator
+from vmcap.kernel.translate import make_translator
+from vmcap.kernel.s390x import S390xTranslator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
 from sparse_memory import SparseMemory  # noqa: E402
@@ -179,10 +179,10 @@ def test_real_single_levels_keep_what_makedumpfile_keeps(dump, tmp_path, level):
 
 
 def test_real_kdump_output_is_big_endian_verifies_and_reads_back(dump, kdump_d31):
-    from vmcap.kdump import KdumpReader
-    from vmcap.layout import iter_note_spans
-    from vmcap.dumpfile import open_dump
-    from vmcap.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.formats.kdump import KdumpReader
+    from vmcap.formats.elf import iter_note_spans
+    from vmcap.source.dumpfile import open_dump
+    from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
 
     reader = KdumpReader(str(kdump_d31))
     try:
@@ -224,7 +224,7 @@ def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):
     """A big-endian s390x dump whose VMCOREINFO lacks what the walk needs: exit 8 and one line;
     saving it at -d 31 falls back (no --strict) and the output verifies."""
     from conftest import spec
-    from vmcap.layout import EM_S390
+    from vmcap.kernel.platform import EM_S390
     from vmcap.sample import RamRange
 
     info = {"OSRELEASE": "6.1.0-test", "PAGESIZE": "4096", "SYMBOL(prb)": "e63e08"}
@@ -241,8 +241,8 @@ def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):
 def test_real_log_levels_read_from_big_endian_bit_fields(dump):
     """printk_info's "u8 flags:5, level:3" is packed from the high bit on s390x: the marker line
     that /init wrote to /dev/kmsg with <5> is level 5, facility 1 (user); the panic is level 0."""
-    from vmcap.dumpfile import kernel_log, open_dump
-    from vmcap.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import kernel_log, open_dump
+    from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)

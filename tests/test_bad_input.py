@@ -248,7 +248,7 @@ def page_ranges(reads: list[tuple[int, int]], page: int = 4096) -> list[tuple[in
 
 def write_core(path: Path, notes: list, vmcoreinfo: dict, ranges, read_physical) -> list[tuple[int, int, int]]:
     """An ELF64 x86_64 core: one PT_NOTE, then one PT_LOAD per (paddr, length) range."""
-    from vmcap.layout import build_note
+    from vmcap.formats.elf import build_note
 
     info = "".join(f"{k}={v}\n" for k, v in vmcoreinfo.items()).encode()
     note_bytes = b"".join(build_note(n.name.encode(), n.type, n.desc, "little") for n in notes) \
@@ -272,9 +272,9 @@ def write_core(path: Path, notes: list, vmcoreinfo: dict, ranges, read_physical)
 
 @pytest.fixture(scope="module")
 def mini_dump(real_vmcore, tmp_path_factory) -> MiniDump:
-    from vmcap.dumpfile import classify_dump, kernel_log, open_dump
-    from vmcap.layout import read_layout
-    from vmcap.mmapio import FileSource
+    from vmcap.source.dumpfile import classify_dump, kernel_log, open_dump
+    from vmcap.source.layout import read_layout
+    from vmcap.fileio.mmapio import FileSource
 
     with FileSource(real_vmcore) as source:
         layout = read_layout(source)
@@ -295,7 +295,7 @@ def mini_dump(real_vmcore, tmp_path_factory) -> MiniDump:
 
 def mini_with_info(mini: MiniDump, path: Path, vmcoreinfo: dict) -> Path:
     """The mini dump with another VMCOREINFO."""
-    from vmcap.dumpfile import open_dump
+    from vmcap.source.dumpfile import open_dump
 
     with open_dump(str(mini.path)) as dump:
         write_core(path, mini.notes, vmcoreinfo, [(p, n) for p, n, _ in mini.ranges], dump.read_physical)
@@ -352,7 +352,7 @@ def test_damaged_vmcoreinfo_values_of_a_sample(tmp_path):
 
 def test_mini_dump_reads_like_the_real_one(mini_dump, real_vmcore):
     """The corpus below damages real kernel structures only if the mini dump holds them all."""
-    from vmcap.dumpfile import kernel_log, open_dump
+    from vmcap.source.dumpfile import kernel_log, open_dump
 
     with open_dump(str(mini_dump.path)) as dump:
         assert kernel_log(dump) == mini_dump.log
@@ -397,7 +397,7 @@ def test_damaged_kernel_structures_of_the_real_kernel(mini_dump, tmp_path):
 @given(st.data())
 def test_damaged_kernel_memory_in_process(mini_dump, data):
     """Any 8 bytes of any structure dmesg or -d 31 reads, replaced: a result or a VmcapError."""
-    from vmcap.dumpfile import classify_dump, kernel_log, open_dump
+    from vmcap.source.dumpfile import classify_dump, kernel_log, open_dump
 
     regions = sorted(set(mini_dump.reads))
     paddr, length = data.draw(st.sampled_from(regions))
@@ -466,7 +466,7 @@ def test_dev_null_and_an_empty_file_are_both_bad_sources(tmp_path, command):
 
 def test_character_device_is_refused_by_the_opener(tmp_path):
     from vmcap.errors import BadSource
-    from vmcap.mmapio import FileSource, open_source_fd
+    from vmcap.fileio.mmapio import FileSource, open_source_fd
 
     assert stat.S_ISCHR(os.stat("/dev/zero").st_mode)
     with pytest.raises(BadSource, match="character device"):
@@ -546,8 +546,8 @@ def test_core_without_pt_load_warns_in_inspect_and_fails_save(make_vmcore, tmp_p
     struct.pack_into("<Q", data, 32, 65)  # e_phoff: the "program headers" are now garbage
     damaged = tmp_path / "phoff65"
     damaged.write_bytes(bytes(data))
-    from vmcap.layout import read_layout
-    from vmcap.mmapio import FileSource
+    from vmcap.source.layout import read_layout
+    from vmcap.fileio.mmapio import FileSource
 
     with FileSource(str(damaged)) as source:
         assert not read_layout(source).segments  # the premise: no PT_LOAD is left
@@ -576,7 +576,7 @@ def test_a_5000_digit_value_is_cut_in_messages(tmp_path):
 
 
 def test_vmcoreinfo_getters_bound_what_they_return():
-    from vmcap import vmcoreinfo as vi
+    from vmcap.kernel import vmcoreinfo as vi
     from vmcap.errors import BadSource
 
     for getter, name in ((vi.size, "page"), (vi.offset, "page.flags"), (vi.length, "mem_section")):
@@ -596,7 +596,7 @@ def test_vmcoreinfo_getters_bound_what_they_return():
 
 
 def test_huge_osrelease_and_crashtime_are_ignored_not_crashed_on(tmp_path):
-    from vmcap.pageclass import kernel_version
+    from vmcap.kernel.pageclass import kernel_version
 
     assert kernel_version("9" * 5000 + ".1") is None
     path = tmp_path / "v"
@@ -615,7 +615,7 @@ def test_ram_ranges_are_found_by_search_as_by_testing_each(ranges, first_pfn, co
     """-d 31 on a core with 100,000 segments must not test every segment for every chunk."""
     import numpy as np
 
-    from vmcap.pageclass import RamPfnRanges
+    from vmcap.kernel.pageclass import RamPfnRanges
 
     pairs = [(start, start + length) for start, length in ranges]
     expected = np.zeros(count, dtype=bool)

@@ -249,7 +249,7 @@ def test_saved_dmesg_ends_with_the_first_kernels_last_console_lines(own_capture)
 
 
 def test_every_fractional_page_kept_with_its_known_bytes(own_capture):
-    from vmcap.dumpfile import open_dump
+    from vmcap.source.dumpfile import open_dump
 
     dump = own_capture["vmcore"]()
     checked = 0
@@ -274,7 +274,7 @@ def test_full_target_disk_fails_with_nonzero_exit(own_capture):
 
 
 def test_full_target_disk_leaves_a_flagged_incomplete_dump(own_capture):
-    from vmcap import kdump
+    from vmcap.formats import kdump
 
     listing = own_capture["text"]("full.ls")
     flag = kdump.DUMP_DH_COMPRESSED_INCOMPLETE

@@ -161,7 +161,7 @@ def test_errors_are_one_line_with_documented_exit_codes(make_vmcore, tmp_path, c
 
 
 def test_read_error_exit_code_and_on_error_zero(make_vmcore, tmp_path, monkeypatch):
-    from vmcap.mmapio import FileSource, MmapRefused
+    from vmcap.fileio.mmapio import FileSource, MmapRefused
 
     path, info = make_vmcore(spec())
     bad = info.segments[1].offset + 0x2000
@@ -293,10 +293,10 @@ def test_dump_level_1_needs_no_vmcoreinfo(make_vmcore, tmp_path):
 @pytest.mark.parametrize("cpus, asked, used", [({0}, 0, 1), ({0, 1, 2}, 0, 3), ({0}, 2, 2)])
 def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch, make_vmcore, tmp_path, cpus, asked, used):
     """nr_cpus=1 or a taskset of one CPU means one thread (no pool), whatever os.cpu_count() says."""
-    import vmcap.seekable
+    import vmcap.formats.seekable
 
     seen = []
-    real_init = vmcap.seekable.SeekableWriter.__init__
+    real_init = vmcap.formats.seekable.SeekableWriter.__init__
 
     def recording_init(self, sink, **kwargs):
         seen.append(kwargs["threads"])
@@ -304,7 +304,7 @@ def test_threads_default_to_the_cpus_this_process_may_use(monkeypatch, make_vmco
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cpus))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(vmcap.seekable.SeekableWriter, "__init__", recording_init)
+    monkeypatch.setattr(vmcap.formats.seekable.SeekableWriter, "__init__", recording_init)
     src, _ = make_vmcore(spec())
     result = run("save", "-q", "--threads", asked, src, tmp_path / "out.zelf")
     assert result.exit_code == 0, result.output

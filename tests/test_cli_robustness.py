@@ -214,7 +214,7 @@ SIGINT_DURING_IMPORT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("module,sig", [("vmcap.cli", "SIGINT"), ("click", "SIGINT"),
-                                        ("vmcap.cli", "SIGTERM"), ("vmcap.inspect", "SIGINT")])
+                                        ("vmcap.cli", "SIGTERM"), ("vmcap.describe", "SIGINT")])
 def test_signal_during_start_up_is_one_line_and_130(make_vmcore, module, sig):
     src, _ = make_vmcore()
     code = SIGINT_DURING_IMPORT.format(module=module, signal=sig, argv=["inspect", src])

@@ -1,4 +1,4 @@
-"""kdump page codecs (vmcap/codecs.py): round trips, damaged data, and makedumpfile / crash / drgn as oracles."""
+"""kdump page codecs (vmcap/formats/codecs.py): round trips, damaged data, and makedumpfile / crash / drgn as oracles."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 
 from conftest import have
 from test_kdump import RELEASE, descriptor_table, mixed_pages, write_kdump, x86_64_info
-from vmcap.codecs import PAGE_FLAG, PageDataError, PageDecoder, encode_pages, page_compressor
-from vmcap.dumpfile import ElfPhysicalView
+from vmcap.formats.codecs import PAGE_FLAG, PageDataError, PageDecoder, encode_pages, page_compressor
+from vmcap.source.dumpfile import ElfPhysicalView
 from vmcap.errors import CorruptOutput, Unsupported
-from vmcap.kdump import KdumpReader
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
+from vmcap.formats.kdump import KdumpReader
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 from vmcap.save import SaveOptions, save
 
 PAGE = 4096

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from conftest import env_without_debug, have
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 
 try:
     import drgn

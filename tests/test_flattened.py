@@ -1,4 +1,4 @@
-"""makedumpfile's flattened format (vmcap/flattened.py): writer, in-place reader, reassembly;
+"""makedumpfile's flattened format (vmcap/formats/flattened.py): writer, in-place reader, reassembly;
 makedumpfile -F / -R and crash as oracles."""
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 
 from conftest import have, spec
 from test_kdump import x86_64_info
-from vmcap.dumpfile import ElfPhysicalView, detect_container, kernel_log, open_dump
+from vmcap.source.dumpfile import ElfPhysicalView, detect_container, kernel_log, open_dump
 from vmcap.errors import BadSource, CorruptOutput, OutputError
-from vmcap.flattened import FlattenedFile, FlattenedWriter, reassemble
-from vmcap.inspect import describe
-from vmcap.kdump import KdumpReader, KdumpWriter
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
+from vmcap.formats.flattened import FlattenedFile, FlattenedWriter, reassemble
+from vmcap.describe import describe
+from vmcap.formats.kdump import KdumpReader, KdumpWriter
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
 

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import env_without_debug, error_lines, spec, temp_outputs
-from vmcap.exclude import MIN_EXCLUDED_RUN, ExcludedRun, split_segments
-from vmcap.fraction import find_fractional_pages
-from vmcap.kdump import KdumpReader
-from vmcap.layout import Segment, read_layout
-from vmcap.mmapio import FileSource
+from vmcap.plan.exclude import MIN_EXCLUDED_RUN, ExcludedRun, split_segments
+from vmcap.plan.copyplan import find_fractional_pages
+from vmcap.formats.kdump import KdumpReader
+from vmcap.formats.elf import Segment
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
@@ -318,7 +319,7 @@ def test_dump_level_31_selects_the_same_pages_as_makedumpfile(real_vmcore_for_ma
     subprocess.run(["makedumpfile", "-c", "-d", "31", source, str(theirs)], check=True,
                    capture_output=True)
     their_seconds = time.monotonic() - started
-    ours = tmp_path / "vmcap.kdump"
+    ours = tmp_path / "vmcap.formats.kdump"
     summary = save(source, str(ours), SaveOptions(output_format="kdump", dump_level=31))
     assert summary.fractional_pages == 0  # so no difference comes from fractional pages
     ours_pfns, their_pfns = _pages_with_data(str(ours)), _pages_with_data(str(theirs))

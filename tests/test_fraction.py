@@ -5,9 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmcap.fraction import (BufferedPiece, MappedRange, ZeroFill, find_fractional_pages,
-                            plan_copy)
-from vmcap.layout import Segment
+from vmcap.plan.copyplan import BufferedPiece, MappedRange, ZeroFill, find_fractional_pages, plan_copy
+from vmcap.formats.elf import Segment
 
 # Small page sizes keep brute-force oracles cheap; the planner has no
 # special case for any page size.
@@ -189,7 +188,7 @@ def test_hundred_thousand_segments_plan_is_complete():
 @settings(max_examples=300, deadline=None)
 @given(segment_sets())
 def test_disjoint_segments_cover_the_same_memory_once(case):
-    from vmcap.fraction import disjoint_segments, present_page_count
+    from vmcap.plan.copyplan import disjoint_segments, present_page_count
 
     page, segments = case
     disjoint = disjoint_segments(segments)

@@ -17,9 +17,9 @@ import sys
 import pytest
 
 from conftest import env_without_debug, error_lines, small_tmpfs, spec, temp_outputs
-from vmcap.dumpfile import open_dump
+from vmcap.source.dumpfile import open_dump
 from vmcap.errors import OutputError
-from vmcap.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
+from vmcap.formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
 
@@ -203,7 +203,7 @@ def test_write_error_mid_copy_keeps_what_was_written(make_vmcore, tmp_path, monk
     """EIO once, part-way (a real device cannot be made to do it on demand)."""
     src, _ = make_vmcore(SAMPLE)
     out = tmp_path / "vmcore"
-    module = "vmcap.kdump.os.pwrite" if fmt == "kdump" else "vmcap.output.os.write"
+    module = "vmcap.formats.kdump.os.pwrite" if fmt == "kdump" else "vmcap.fileio.output.os.write"
     real = os.pwrite if fmt == "kdump" else os.write
     state = {"bytes": 0, "failed": False}
 

@@ -17,20 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vmcap.errors import BadSource, CorruptOutput
-from vmcap.kdump import (
-    DUMP_DH_COMPRESSED_ZLIB,
-    DUMP_DH_COMPRESSED_ZSTD,
-    EM_386,
-    EM_AARCH64,
-    EM_PPC64,
-    EM_S390,
-    EM_X86_64,
-    KdumpHeaderInfo,
-    KdumpReader,
-    KdumpWriter,
-    is_kdump,
-    utsname_machine,
-)
+from vmcap.formats.kdump import (DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, EM_386, EM_AARCH64,
+                                 EM_PPC64, EM_S390, EM_X86_64, KdumpHeaderInfo, KdumpReader, KdumpWriter,
+                                 is_kdump, utsname_machine)
 
 PAGE = 4096
 RELEASE = "6.1.0-vmcap-test"
@@ -363,7 +352,7 @@ def test_round_trip_property(tmp_path, runs, compress, exclude_zero):
 
 @given(bits=st.lists(st.booleans(), max_size=200), chunk_bytes=st.integers(1, 5))
 def test_runs_join_across_bitmap_chunks(bits, chunk_bytes):
-    from vmcap.kdump import _iter_runs
+    from vmcap.formats.kdump import _iter_runs
 
     bitmap = np.packbits(np.array(bits + [False] * (-len(bits) % 8), dtype=bool), bitorder="little")
     expected, start = [], None
@@ -584,7 +573,7 @@ def test_bitmaps_are_streamed_through_a_bounded_window(tmp_path):
 
 
 def test_streamed_bitmaps_are_exact_across_windows(tmp_path, monkeypatch):
-    from vmcap import kdump
+    from vmcap.formats import kdump
 
     monkeypatch.setattr(kdump._StreamedBitmap, "WINDOW_BYTES", 16)  # 128 pfns a window
     rng = np.random.default_rng(5)

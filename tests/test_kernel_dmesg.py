@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from vmcap import vmcoreinfo as vi
-from vmcap.dmesg import LogRecord, format_makedumpfile, read_kernel_log
+from vmcap.kernel import vmcoreinfo as vi
+from vmcap.kernel.dmesg import LogRecord, format_makedumpfile, read_kernel_log
 from vmcap.errors import BadSource, SourceIOError, Unsupported
-from vmcap.kernel import START_KERNEL_MAP, X86_64Translator, make_translator, phys_base_from_segments
-from vmcap.vmcoreinfo import parse_vmcoreinfo
+from vmcap.kernel.translate import (START_KERNEL_MAP, X86_64Translator, make_translator,
+                                    phys_base_from_segments)
+from vmcap.kernel.vmcoreinfo import parse_vmcoreinfo
 
 from conftest import SHARED_VMCORES
 
@@ -436,7 +437,7 @@ def qemu_panic_elf(real_vmcore) -> Path:
 @pytest.fixture(scope="session")
 def qemu_panic(qemu_panic_elf):
     """The real dump as physical memory: read_physical, vmcoreinfo, machine."""
-    from vmcap.dumpfile import open_dump
+    from vmcap.source.dumpfile import open_dump
 
     with open_dump(str(qemu_panic_elf)) as dump:
         yield dump

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import spec
 from vmcap.errors import BadSource
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource, RecordingSource
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource, RecordingSource
 from vmcap.sample import RamRange
 
 
@@ -186,13 +186,13 @@ def test_makedumpfile_front_end_imports_no_click():
 
 
 def test_capture_path_imports_no_pyelftools_or_openssl():
-    """The ELF structures are vmcap's own (layout.py): pyelftools cost 3 MiB and 17 ms of
+    """The ELF structures are vmcap's own (formats/elf.py): pyelftools cost 3 MiB and 17 ms of
     start-up in every capture, and is only a test oracle now; temporary names come from
     os.urandom, not secrets, whose hmac/hashlib load OpenSSL (3.4 MiB resident)."""
     import subprocess
     import sys
     code = ("import sys, vmcap.entry, vmcap.commands, vmcap.save, vmcap.kdumpsave, vmcap.verify, "
-            "vmcap.dmesg, vmcap.makedumpfile_cli; "
+            "vmcap.kernel.dmesg, vmcap.makedumpfile_cli; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('elftools', 'hashlib', '_hashlib', '_ssl')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

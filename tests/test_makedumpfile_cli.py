@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import env_without_debug, spec
-from vmcap.kdump import KdumpReader
+from vmcap.formats.kdump import KdumpReader
 from vmcap.makedumpfile_cli import Request, UnsupportedOption, UsageProblem, parse
 
 

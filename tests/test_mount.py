@@ -313,7 +313,7 @@ def test_dumps_without_random_access_are_refused(fixture_dumps, tmp_path):
 
 def test_a_damaged_frame_is_eio_and_one_warning_the_mount_goes_on(fixture_dumps, tmp_path):
     _, zelf, _, plain = fixture_dumps
-    from vmcap.seekable import SeekableReader
+    from vmcap.formats.seekable import SeekableReader
 
     with SeekableReader(str(zelf)) as reader:
         frame = reader.frames[len(reader.frames) // 2]

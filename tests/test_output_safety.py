@@ -21,8 +21,8 @@ from click.testing import CliRunner
 from conftest import env_without_debug, error_lines, spec, temp_outputs
 from vmcap.commands import main
 from vmcap.errors import OutputError
-from vmcap.mmapio import FileSource
-from vmcap.output import OutputFile
+from vmcap.fileio.mmapio import FileSource
+from vmcap.fileio.output import OutputFile
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
 
@@ -238,7 +238,7 @@ def test_planted_temp_names_are_neither_followed_nor_reused(source, tmp_path, mo
     os.chown(theirs, 65534, 65534)
     theirs.chmod(0o666)
     names = iter(["aaaaaaaa", "bbbbbbbb", "cccccccc"])
-    monkeypatch.setattr("vmcap.output._random_tag", lambda: next(names))
+    monkeypatch.setattr("vmcap.fileio.output._random_tag", lambda: next(names))
     before = {p: snapshot(p) for p in (victim, link, theirs)}
     out = tmp_path / "out"
     save(source, str(out), SaveOptions(threads=1))
@@ -287,7 +287,7 @@ def test_output_is_created_0600_whatever_the_umask(source, tmp_path, force):
 
 
 def test_kernel_log_file_is_created_0600(real_vmcore, tmp_path):
-    from vmcap.layout import read_layout
+    from vmcap.source.layout import read_layout
     from vmcap.save import save_kernel_log
 
     log = tmp_path / "dmesg.txt"
@@ -501,7 +501,7 @@ def refuse_links(monkeypatch):
     def link(*args, **kwargs):
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr("vmcap.output.os.link", link)
+    monkeypatch.setattr("vmcap.fileio.output.os.link", link)
 
 
 def test_no_hard_links_still_commits(source, tmp_path, monkeypatch):

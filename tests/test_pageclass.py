@@ -18,14 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import pytest
 
-from vmcap.dumpfile import ElfPhysicalView
+from vmcap.source.dumpfile import ElfPhysicalView
 from vmcap.errors import BadSource, Unsupported
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
-from vmcap.pageclass import (
-    CACHE, FREE, KEPT, USER, MemMapRun, accept_claims, classify_mem_map, classify_pages, kernel_version,
-    mem_map_runs, mem_usage, page_claims, page_rules, struct_page_dtype,
-)
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
+from vmcap.kernel.pageclass import (CACHE, FREE, KEPT, USER, MemMapRun, accept_claims, classify_mem_map,
+                                    classify_pages, kernel_version, mem_map_runs, mem_usage, page_claims,
+                                    page_rules, struct_page_dtype)
 
 PAGE = 4096
 STRUCT_PAGE = 64
@@ -664,7 +663,7 @@ def test_real_dump_numbers_and_speed(real_dump):
 @pytest.mark.slow
 def test_classifying_4_mi_struct_pages_takes_seconds(real_dump):
     """The real dump's 131072 struct pages repeated 32 times, through the same numpy path."""
-    from vmcap.kernel import make_translator
+    from vmcap.kernel.translate import make_translator
 
     info = real_dump.layout.vmcoreinfo
     translator = make_translator(real_dump.view.read_physical, info, real_dump.layout.machine)
@@ -687,7 +686,7 @@ def test_classifying_4_mi_struct_pages_takes_seconds(real_dump):
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_pfn_bitmap_behaves_like_a_bool_array(data):
-    from vmcap.pageclass import PfnBitmap
+    from vmcap.kernel.pageclass import PfnBitmap
 
     size = data.draw(st.integers(1, 300))
     reference = np.zeros(size, dtype=bool)
@@ -787,7 +786,7 @@ def test_classification_state_does_not_grow_with_the_address_space():
 
 
 def test_pfn_bitmap_set_range_sets_exactly_the_range():
-    from vmcap.pageclass import PfnBitmap
+    from vmcap.kernel.pageclass import PfnBitmap
 
     for lo in range(0, 20):
         for hi in range(lo, 40):

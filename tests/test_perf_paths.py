@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-import vmcap.digest as digest_module
-from vmcap.digest import PLACEHOLDER, file_digest, sparse_file_digest
-from vmcap.kdump import KdumpReader, KdumpWriter
+import vmcap.formats.digest as digest_module
+from vmcap.formats.digest import PLACEHOLDER, file_digest, sparse_file_digest
+from vmcap.formats.kdump import KdumpReader, KdumpWriter
 
 from test_kdump import elf_note, mixed_pages, x86_64_info
 
@@ -108,8 +108,8 @@ def test_kdump_output_does_not_depend_on_how_pages_are_split(tmp_path):
 def test_runs_from_mask_reads_the_mask_in_bounded_pieces():
     """A segment of 2**22 pages is read <= 2**20 pfns at a time, with runs that
     cross the pieces joined; the mask ends before the segment does."""
-    from vmcap.exclude import MIN_EXCLUDED_RUN, ExcludedRun, runs_from_mask
-    from vmcap.layout import Segment
+    from vmcap.plan.exclude import MIN_EXCLUDED_RUN, ExcludedRun, runs_from_mask
+    from vmcap.formats.elf import Segment
 
     pfns = 1 << 22
     MASK_PIECE_PFNS = 1 << 20  # the memory bound asked of runs_from_mask
@@ -140,7 +140,7 @@ def test_seekable_default_threads_are_the_usable_cpus(monkeypatch):
     nr_cpus=1 or a taskset), not every CPU of the machine."""
     import io
 
-    import vmcap.seekable as seekable
+    import vmcap.formats.seekable as seekable
 
     monkeypatch.setattr(seekable.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setattr(seekable.os, "cpu_count", lambda: 64)

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from conftest import FRACTIONAL_RANGES, have, spec
-from vmcap.fraction import find_fractional_pages
-from vmcap.kdump import KdumpReader
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
+from vmcap.plan.copyplan import find_fractional_pages
+from vmcap.formats.kdump import KdumpReader
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 from vmcap.sample import POISON, default_vmcoreinfo, expected_bytes
 from vmcap.save import SaveOptions, save
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import env_without_debug, have
-from vmcap.dmesg import format_makedumpfile
-from vmcap.dumpfile import kernel_log, open_dump
-from vmcap.inspect import describe, memory_usage
-from vmcap.kdump import KdumpReader
+from vmcap.kernel.dmesg import format_makedumpfile
+from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.describe import describe, memory_usage
+from vmcap.formats.kdump import KdumpReader
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
 

@@ -23,13 +23,13 @@ from pathlib import Path
 import pytest
 
 from conftest import have
-from vmcap.dmesg import format_makedumpfile
-from vmcap.dumpfile import kernel_log, open_dump
-from vmcap.inspect import describe, memory_usage
-from vmcap.kdump import KdumpReader
+from vmcap.kernel.dmesg import format_makedumpfile
+from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.describe import describe, memory_usage
+from vmcap.formats.kdump import KdumpReader
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
-from vmcap.vmcoreinfo import number, parse_vmcoreinfo
+from vmcap.kernel.vmcoreinfo import number, parse_vmcoreinfo
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT.parent / "shared" / "lab"

@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 
 from conftest import env_without_debug, spec
 from test_kdump import VMCOREINFO, mixed_pages, write_kdump, x86_64_info
-from vmcap.dumpfile import open_dump, open_save_source
-from vmcap.elfview import view_segments
+from vmcap.source.dumpfile import open_dump, open_save_source
+from vmcap.source.elfview import view_segments
 from vmcap.errors import Unsupported
-from vmcap.flattened import FlattenedWriter
-from vmcap.inspect import describe
-from vmcap.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
+from vmcap.formats.flattened import FlattenedWriter
+from vmcap.describe import describe
+from vmcap.formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
 

@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from conftest import error_lines, FRACTIONAL_RANGES, have, small_tmpfs, spec, temp_outputs
-from vmcap.dumpfile import ElfPhysicalView, open_elf_source
-from vmcap.elfwriter import parse_vmcap_note
+from vmcap.source.dumpfile import ElfPhysicalView, open_elf_source
+from vmcap.formats.elfwriter import parse_vmcap_note
 from vmcap.errors import OutputError, SourceIOError
-from vmcap.fraction import BufferedPiece, MappedRange, plan_copy
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource, MmapRefused, RecordingSource
+from vmcap.plan.copyplan import BufferedPiece, MappedRange, plan_copy
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource, MmapRefused, RecordingSource
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
 
@@ -218,7 +218,7 @@ def test_disk_full_fails_cleanly(make_vmcore, tmp_path, monkeypatch, fmt):
         written[0] += n
         return n
 
-    monkeypatch.setattr("vmcap.output.os.write", filling_write)
+    monkeypatch.setattr("vmcap.fileio.output.os.write", filling_write)
     with pytest.raises(OutputError, match="No space left on device") as error:
         save(src, out, SaveOptions(output_format=fmt, threads=1, frame_bytes=64 << 10))
     # Kept as a flagged incomplete dump when its metadata could be written
@@ -253,7 +253,7 @@ def test_mapped_bytes_pass_through_a_userspace_buffer(make_vmcore, tmp_path, mon
             raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
         return real_write(fd, data)
 
-    monkeypatch.setattr("vmcap.output.os.write", checking_write)
+    monkeypatch.setattr("vmcap.fileio.output.os.write", checking_write)
     summary = save(src, str(tmp_path / "out"), SaveOptions(output_format=fmt))
     assert summary.mapped_bytes > 0
     assert "mmap" not in owners
@@ -321,7 +321,7 @@ def test_truncated_zelf_is_a_clear_error(make_vmcore, tmp_path):
 
 
 def test_elf32_output_past_4_gib_is_refused(make_vmcore):
-    from vmcap.elfwriter import OutputSegment, plan_elf_image
+    from vmcap.formats.elfwriter import OutputSegment, plan_elf_image
     from vmcap.errors import Unsupported
 
     src, _ = make_vmcore(spec(elf_class=32, byte_order="big", machine=20))

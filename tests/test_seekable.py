@@ -20,13 +20,8 @@ from hypothesis import strategies as st
 
 from conftest import temp_outputs
 from vmcap.errors import CorruptOutput, OutputError
-from vmcap.seekable import (
-    DEFAULT_FRAME_BYTES,
-    SeekableReader,
-    SeekableStats,
-    SeekableWriter,
-    is_seekable_zstd,
-)
+from vmcap.formats.seekable import (DEFAULT_FRAME_BYTES, SeekableReader, SeekableStats, SeekableWriter,
+                                    is_seekable_zstd)
 
 PAGE = 4096
 SMALL_FRAME = 16 * PAGE  # small frames keep multi-frame tests fast
@@ -548,7 +543,7 @@ def test_decompress_write_failure_raises_output_error(tmp_path, monkeypatch):
     def failing_write(fd, data):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr("vmcap.output.os.write", failing_write)
+    monkeypatch.setattr("vmcap.fileio.output.os.write", failing_write)
     with pytest.raises(OutputError):
         decompress(str(path), str(tmp_path / "plain"))
     assert not (tmp_path / "plain").exists() and not temp_outputs(tmp_path)
@@ -556,7 +551,7 @@ def test_decompress_write_failure_raises_output_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("size", [0, 1, 128 << 10, (128 << 10) + 1, 500_000])
 def test_raw_frame_is_a_valid_zstd_frame_whose_size_depends_only_on_length(size):
-    from vmcap.seekable import raw_frame
+    from vmcap.formats.seekable import raw_frame
 
     data = os.urandom(size)
     frame = raw_frame(data)

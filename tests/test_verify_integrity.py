@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmcap.kdump import KdumpReader
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
+from vmcap.formats.kdump import KdumpReader
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 from vmcap.sample import build_vmcore
-from vmcap.seekable import SeekableReader
+from vmcap.formats.seekable import SeekableReader
 
 from conftest import have, spec
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from vmcap.digest import PLACEHOLDER
-from vmcap.kdump import KdumpReader
-from vmcap.layout import read_layout
-from vmcap.mmapio import FileSource
+from vmcap.formats.digest import PLACEHOLDER
+from vmcap.formats.kdump import KdumpReader
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 
 from conftest import spec
 from test_verify_integrity import assert_reported, vmcap
@@ -274,7 +274,7 @@ def test_a_terabyte_of_zero_fill_is_saved_at_once_and_verified(small_core, tmp_p
         with KdumpReader(str(out)) as reader:
             assert reader.page_counts() == ((1 << 28) + 0x9f, 0x9f + 0x100)
     else:
-        from vmcap.dumpfile import open_elf_source
+        from vmcap.source.dumpfile import open_elf_source
 
         source = open_elf_source(str(out))
         try:
@@ -321,7 +321,7 @@ def test_mark_present_after_staged_pages_keeps_their_bits(monkeypatch, tmp_path)
     """Staged pages set their bits when stored: a range in a later bitmap window must wait."""
     import numpy as np
 
-    from vmcap import kdump
+    from vmcap.formats import kdump
 
     monkeypatch.setattr(kdump._StreamedBitmap, "WINDOW_BYTES", 64)  # 512 pfns a window
     info = kdump.KdumpHeaderInfo(machine="x86_64", elf_class=64, byte_order="little",
@@ -344,11 +344,11 @@ def test_mark_present_after_staged_pages_keeps_their_bits(monkeypatch, tmp_path)
 
 
 def test_is_kdump_does_not_block_on_a_fifo(tmp_path):
-    from vmcap.kdump import is_kdump
+    from vmcap.formats.kdump import is_kdump
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    code = f"from vmcap.kdump import is_kdump; print(is_kdump({str(fifo)!r}))"
+    code = f"from vmcap.formats.kdump import is_kdump; print(is_kdump({str(fifo)!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=10, env=dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1])))
     assert result.stdout.strip() == "False", result.stderr

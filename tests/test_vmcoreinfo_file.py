@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from conftest import env_without_debug, have
-from vmcap.dumpfile import kernel_log, open_dump
-from vmcap.layout import iter_note_spans, read_layout
-from vmcap.mmapio import FileSource
+from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.formats.elf import iter_note_spans
+from vmcap.source.layout import read_layout
+from vmcap.fileio.mmapio import FileSource
 
 
 def vmcap(*args):

@@ -4,7 +4,7 @@ A ``Dump`` is the plain ELF core a dump stands for, read in place: a plain
 ELF core as it is, a zelf file through its seek table (only the frames a
 read touches are decompressed), a kdump or flattened kdump file (or the
 files of a makedumpfile --split set) through its page descriptors
-(vmcap.elfview). ``vmcap mount`` serves ``Dump.elf`` as DIR/vmcore;
+(vmcap.source.elfview). ``vmcap mount`` serves ``Dump.elf`` as DIR/vmcore;
 ``vmcap.drgn_bridge`` hands ``Dump.physical`` to drgn.
 
     with vmcap.open_dump("dump.zelf") as dump:
@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .dumpfile import ElfPhysicalView, ZstdSource, compressed_wrapper, detect_container
+from .source.dumpfile import ElfPhysicalView, ZstdSource, compressed_wrapper, detect_container
 from .errors import BadSource, SourceIOError, Unsupported
-from .layout import Layout, read_layout
-from .mmapio import FileSource
+from .source.layout import Layout, read_layout
+from .fileio.mmapio import FileSource
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,8 @@ def open_elf_view(path):
     if not isinstance(path, str):
         paths = [str(p) for p in path]
         if len(paths) > 1:
-            from .dumpfile import check_split_set_paths
-            from .source_kdump import open_kdump_view
+            from .source.dumpfile import check_split_set_paths
+            from .source.kdump_memory import open_kdump_view
 
             check_split_set_paths(paths)
             return open_kdump_view(paths)[0], "kdump-split"
@@ -82,7 +82,7 @@ def open_elf_view(path):
     path = str(path)
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
-        from .source_kdump import open_kdump_view
+        from .source.kdump_memory import open_kdump_view
 
         return open_kdump_view(path)[0], container
     if container == "zstd-seekable":

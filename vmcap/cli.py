@@ -17,8 +17,8 @@ import sys
 from contextlib import contextmanager
 
 from .entry import Interrupted, StdoutWriteError, report_stdout_failure, silence_stdout
-from .errors import (BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported,
-                     VerifyMismatch, VmcapError)
+from .errors import (BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported, VerifyMismatch,
+                     VmcapError)
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1

@@ -155,7 +155,7 @@ def _vmcoreinfo_option(f):
 def _read_vmcoreinfo(path: str | None) -> bytes | None:
     if path is None:
         return None
-    from .vmcoreinfo import read_vmcoreinfo_file
+    from .kernel.vmcoreinfo import read_vmcoreinfo_file
 
     return read_vmcoreinfo_file(path)
 
@@ -238,7 +238,7 @@ def inspect(src, show_segments, show_fractional, show_vmcoreinfo, vmcoreinfo_pat
 
     SRC defaults to /proc/vmcore.
     """
-    from .inspect import describe
+    from .describe import describe
 
     with _errors_to_exit_codes():
         report = describe(src, page_size=page_size, mem_usage=show_mem_usage,
@@ -308,7 +308,7 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
                                     f"{vmcap.get('SOURCE', '?')}"))
         pairs.append(("read errors", f"{len(vmcap['error_ranges'])} range(s) zero-filled"))
     if report.get("incomplete"):
-        from .elfwriter import describe_incomplete
+        from .formats.elfwriter import describe_incomplete
 
         pairs.append(("INCOMPLETE", f"the capture stopped early: "
                                     f"{describe_incomplete(report['incomplete'])}"))
@@ -520,8 +520,8 @@ def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
     VMCOREINFO and an x86_64, arm64, ppc64, s390x or riscv64 dump. SRC
     defaults to /proc/vmcore.
     """
-    from .dmesg import format_makedumpfile
-    from .dumpfile import kernel_log, open_dump
+    from .kernel.dmesg import format_makedumpfile
+    from .source.dumpfile import kernel_log, open_dump
 
     src = list(src) or [DEFAULT_SOURCE]
     with _errors_to_exit_codes():
@@ -552,7 +552,7 @@ def _record_json(record) -> dict:
 def demo(directory):
     """Build a sample vmcore with fractional pages, inspect it, save it, verify it."""
     from .demo import build_and_save
-    from .inspect import describe
+    from .describe import describe
     from .verify import verify as run_verify
 
     with _errors_to_exit_codes():

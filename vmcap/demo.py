@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .fraction import BufferedPiece, plan_copy
-from .layout import read_layout
-from .mmapio import FileSource, RecordingSource
+from .plan.copyplan import BufferedPiece, plan_copy
+from .source.layout import read_layout
+from .fileio.mmapio import FileSource, RecordingSource
 from .sample import build_vmcore, demo_spec
 from .save import SaveOptions, SaveSummary, save
 

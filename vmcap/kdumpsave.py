@@ -17,18 +17,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from .copy import PlanCopier
-from .digest import PLACEHOLDER, UNKNOWN, note_lines
-from .elfwriter import (aligned_notes, describe_incomplete, find_vmcap_note, incomplete_info,
-                        incomplete_lines, vmcap_note)
+from .plan.copier import PlanCopier
+from .formats.digest import PLACEHOLDER, UNKNOWN, note_lines
+from .formats.elfwriter import (aligned_notes, describe_incomplete, find_vmcap_note, incomplete_info,
+                                incomplete_lines, vmcap_note)
 from .errors import BadSource, CorruptOutput, Unsupported
-from .flattened import FlattenedWriter
-from .fraction import CopyPlan, disjoint_segments, present_page_count
-from .kdump import (BITMAP_WINDOW_BYTES, DUMP_DH_COMPRESSED_INCOMPLETE, KdumpHeaderInfo, KdumpLayout,
-                    KdumpReader, KdumpWriter, utsname_machine)
-from .layout import Layout, parse_notes
-from .vmcoreinfo import parse_vmcoreinfo
-from .output import OutputFile
+from .formats.flattened import FlattenedWriter
+from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
+from .formats.kdump import (BITMAP_WINDOW_BYTES, DUMP_DH_COMPRESSED_INCOMPLETE, KdumpHeaderInfo,
+                            KdumpLayout, KdumpReader, KdumpWriter, utsname_machine)
+from .source.layout import Layout
+from .formats.elf import parse_notes
+from .kernel.vmcoreinfo import parse_vmcoreinfo
+from .fileio.output import OutputFile
 
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
 # load them: past this many pfns (32 TiB of physical address space with
@@ -401,7 +402,7 @@ class KdumpPhysicalView:
 
 def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None = None) -> dict:
     """Check structure and digests, decompress every dumped page; with a source, compare."""
-    from .digest import UNKNOWN
+    from .formats.digest import UNKNOWN
     from .verify import check_kdump_digests, compare_with_source, vmcap_note_in
 
     result: dict = {"dump": path}

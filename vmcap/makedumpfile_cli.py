@@ -282,7 +282,7 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
     if request.action == "check":
         return 0
     if request.action == "reassemble":
-        from .flattened import reassemble
+        from .formats.flattened import reassemble
 
         size = reassemble(sys.stdin.buffer, request.output, force=request.force)
         _say(request, MESSAGE_COMMON, f"The dumpfile is saved to {request.output} "
@@ -315,11 +315,11 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
 def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
                      vmcoreinfo_path: str | None = None) -> int:
     """`--dump-dmesg VMCORE LOGFILE`: the log as makedumpfile writes it; returns the record count."""
-    from .dmesg import format_makedumpfile
-    from .dumpfile import kernel_log, open_dump
-    from .output import check_output_target, refuse_same_files, write_whole_file
+    from .kernel.dmesg import format_makedumpfile
+    from .source.dumpfile import kernel_log, open_dump
+    from .fileio.output import check_output_target, refuse_same_files, write_whole_file
 
-    from .vmcoreinfo import read_vmcoreinfo_file
+    from .kernel.vmcoreinfo import read_vmcoreinfo_file
 
     inputs = [("VMCORE", source_path)]
     if vmcoreinfo_path:

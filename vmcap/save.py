@@ -11,19 +11,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from .cpus import usable_cpus
-from .copy import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
-from .exclude import runs_from_mask, scan_excluded_runs, split_segments
-from .elfwriter import (ElfStreamWriter, OutputSegment, aligned_notes, cut_image,
-                        describe_incomplete, find_vmcap_note, incomplete_lines, plan_elf_image,
-                        vmcap_note)
+from .plan.copier import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
+from .plan.exclude import runs_from_mask, scan_excluded_runs, split_segments
+from .formats.elfwriter import (ElfStreamWriter, OutputSegment, aligned_notes, cut_image,
+                                describe_incomplete, find_vmcap_note, incomplete_lines, plan_elf_image,
+                                vmcap_note)
 from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupported
-from .fraction import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
-from .layout import Layout, read_layout, require_memory
-from .dumpfile import open_save_source
-from .mmapio import Source
-from .output import (OutputFile, SparseSink, check_output_target, refuse_same_files,
-                     write_whole_file)
-from .digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
+from .plan.copyplan import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
+from .source.layout import Layout, read_layout, require_memory
+from .source.dumpfile import open_save_source
+from .fileio.mmapio import Source
+from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files, write_whole_file
+from .formats.digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
 
 FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
 KDUMP_FORMATS = ("kdump", "kdump-flat")  # kdump-flat: flattened (makedumpfile -F), for pipes
@@ -164,7 +163,7 @@ def classify_source(layout: Layout, source: Source, dump_level: int):
     """makedumpfile's page classes (dump level bits 2-16) for the source, or None."""
     if not dump_level & ~1:
         return None
-    from .dumpfile import classify_dump, elf_dump
+    from .source.dumpfile import classify_dump, elf_dump
 
     return classify_dump(elf_dump(layout, source), dump_level)
 
@@ -252,7 +251,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
                            len(source_notes) + len(first_note), page)
     data_digest = StreamDigest()
     if options.output_format == "zelf":
-        from .seekable import SeekableWriter, seek_table_bound
+        from .formats.seekable import SeekableWriter, seek_table_bound
 
         sink = SeekableWriter(out, level=compression_level(options), threads=options.threads,
                               frame_bytes=options.frame_bytes)
@@ -331,8 +330,8 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     Read first, before the long copy: if the capture is cut short, the log
     (often all a bug report needs) is already safe.
     """
-    from .dmesg import format_makedumpfile
-    from .dumpfile import elf_dump, kernel_log
+    from .kernel.dmesg import format_makedumpfile
+    from .source.dumpfile import elf_dump, kernel_log
 
     records = kernel_log(elf_dump(layout, source))
     write_whole_file(options.dmesg_path,
@@ -378,7 +377,7 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
     if options.threads == 0:
         options = replace(options, threads=usable_cpus())
     if options.frame_bytes is None:
-        from .seekable import DEFAULT_FRAME_BYTES, STREAMED_FRAME_BYTES
+        from .formats.seekable import DEFAULT_FRAME_BYTES, STREAMED_FRAME_BYTES
 
         options = replace(options, frame_bytes=STREAMED_FRAME_BYTES if options.threads == 1
                           else DEFAULT_FRAME_BYTES)
@@ -397,7 +396,7 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
     try:
         vmcoreinfo = None
         if options.vmcoreinfo_path:
-            from .vmcoreinfo import read_vmcoreinfo_file
+            from .kernel.vmcoreinfo import read_vmcoreinfo_file
 
             vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
         layout = read_layout(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
@@ -490,7 +489,7 @@ def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout,
     out cannot come back. Its VMCAP note described the old file (digests,
     format): the new dump gets its own.
     """
-    from .elfview import VMCAP_NOTE_NAME, notes_without
+    from .source.elfview import VMCAP_NOTE_NAME, notes_without
 
     note = find_vmcap_note(layout.notes)
     level = header_level

@@ -3,7 +3,7 @@
 verify proves a dump whole in two steps. Alone, it checks everything the
 file can vouch for: zelf frames against zstd's content checksums and the
 seek table's, plain ELF and kdump files against the XXH64 digests their
-VMCAP note records (see vmcap.digest), and a kdump file's structure
+VMCAP note records (see vmcap.formats.digest), and a kdump file's structure
 (headers, bitmaps, page descriptors). With ``--source`` it also re-derives
 what the dump should hold: every byte of the source's segments (their
 zero fill included) must be represented in the dump, and no other; the page
@@ -19,12 +19,13 @@ from bisect import bisect_right
 
 import numpy as np
 
-from .digest import DIGEST_KEYS, UNKNOWN, file_digest
-from .dumpfile import ElfPhysicalView, detect_container, open_elf_source
-from .elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
+from .formats.digest import DIGEST_KEYS, UNKNOWN, file_digest
+from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
+from .formats.elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
 from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
-from .layout import iter_note_spans, read_layout
-from .output import OutputFile, SparseSink, check_output_target, refuse_same_files
+from .formats.elf import iter_note_spans
+from .source.layout import read_layout
+from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files
 
 COMPARE_BYTES = 4 << 20
 # How far into a plain ELF output verify looks for its notes.
@@ -364,7 +365,7 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0,
     """
     from .save import classify_source
 
-    from .dumpfile import open_save_source
+    from .source.dumpfile import open_save_source
 
     # Any dump vmcap reads can be the source (a kdump file through its ELF view).
     source, _ = open_save_source(source_path)
@@ -421,7 +422,7 @@ def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
     The same sink as `save --format elf`: all-zero blocks become holes,
     PLAIN gets its name only when every frame decompressed and was written.
     """
-    from .seekable import SeekableReader
+    from .formats.seekable import SeekableReader
 
     refuse_same_files([("DUMP", dump_path)], [("PLAIN", plain_path)])
     check_output_target(plain_path, force)

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from vmcap.kdump import KdumpReader
+from vmcap.formats.kdump import KdumpReader
 
 
 def kept_ranges(path: str) -> list[tuple[int, int]]:

@@ -27,11 +27,12 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Protocol, Sequence
 
-from . import __version__
-from .copy import ErrorRange
-from .errors import CorruptOutput, Unsupported
-from .layout import (_PHDR_FORMATS, EHDR_FORMATS, ET_CORE, EV_CURRENT, PN_XNUM, PT_LOAD, PT_NOTE,
-                     SHDR_FORMATS, Layout, build_note)
+from .. import __version__
+from ..plan.copier import ErrorRange
+from ..errors import CorruptOutput, Unsupported
+from .elf import (PHDR_FORMATS, EHDR_FORMATS, ET_CORE, EV_CURRENT, PN_XNUM, PT_LOAD, PT_NOTE, SHDR_FORMATS,
+                  build_note)
+from ..source.layout import Layout
 
 
 VMCAP_NOTE_NAME = b"VMCAP"
@@ -266,7 +267,7 @@ def cut_image(layout: Layout, image: ElfImage, data_end: int) -> tuple[ElfImage,
 def _elf_structs(layout: Layout):
     """(Ehdr, Phdr, Phdr field names, Shdr) structs of the output's class and byte order."""
     endian = _endian(layout.byte_order)
-    phdr_format, phdr_fields = _PHDR_FORMATS[layout.elf_class]
+    phdr_format, phdr_fields = PHDR_FORMATS[layout.elf_class]
     return (struct.Struct(endian + EHDR_FORMATS[layout.elf_class]),
             struct.Struct(endian + phdr_format), phdr_fields,
             struct.Struct(endian + SHDR_FORMATS[layout.elf_class]))

@@ -3,7 +3,7 @@
 A kdump-compressed file stores pages, not PT_LOADs. ``ElfCoreView`` builds
 the ELF header, program headers and notes of the core such a dump stands
 for, and answers reads of that (virtual) file from the dump's pages. It is
-a ``Source`` (vmcap.mmapio), so everything that reads /proc/vmcore or a
+a ``Source`` (vmcap.fileio.mmapio), so everything that reads /proc/vmcore or a
 saved ELF core (layout parsing, page classes, the copy engine, the writers)
 reads a kdump file the same way, and ``vmcap save`` converts and re-filters
 through it.
@@ -26,10 +26,10 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from .elfwriter import OutputSegment, plan_elf_image
-from .errors import SourceIOError
-from .layout import build_note, iter_note_spans
-from .mmapio import MmapRefused
+from ..formats.elfwriter import OutputSegment, plan_elf_image
+from ..errors import SourceIOError
+from ..formats.elf import build_note, iter_note_spans
+from ..fileio.mmapio import MmapRefused
 
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
 VMCAP_NOTE_NAME = "VMCAP"

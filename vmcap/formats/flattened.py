@@ -32,8 +32,8 @@ from bisect import bisect_left, bisect_right
 
 import numpy as np
 
-from .errors import BadSource, CorruptOutput, SourceIOError
-from .output import OutputFile
+from ..errors import BadSource, CorruptOutput, SourceIOError
+from ..fileio.output import OutputFile
 
 SIGNATURE = b"makedumpfile"
 HEADER_BYTES = 4096  # MAX_SIZE_MDF_HEADER
@@ -272,11 +272,11 @@ def reassemble(stream, out_path: str, *, force: bool = False, name: str = "stand
     """Write the kdump file a flattened stream describes (what `makedumpfile -R OUT < stream` does).
 
     stream is read once, sequentially (a pipe is fine), through a 1 MiB
-    buffer; out_path is written atomically with mode 0600 (vmcap.output).
+    buffer; out_path is written atomically with mode 0600 (vmcap.fileio.output).
     Returns the size of the file written.
     """
     if out_path == "-":
-        from .errors import OutputError
+        from ..errors import OutputError
 
         raise OutputError("reassembling a flattened stream needs an output file, not standard output")
     head = bytearray(HEADER_BYTES)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Literal, Mapping, overload
 
-from .errors import BadSource, Unsupported
+from ..errors import BadSource, Unsupported
 
 VmcoreInfo = Mapping[str, str]
 
@@ -192,7 +192,7 @@ def read_vmcoreinfo_file(path: str) -> bytes:
     """
     import os
 
-    from .mmapio import open_source_fd
+    from ..fileio.mmapio import open_source_fd
 
     fd = open_source_fd(path)
     try:

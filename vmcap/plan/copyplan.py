@@ -30,7 +30,7 @@ from functools import cached_property
 from itertools import accumulate
 from typing import Iterable, Union
 
-from .layout import Segment
+from ..formats.elf import Segment
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,17 +35,18 @@ import numpy as np
 
 from .digest import PLACEHOLDER, StreamDigest, hex_value, sparse_file_digest
 # The descriptor flags are re-exported: tests and tools know them as kdump's.
-from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY,  # noqa: F401
-                     DUMP_DH_COMPRESSED_ZLIB, DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG,
-                     PageDataError, PageDecoder, encode_pages, page_compressor)
-from .cpus import usable_cpus
-from .errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
+from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY, DUMP_DH_COMPRESSED_ZLIB,
+                     DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG, PageDataError,
+                     PageDecoder, encode_pages, page_compressor)
+from ..cpus import usable_cpus
+from ..errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES, FlattenedFile, is_flattened
-from .mmapio import open_source_fd
-from .output import write_error
-from . import vmcoreinfo as vi
-from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
-                     EM_S390, EM_X86_64, NoteSpan, build_note, iter_note_spans)
+from ..fileio.mmapio import open_source_fd
+from ..fileio.output import write_error
+from ..kernel import vmcoreinfo as vi
+from ..kernel.platform import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
+                               EM_S390, EM_X86_64)
+from .elf import NoteSpan, build_note, iter_note_spans
 
 __all__ = [
     "KdumpHeader",
@@ -591,7 +592,7 @@ class KdumpWriter:
         # The first pfn whose page may be missing from the file if writing
         # stops now: pages staged or in a failed batch are not stored.
         self._stored_through = 0
-        # Digests of the append-only regions, as their bytes go out (see vmcap.digest).
+        # Digests of the append-only regions, as their bytes go out (see vmcap.formats.digest).
         self._data_digest = StreamDigest()
         self._descriptor_digest = StreamDigest()
         self._zero_page_offset = -1
@@ -796,7 +797,7 @@ class KdumpWriter:
 
         ``notes_with_digests(values)``, if given, returns the notes to store
         (as long as the current ones) with the digest lines for ``values``
-        (META_XXH64, DESC_XXH64, DATA_XXH64, DATA_OFFSET; see vmcap.digest).
+        (META_XXH64, DESC_XXH64, DATA_XXH64, DATA_OFFSET; see vmcap.formats.digest).
 
         ``incomplete_present`` closes a dump whose writing failed (disk full,
         EIO): (first pfn, count) runs of every RAM page, in increasing order.

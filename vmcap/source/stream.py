@@ -28,10 +28,10 @@ import zlib
 import numpy as np
 
 from .elfview import ElfCoreView, ElfIdentity, view_notes
-from .errors import BadSource, CorruptOutput, SourceIOError, Unsupported
-from .flattened import END_FLAG, HEADER_BYTES, RECORD_HEADER_BYTES, is_flattened
-from .codecs import PAGE_COMPRESSION_FLAGS
-from .kdump import DESCRIPTOR_BYTES, KDUMP_SIGNATURE, KdumpReader, decode_disk_dump_header
+from ..errors import BadSource, CorruptOutput, SourceIOError, Unsupported
+from ..formats.flattened import END_FLAG, HEADER_BYTES, RECORD_HEADER_BYTES, is_flattened
+from ..formats.codecs import PAGE_COMPRESSION_FLAGS
+from ..formats.kdump import DESCRIPTOR_BYTES, KDUMP_SIGNATURE, KdumpReader, decode_disk_dump_header
 
 WRAPPERS = (
     (b"\x1f\x8b", "gzip"),
@@ -335,7 +335,7 @@ def open_stream_view(path: str, wrapper: str) -> tuple[ElfCoreView, int]:
     memory = StreamKdumpMemory(path, wrapper)
     try:
         header, reader = memory.header, memory.reader
-        from .source_kdump import e_machine_of
+        from .kdump_memory import e_machine_of
 
         identity = ElfIdentity(elf_class=header.elf_class, byte_order=header.byte_order,
                                e_machine=e_machine_of(header.machine), source_name=str(path))

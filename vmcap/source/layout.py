@@ -18,107 +18,17 @@ import struct
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import BadSource
-from .kernel_ppc64 import ppc64_kernel_byte_order
-from .mmapio import Source
-from .vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
-
-PT_LOAD = 1
-PT_NOTE = 4
-PN_XNUM = 0xFFFF
-NT_PRSTATUS = 1
-ET_CORE = 4
-EV_CURRENT = 1
-
-# e_machine values vmcap names (the writers and the sample builder use them).
-EM_386 = 3
-EM_PPC = 20
-EM_PPC64 = 21
-EM_S390 = 22
-EM_ARM = 40
-EM_X86_64 = 62
-EM_AARCH64 = 183
-EM_RISCV = 243
-EM_LOONGARCH = 258
-ELF_MAGIC = b"\x7fELF"
-
-# e_machine names, as readelf and pyelftools spell them; Layout.machine is the
-# name, or the number (as text) for a machine not listed.
-E_MACHINE_NAMES = {
-    2: "EM_SPARC", EM_386: "EM_386", 4: "EM_68K", 8: "EM_MIPS", 15: "EM_PARISC",
-    18: "EM_SPARC32PLUS", EM_PPC: "EM_PPC", EM_PPC64: "EM_PPC64", EM_S390: "EM_S390",
-    EM_ARM: "EM_ARM", 42: "EM_SH", 43: "EM_SPARCV9", 50: "EM_IA_64", EM_X86_64: "EM_X86_64",
-    EM_AARCH64: "EM_AARCH64", EM_RISCV: "EM_RISCV", EM_LOONGARCH: "EM_LOONGARCH",
-    0x9026: "EM_ALPHA",
-}
-_E_TYPE_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", ET_CORE: "ET_CORE"}
-
-# The ELF header, program header and section header, per ELF class (no byte
-# order: callers prefix "<" or ">"). Elf32_Ehdr and Elf64_Ehdr share their
-# field order; the program headers do not (p_flags moves), so each format is
-# paired with the order of its fields.
-EHDR_FORMATS = {32: "16sHHIIIIIHHHHHH", 64: "16sHHIQQQIHHHHHH"}
-EHDR_FIELDS = ("e_ident", "e_type", "e_machine", "e_version", "e_entry", "e_phoff", "e_shoff",
-               "e_flags", "e_ehsize", "e_phentsize", "e_phnum", "e_shentsize", "e_shnum",
-               "e_shstrndx")
-SHDR_FORMATS = {32: "IIIIIIIIII", 64: "IIQQQQIIQQ"}
-SHDR_FIELDS = ("sh_name", "sh_type", "sh_flags", "sh_addr", "sh_offset", "sh_size", "sh_link",
-               "sh_info", "sh_addralign", "sh_entsize")
-
-_PHDR_FORMATS = {
-    32: ("IIIIIIII", ("p_type", "p_offset", "p_vaddr", "p_paddr", "p_filesz",
-                      "p_memsz", "p_flags", "p_align")),
-    64: ("IIQQQQQQ", ("p_type", "p_flags", "p_offset", "p_vaddr", "p_paddr",
-                      "p_filesz", "p_memsz", "p_align")),
-}
-
-# Architecture names (as uname -m would say) and the page size to assume
-# when VMCOREINFO does not say. ppc64 distribution kernels use 64 KiB pages.
-_ARCHES = {
-    "EM_X86_64": ("x86_64", 4096),
-    "EM_386": ("i386", 4096),
-    "EM_AARCH64": ("aarch64", 4096),
-    "EM_ARM": ("arm", 4096),
-    "EM_PPC64": ("ppc64", 65536),
-    "EM_PPC": ("ppc", 4096),
-    "EM_S390": ("s390x", 4096),
-    "EM_RISCV": ("riscv64", 4096),
-    "EM_MIPS": ("mips", 4096),
-    "EM_LOONGARCH": ("loongarch64", 16384),
-    "EM_SPARCV9": ("sparc64", 8192),
-    "EM_IA_64": ("ia64", 16384),
-}
-FALLBACK_PAGE_SIZE = 4096
-
+from ..errors import BadSource
+from ..kernel.platform import ARCHES, E_MACHINE_NAMES, FALLBACK_PAGE_SIZE
+from ..kernel.ppc64 import ppc64_kernel_byte_order
+from ..fileio.mmapio import Source
+from ..formats.elf import (EHDR_FIELDS, EHDR_FORMATS, ELF_MAGIC, ET_CORE, E_TYPE_NAMES, NT_PRSTATUS, PHDR_FORMATS,
+                           PN_XNUM, PT_LOAD, PT_NOTE, SHDR_FIELDS, SHDR_FORMATS, Note, Segment, parse_notes,
+                           reencode_note_headers, replace_vmcoreinfo_note)
+from ..kernel.vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
 # Sanity bounds: anything beyond these is a corrupt header, not a big machine.
 MAX_SEGMENTS = 1 << 22
 MAX_NOTES_BYTES = 256 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One PT_LOAD: a range of the crashed kernel's physical memory."""
-
-    index: int  # position among the PT_LOADs (0-based)
-    paddr: int
-    vaddr: int
-    offset: int  # file offset of the first byte
-    filesz: int
-    memsz: int
-    flags: int = 7
-
-    @property
-    def end(self) -> int:
-        """Physical address just past the segment's file data."""
-        return self.paddr + self.filesz
-
-
-@dataclass(frozen=True, slots=True)
-class Note:
-    name: str
-    type: int
-    desc: bytes
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -167,66 +77,6 @@ class Layout:
     def memory_bytes(self) -> int:
         return sum(s.memsz for s in self.segments)
 
-
-@dataclass(frozen=True, slots=True)
-class NoteSpan:
-    """Where one note lies in a buffer of notes."""
-
-    name: str
-    type: int
-    offset: int  # of the note header
-    desc_offset: int
-    desc_size: int
-
-
-def _note_header(byte_order: str) -> struct.Struct:
-    # Elf32_Nhdr and Elf64_Nhdr are both three 32-bit words.
-    return struct.Struct(("<" if byte_order == "little" else ">") + "III")
-
-
-def iter_note_spans(data: bytes, byte_order: str, on_truncated=None):
-    """Walk the notes of a PT_NOTE buffer (4-byte aligned, as Linux writes them).
-
-    Stops at zero padding after the last note, and at a note that runs past
-    the buffer, after calling ``on_truncated(offset, namesz, descsz)``.
-    """
-    header = _note_header(byte_order)
-    pos = 0
-    while pos + header.size <= len(data):
-        namesz, descsz, ntype = header.unpack_from(data, pos)
-        if namesz == 0 and descsz == 0 and ntype == 0:
-            return  # zero padding after the last note
-        name_start = pos + header.size
-        desc_start = name_start + ((namesz + 3) & ~3)
-        if desc_start + descsz > len(data):
-            if on_truncated is not None:
-                on_truncated(pos, namesz, descsz)
-            return
-        name = data[name_start:name_start + namesz].rstrip(b"\0").decode("ascii", "replace")
-        yield NoteSpan(name, ntype, pos, desc_start, descsz)
-        pos = desc_start + ((descsz + 3) & ~3)
-
-
-def build_note(name: bytes, ntype: int, desc: bytes, byte_order: str) -> bytes:
-    """One note: name (NUL-terminated) and desc each padded to 4 bytes."""
-    name_z = name + b"\0"
-    header = _note_header(byte_order).pack(len(name_z), len(desc), ntype)
-    return header + name_z + b"\0" * (-len(name_z) % 4) + desc + b"\0" * (-len(desc) % 4)
-
-
-def parse_notes(data: bytes, byte_order: str, where: int = 0,
-                warnings: list[str] | None = None) -> list[Note]:
-    """The notes of one PT_NOTE buffer; ``where`` is its file offset, for warnings."""
-    def truncated(pos: int, namesz: int, descsz: int) -> None:
-        if warnings is not None:
-            warnings.append(f"note at file offset {where + pos:#x} runs past its PT_NOTE "
-                            f"segment (namesz {namesz}, descsz {descsz}); later notes ignored")
-
-    return [Note(span.name, span.type,
-                 bytes(data[span.desc_offset:span.desc_offset + span.desc_size]))
-            for span in iter_note_spans(data, byte_order, truncated)]
-
-
 def read_layout(source: Source, *, page_size: int | None = None,
                 vmcoreinfo: bytes | None = None) -> Layout:
     """Read the ELF header, program headers and notes of a vmcore.
@@ -258,11 +108,11 @@ def read_layout(source: Source, *, page_size: int | None = None,
     header = dict(zip(EHDR_FIELDS, struct.unpack(endian + EHDR_FORMATS[elf_class],
                                                   source.pread(0, ehdr_size))))
     if header["e_type"] != ET_CORE:
-        e_type = _E_TYPE_NAMES.get(header["e_type"], header["e_type"])
+        e_type = E_TYPE_NAMES.get(header["e_type"], header["e_type"])
         raise BadSource(f"{name}: not a core file (e_type is {e_type}, a vmcore is ET_CORE)")
     e_machine = header["e_machine"]  # the number, for writers
     machine = E_MACHINE_NAMES.get(e_machine, e_machine)
-    arch, default_page = _ARCHES.get(machine, (str(machine).removeprefix("EM_").lower(),
+    arch, default_page = ARCHES.get(machine, (str(machine).removeprefix("EM_").lower(),
                                                 FALLBACK_PAGE_SIZE))
     if machine == "EM_PPC64" and byte_order == "little":
         arch = "ppc64le"
@@ -272,7 +122,7 @@ def read_layout(source: Source, *, page_size: int | None = None,
     phoff = header["e_phoff"]
     phentsize = header["e_phentsize"]
     phnum = header["e_phnum"]
-    fmt, fields = _PHDR_FORMATS[elf_class]
+    fmt, fields = PHDR_FORMATS[elf_class]
     phdr = struct.Struct(endian + fmt)
     if phnum == PN_XNUM:
         # More than 65534 program headers: the real count is in section 0's sh_info.
@@ -372,7 +222,7 @@ def read_layout(source: Source, *, page_size: int | None = None,
                             "and 16 MiB")
         origin = "option"
     else:
-        # Unknown machines got FALLBACK_PAGE_SIZE from _ARCHES.get above.
+        # Unknown machines got FALLBACK_PAGE_SIZE from ARCHES.get above.
         page_size, origin = default_page, "architecture default"
         text = parsed.get("PAGESIZE")
         if text is not None:
@@ -403,24 +253,6 @@ def _segment_reader(source: Source, segments) -> Callable[[int, int], bytes]:
                 return source.pread(segment.offset + paddr - segment.paddr, length)
         raise BadSource(f"paddr {paddr:#x} ({length} bytes) is not in the dump")
     return read_physical
-
-
-def reencode_note_headers(note_bytes: bytes, from_order: str, to_order: str) -> bytes:
-    """The notes with their (namesz, descsz, type) headers written in to_order."""
-    out = bytearray(note_bytes)
-    target = _note_header(to_order)
-    for span in iter_note_spans(note_bytes, from_order):
-        (namesz,) = struct.unpack_from(("<" if from_order == "little" else ">") + "I", note_bytes, span.offset)
-        target.pack_into(out, span.offset, namesz, span.desc_size, span.type)
-    return bytes(out)
-
-
-def replace_vmcoreinfo_note(note_bytes: bytes, vmcoreinfo: bytes, byte_order: str) -> bytes:
-    """The notes without their VMCOREINFO note, and one holding ``vmcoreinfo`` at the end."""
-    kept = [note_bytes[span.offset:span.desc_offset + ((span.desc_size + 3) & ~3)]
-            for span in iter_note_spans(note_bytes, byte_order) if span.name != "VMCOREINFO"]
-    return b"".join(kept) + build_note(b"VMCOREINFO", 0, vmcoreinfo, byte_order)
-
 
 def require_memory(layout: Layout) -> None:
     """BadSource unless the core has a PT_LOAD: saving one without memory saves nothing."""

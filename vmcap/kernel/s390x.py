@@ -26,8 +26,8 @@ from __future__ import annotations
 import struct
 
 from . import vmcoreinfo as vi
-from .errors import BadSource, SourceIOError, Unsupported
-from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator
+from ..errors import BadSource, SourceIOError, Unsupported
+from .memory import ReadPhysical, TableCache, WalkingTranslator
 
 S390X_MACHINE_NAMES = frozenset({"em_s390", "s390x"})
 

@@ -39,7 +39,7 @@ A key the chosen rules need but the kernel did not write raises Unsupported
 naming it, rather than quietly keeping or dropping the wrong pages.
 
 Only SPARSEMEM (the mem_section tree; vmemmap or not) is handled, on the
-architectures vmcap.kernel translates; struct pages are read in the kernel's
+architectures vmcap.kernel.translate translates; struct pages are read in the kernel's
 byte order (big on s390x).
 """
 
@@ -53,8 +53,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import vmcoreinfo as vi
-from .errors import BadSource, SourceIOError, Unsupported
-from .kernel import make_translator
+from ..errors import BadSource, SourceIOError, Unsupported
+from .translate import make_translator
 
 ReadPhysical = Callable[[int, int], bytes]
 ReadVirtual = Callable[[int, int], bytes]

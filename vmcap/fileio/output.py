@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import OutputError, OutputFull
+from ..errors import OutputError, OutputFull
 
 SPARSE_BLOCK = 4096
 TEMP_SUFFIX = ".part"

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from .dumpfile import detect_container, open_elf_source
-from .elfwriter import find_vmcap_note, incomplete_info
-from .fraction import plan_copy
-from .layout import read_layout
+from .source.dumpfile import detect_container, open_elf_source
+from .formats.elfwriter import find_vmcap_note, incomplete_info
+from .plan.copyplan import plan_copy
+from .source.layout import read_layout
 
 
 def memory_usage(path: str, *, page_size: int | None = None,
                  vmcoreinfo: bytes | None = None) -> list[dict]:
     """Pages per class, like makedumpfile --mem-usage (classified at dump level 31)."""
-    from .dumpfile import classify_dump, open_dump
-    from .pageclass import mem_usage
+    from .source.dumpfile import classify_dump, open_dump
+    from .kernel.pageclass import mem_usage
 
     with open_dump(path, page_size=page_size, vmcoreinfo=vmcoreinfo) as dump:
         result = classify_dump(dump, 31)
@@ -36,7 +36,7 @@ def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None)
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
         from .kdumpsave import describe_kdump
-        from .vmcoreinfo import parse_vmcoreinfo
+        from .kernel.vmcoreinfo import parse_vmcoreinfo
 
         report = describe_kdump(path)
         if vmcoreinfo is not None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from . import vmcoreinfo as vi
-from .errors import BadSource, Unsupported
+from ..errors import BadSource, Unsupported
 
 
 @dataclass(frozen=True)

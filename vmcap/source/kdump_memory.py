@@ -17,10 +17,10 @@ import re
 from bisect import bisect_right
 
 from .elfview import ElfCoreView, ElfIdentity, view_notes
-from .errors import BadSource, Unsupported
-from .kdump import KdumpReader
-from .layout import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
-                     EM_S390, EM_X86_64)
+from ..errors import BadSource, Unsupported
+from ..formats.kdump import KdumpReader
+from ..kernel.platform import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
+                               EM_S390, EM_X86_64)
 
 # The kdump header's utsname machine -> ELF e_machine (the inverse of
 # kdump.utsname_machine, with the names other tools write).

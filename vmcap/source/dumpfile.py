@@ -9,14 +9,14 @@ A dump comes in one of three containers:
   the whole file;
 * ``kdump``: makedumpfile's kdump-compressed format;
 * ``kdump-flat``: the same in makedumpfile's flattened format (``-F``), read
-  in place through its record index (vmcap.flattened).
+  in place through its record index (vmcap.formats.flattened).
 
 For the first two the ELF bytes are offered through the same ``Source``
 interface as the capture source, so layout parsing and inspection work the
 same on a saved dump as on /proc/vmcore. As a `save` source
 (open_save_source), a kdump or flattened file, the files of a makedumpfile
 --split set and a flattened stream compressed whole are offered as the ELF
-core they stand for (vmcap.elfview, source_kdump, source_stream).
+core they stand for (vmcap.source.elfview, source_kdump, source_stream).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from itertools import accumulate
 
-from .errors import BadSource
-from .layout import Layout, Segment
-from .mmapio import FileSource, MmapRefused, open_source_fd
+from ..errors import BadSource
+from .layout import Layout
+from ..formats.elf import Segment
+from ..fileio.mmapio import FileSource, MmapRefused, open_source_fd
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -39,7 +40,7 @@ class ZstdSource:
     """The decompressed bytes of a seekable-zstd file, as a Source."""
 
     def __init__(self, path: str):
-        from .seekable import SeekableReader
+        from ..formats.seekable import SeekableReader
 
         self.name = str(path)
         self.reader = SeekableReader(path)
@@ -47,7 +48,7 @@ class ZstdSource:
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset + length > self.size:
-            from .errors import SourceIOError
+            from ..errors import SourceIOError
 
             raise SourceIOError(f"{self.name}: unexpected end of data at offset "
                                 f"{self.size:#x} (wanted {length} bytes from {offset:#x})",
@@ -66,7 +67,7 @@ class ZstdSource:
 
 def detect_container(path: str) -> str:
     """'elf', 'zstd-seekable', 'zstd' (no seek table), 'kdump', 'kdump-flat' or 'unknown'."""
-    from .flattened import DETECT_BYTES, is_flattened
+    from ..formats.flattened import DETECT_BYTES, is_flattened
 
     fd = open_source_fd(path)
     try:
@@ -83,7 +84,7 @@ def detect_container(path: str) -> str:
     if is_flattened(head):
         return "kdump-flat"
     if magic.startswith(ZSTD_MAGIC):
-        from .seekable import is_seekable_zstd
+        from ..formats.seekable import is_seekable_zstd
 
         return "zstd-seekable" if is_seekable_zstd(path) else "zstd"
     return "unknown"
@@ -109,7 +110,7 @@ def open_elf_source(path: str, *, allow_mmap: bool = True):
 
 def compressed_wrapper(path: str) -> str | None:
     """'gzip', 'xz', 'lz4' or 'zstd' for a file compressed as a whole, else None."""
-    from .source_stream import wrapper_of
+    from .stream import wrapper_of
 
     fd = open_source_fd(path)
     try:
@@ -134,8 +135,8 @@ def open_save_source(path, *, allow_mmap: bool = True):
 
     /proc/vmcore and ELF files are read as they are, a zelf file through its
     seek table, a kdump or flattened kdump file through its ELF view
-    (vmcap.elfview), a flattened stream compressed as a whole (gzip, xz,
-    lz4, zstd without a seek table) once, in order (vmcap.source_stream;
+    (vmcap.source.elfview), a flattened stream compressed as a whole (gzip, xz,
+    lz4, zstd without a seek table) once, in order (vmcap.source.stream;
     the Source then has ``sequential = True``). A list of paths is the
     files of a makedumpfile --split set. The dump level is the kdump header's; for an ELF core
     it is None here (a vmcap output's VMCAP note says it, see save).
@@ -143,19 +144,19 @@ def open_save_source(path, *, allow_mmap: bool = True):
     if not isinstance(path, str):
         paths = list(path)
         if len(paths) > 1:
-            from .source_kdump import open_kdump_view
+            from .kdump_memory import open_kdump_view
 
             check_split_set_paths(paths)
             return open_kdump_view(paths)
         path = paths[0]
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
-        from .source_kdump import open_kdump_view
+        from .kdump_memory import open_kdump_view
 
         return open_kdump_view(path)
     wrapper = compressed_wrapper(path) if container in ("zstd", "unknown") else None
     if wrapper is not None:
-        from .source_stream import open_stream_view
+        from .stream import open_stream_view
 
         return open_stream_view(path, wrapper)
     if container in ("zstd-seekable", "zstd"):
@@ -254,7 +255,7 @@ def open_dump(path, *, page_size: int | None = None,
     ``vmcoreinfo`` replaces the dump's own VMCOREINFO (a file's text).
     """
     from .layout import read_layout
-    from .vmcoreinfo import parse_vmcoreinfo
+    from ..kernel.vmcoreinfo import parse_vmcoreinfo
 
     if not isinstance(path, str):
         paths = list(path)
@@ -263,14 +264,14 @@ def open_dump(path, *, page_size: int | None = None,
         path = paths[0]
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
-        from .kdump import KdumpReader
+        from ..formats.kdump import KdumpReader
 
         try:
             reader = KdumpReader(path)
         except OSError as e:
             raise BadSource(f"{path}: cannot open: {e.strerror}") from None
         try:
-            from .source_kdump import refuse_split_part
+            from .kdump_memory import refuse_split_part
 
             refuse_split_part(reader)
         except BaseException:
@@ -297,8 +298,8 @@ def open_dump(path, *, page_size: int | None = None,
 
 
 def _split_set_dump(paths, page_size, vmcoreinfo) -> OpenDump:
-    from .source_kdump import SplitSetMemory, open_kdump_readers
-    from .vmcoreinfo import parse_vmcoreinfo
+    from .kdump_memory import SplitSetMemory, open_kdump_readers
+    from ..kernel.vmcoreinfo import parse_vmcoreinfo
 
     check_split_set_paths(paths)
     readers = open_kdump_readers(paths)
@@ -335,8 +336,8 @@ def kernel_page_size(vmcoreinfo: dict, option: int | None, block_size: int) -> i
 
 def elf_dump(layout, source, *, container: str = "elf", closer=None) -> OpenDump:
     """An ELF source whose layout is already read, as an OpenDump."""
-    from .fraction import disjoint_segments
-    from .kernel import phys_base_from_segments
+    from ..plan.copyplan import disjoint_segments
+    from ..kernel.translate import phys_base_from_segments
 
     view = ElfPhysicalView(layout, source)
     page = layout.page_size
@@ -351,7 +352,7 @@ def elf_dump(layout, source, *, container: str = "elf", closer=None) -> OpenDump
 
 def classify_dump(dump: OpenDump, dump_level: int):
     """makedumpfile's page classes (dump level bits 2-16) of a dump."""
-    from .pageclass import classify_pages
+    from ..kernel.pageclass import classify_pages
 
     return classify_pages(dump.read_physical, dump.vmcoreinfo, dump.machine, dump_level,
                           max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges)
@@ -359,8 +360,8 @@ def classify_dump(dump: OpenDump, dump_level: int):
 
 def kernel_log(dump: OpenDump):
     """The crashed kernel's log records (lockless ringbuffer or log_buf)."""
-    from .dmesg import read_kernel_log
-    from .kernel import make_translator
+    from ..kernel.dmesg import read_kernel_log
+    from ..kernel.translate import make_translator
 
     translator = make_translator(dump.read_physical, dump.vmcoreinfo, dump.machine,
                                  fallback_phys_base=dump.phys_base_hint)

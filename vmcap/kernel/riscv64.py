@@ -32,8 +32,8 @@ import struct
 from dataclasses import dataclass
 
 from . import vmcoreinfo as vi
-from .errors import BadSource, Unsupported
-from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator
+from ..errors import BadSource, Unsupported
+from .memory import ReadPhysical, TableCache, WalkingTranslator
 
 RISCV64_MACHINE_NAMES = frozenset({"em_riscv", "riscv64"})
 

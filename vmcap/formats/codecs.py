@@ -28,7 +28,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import zstandard
 
-from .errors import Unsupported
+from ..errors import Unsupported
 
 # Descriptor flags (diskdump_mod.h); the header's `status` carries the flag
 # of the method used for the whole file.

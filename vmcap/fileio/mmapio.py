@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .errors import BadSource, SourceIOError
+from ..errors import BadSource, SourceIOError
 
 # Python's mmap needs offsets that are multiples of this (the host's page
 # size on Linux; 64 KiB on some arm64/ppc64 kernels).

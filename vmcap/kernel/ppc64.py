@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from . import vmcoreinfo as vi
-from .errors import BadSource, SourceIOError, Unsupported
-from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator
+from ..errors import BadSource, SourceIOError, Unsupported
+from .memory import ReadPhysical, TableCache, WalkingTranslator
 
 PPC64_MACHINE_NAMES = frozenset({"em_ppc64", "ppc64", "ppc64le"})
 

@@ -36,9 +36,9 @@ import numpy as np
 import xxhash
 import zstandard
 
-from vmcap.cpus import usable_cpus
-from vmcap.errors import CorruptOutput, OutputError
-from vmcap.mmapio import open_source_fd
+from ..cpus import usable_cpus
+from ..errors import CorruptOutput, OutputError
+from ..fileio.mmapio import open_source_fd
 
 __all__ = [
     "DEFAULT_FRAME_BYTES",

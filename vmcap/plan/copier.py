@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .errors import SourceIOError
-from .fraction import BufferedPiece, CopyPlan, MappedRange
-from .mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
+from ..errors import SourceIOError
+from .copyplan import BufferedPiece, CopyPlan, MappedRange
+from ..fileio.mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
 
 DEFAULT_WINDOW_BYTES = 4 << 20
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from . import vmcoreinfo as vi
-from .errors import BadSource, Unsupported
-from .kernel_memory import ReadPhysical, TableCache, WalkingTranslator, read_translated
-from .kernel_ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
-from .kernel_riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
-from .kernel_s390x import S390X_MACHINE_NAMES, S390xTranslator
+from ..errors import BadSource, Unsupported
+from .memory import ReadPhysical, TableCache, WalkingTranslator, read_translated
+from .ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
+from .riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
+from .s390x import S390X_MACHINE_NAMES, S390xTranslator
 
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
