@@ -78,14 +78,14 @@ sys.argv = [entry] + args
 if entry == "vmcap":
     from vmcap.entry import run
 else:
-    from vmcap.makedumpfile_cli import run
+    from vmcap.entry import run_as_makedumpfile as run
 run()
 """
 
 
 def _trace_runs(work: Path, real_dump: str | None) -> list[tuple[list[str], str | None, str | None]]:
     """The command lines the trace runs, as (argv, stdin file, stdout file): every capture path."""
-    from vmcap.sample import SampleSpec, RamRange, build_vmcore
+    from vmcap.sample import RamRange, SampleSpec, build_vmcore
 
     src = str(work / "vmcore")
     ranges = (RamRange(0x1000, 0x9fc00 - 0x1000), RamRange(0x100000, 0x300000),
@@ -328,24 +328,26 @@ if [ ! -e "$R/bin/@PYVER@" ]; then
     mount -t squashfs -o loop,ro "$B/vmcap.squashfs" "$R" 2>/dev/null
   fi
   if [ ! -e "$R/bin/@PYVER@" ]; then  # (another run may have mounted it meanwhile)
-    echo "@NAME@: error: cannot mount $B/vmcap.squashfs on $R (mount, and the loop and squashfs kernel modules, are needed)" >&2
+    echo "@NAME@: error: cannot mount $B/vmcap.squashfs on $R" \
+         "(mount, and the loop and squashfs kernel modules, are needed)" >&2
     exit 8
   fi
 fi
 # OpenBLAS (numpy's, unused by vmcap) starts one thread with a buffer per CPU unless told.
 PYTHONHOME=$R PYTHONPATH=$R/@LIBDIR@/site-packages PYTHONDONTWRITEBYTECODE=1 \\
 OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1} \\
-exec $R/lib/@LOADER@ --library-path $R/lib $R/bin/@PYVER@ -S -c 'import sys; from @MODULE@ import run; sys.argv[0] = "@NAME@"; run()' "$@"
+exec $R/lib/@LOADER@ --library-path $R/lib $R/bin/@PYVER@ -S \\
+  -c 'import sys; from vmcap.entry import @FUNC@; sys.argv[0] = "@NAME@"; @FUNC@()' "$@"
 """
-WRAPPERS = (("vmcap", "vmcap.entry"), ("vmcap-makedumpfile", "vmcap.makedumpfile_cli"))
+WRAPPERS = (("vmcap", "run"), ("vmcap-makedumpfile", "run_as_makedumpfile"))
 
 
 def write_wrappers(root: Path, prefix: str, loader: str) -> None:
     """PREFIX/bin/NAME for the dracut module to install, /usr/bin/NAME for an appended cpio."""
-    for name, module in WRAPPERS:
+    for name, function in WRAPPERS:
         text = _WRAPPER
         for key, value in (("@PREFIX@", prefix), ("@PYVER@", PYVER), ("@LIBDIR@", f"lib/{PYVER}"),
-                           ("@LOADER@", loader), ("@MODULE@", module), ("@NAME@", name)):
+                           ("@LOADER@", loader), ("@FUNC@", function), ("@NAME@", name)):
             text = text.replace(key, value)
         for path in (root / "usr" / "bin" / name, root / prefix.lstrip("/") / "bin" / name):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,7 +468,8 @@ def main(argv=None) -> int:
     Path(args.output).write_bytes(data)
     # What the capture kernel keeps in RAM for the whole capture: the image, or the files.
     resident = image_bytes if image_bytes is not None else sum(bundle.sizes.values())
-    report = {"output": args.output, "layout": args.layout, "snappy": not args.without_snappy, "compress": method, "prefix": args.prefix,
+    report = {"output": args.output, "layout": args.layout, "snappy": not args.without_snappy,
+              "compress": method, "prefix": args.prefix,
               "unpacked_bytes": sum(bundle.sizes.values()), "squashfs_bytes": image_bytes,
               "resident_bytes": resident, "cpio_bytes": len(raw),
               "compressed_bytes": len(data), "traced_runs": traced["runs"],

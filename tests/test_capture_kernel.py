@@ -143,7 +143,7 @@ def test_dracut_module_installs_the_bundle_over_mkdumprds_collector(bundle, tmp_
     initdir = tmp_path / "initramfs"
     (initdir / "usr" / "bin").mkdir(parents=True)
     (initdir / "usr" / "bin" / "vmcap-makedumpfile").write_text(
-        "#!/usr/bin/python3\nfrom vmcap.makedumpfile_cli import run\nrun()\n")
+        "#!/usr/bin/python3\nfrom vmcap.entry import run_as_makedumpfile as run\nrun()\n")
 
     def dracut(bundle_dir: Path) -> str:
         # dracut's own functions, recording what the module asks for
@@ -321,7 +321,7 @@ def debian_capture(tmp_path_factory):
     # What pip writes as the vmcap-makedumpfile console script, pointed at this checkout.
     collector = work / "vmcap-makedumpfile"
     collector.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(PROJECT)!r})\n"
-                         "from vmcap.makedumpfile_cli import run\nsys.exit(run())\n")
+                         "from vmcap.entry import run_as_makedumpfile as run\nsys.exit(run())\n")
     collector.chmod(0o755)
     last_words = _last_words()
     capture = harness.capture_image(work, kernel, None, DEBIAN_JOB,

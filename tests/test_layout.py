@@ -7,11 +7,12 @@ import struct
 
 import pytest
 
-from conftest import spec
 from vmcap.errors import BadSource
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource, RecordingSource
 from vmcap.sample import RamRange
+from vmcap.source.layout import read_layout
+
+from conftest import spec
 
 
 def layout_of(path, **kwargs):
@@ -178,7 +179,7 @@ def test_makedumpfile_front_end_imports_no_click():
     import subprocess
     import sys
     code = ("import sys; sys.argv = ['vmcap-makedumpfile', '-v']\n"
-            "from vmcap.makedumpfile_cli import run\n"
+            "from vmcap.entry import run_as_makedumpfile as run\n"
             "try:\n    run()\nexcept SystemExit:\n    pass\n"
             "print(sorted(m for m in ('click', 'rich') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

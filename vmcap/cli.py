@@ -16,9 +16,8 @@ import os
 import sys
 from contextlib import contextmanager
 
-from .entry import Interrupted, StdoutWriteError, report_stdout_failure, silence_stdout
-from .errors import (BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported, VerifyMismatch,
-                     VmcapError)
+from .errors import BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported, VerifyMismatch, VmcapError
+from .process import Interrupted, StdoutWriteError, report_stdout_failure, silence_stdout
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -73,7 +72,8 @@ def errors_to_exit_codes():
         silence_stdout()
         sys.exit(EXIT_OK)
     except StdoutWriteError as error:
-        sys.exit(report_stdout_failure(error))
+        report_stdout_failure(error)
+        sys.exit(EXIT_OUTPUT)
     except MemoryError:
         say_error("vmcap: error: out of memory")
         sys.exit(EXIT_INTERNAL)

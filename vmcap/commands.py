@@ -16,9 +16,11 @@ from contextlib import contextmanager
 import click
 
 from . import __version__
-from .cli import (EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, errors_to_exit_codes as _errors_to_exit_codes,
-                  is_terminal as _is_terminal, one_line as _one_line, run_makedumpfile)
-from .entry import install_signal_handlers
+from .cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, run_makedumpfile
+from .cli import errors_to_exit_codes as _errors_to_exit_codes
+from .cli import is_terminal as _is_terminal
+from .cli import one_line as _one_line
+from .process import install_signal_handlers
 from .progress import human_bytes
 
 DEFAULT_SOURCE = "/proc/vmcore"
@@ -229,7 +231,8 @@ def main():
 @_vmcoreinfo_option
 @click.option("--mem-usage", "show_mem_usage", is_flag=True,
               help="Count pages per class (cache, user, free, kernel) like makedumpfile "
-                   "--mem-usage; reads the kernel's struct pages (x86_64, arm64, ppc64, s390x, riscv64; needs VMCOREINFO).")
+                   "--mem-usage; reads the kernel's struct pages (x86_64, arm64, ppc64, s390x, "
+                   "riscv64; needs VMCOREINFO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (schema in README).")
 @_page_size_option
 def inspect(src, show_segments, show_fractional, show_vmcoreinfo, vmcoreinfo_path,
@@ -400,7 +403,8 @@ def save(paths, output_format, level, threads, frame_size, window, no_mmap, on_e
     (zelf, elf or kdump-flat). The output is written to a new hidden
     .OUT.XXXXXXXX.part beside OUT, synced, then given OUT's name.
     """
-    from .save import SaveOptions, save as run_save
+    from .save import SaveOptions
+    from .save import save as run_save
 
     if len(paths) == 1:
         src, out = DEFAULT_SOURCE, paths[0]

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from .source.dumpfile import detect_container, open_elf_source
+from .errors import BadSource
+from .formats.elf import parse_notes
 from .formats.elfwriter import find_vmcap_note, incomplete_info
+from .formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
+from .kernel.vmcoreinfo import parse_vmcoreinfo
 from .plan.copyplan import plan_copy
+from .source.dumpfile import detect_container, open_elf_source
 from .source.layout import read_layout
 
 
 def memory_usage(path: str, *, page_size: int | None = None,
                  vmcoreinfo: bytes | None = None) -> list[dict]:
     """Pages per class, like makedumpfile --mem-usage (classified at dump level 31)."""
-    from .source.dumpfile import classify_dump, open_dump
     from .kernel.pageclass import mem_usage
+    from .source.dumpfile import classify_dump, open_dump
 
     with open_dump(path, page_size=page_size, vmcoreinfo=vmcoreinfo) as dump:
         result = classify_dump(dump, 31)
@@ -35,9 +39,6 @@ def describe(path: str, *, page_size: int | None = None, mem_usage: bool = False
 def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None) -> dict:
     container = detect_container(path)
     if container in ("kdump", "kdump-flat"):
-        from .kdumpsave import describe_kdump
-        from .kernel.vmcoreinfo import parse_vmcoreinfo
-
         report = describe_kdump(path)
         if vmcoreinfo is not None:
             info = parse_vmcoreinfo(vmcoreinfo)
@@ -86,5 +87,68 @@ def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None)
         report["vmcap"] = vmcap
     incomplete = incomplete_info(vmcap)
     if incomplete is not None:
+        report["incomplete"] = incomplete
+    return report
+
+
+def _reader(path: str) -> KdumpReader:
+    try:
+        return KdumpReader(path)
+    except OSError as e:
+        raise BadSource(f"{path}: cannot open: {e.strerror}") from None
+
+
+def describe_kdump(path: str) -> dict:
+    """`vmcap inspect` for a kdump-compressed file."""
+    with _reader(path) as reader:
+        header = reader.header
+        present, dumped = reader.page_counts()
+        notes = parse_notes(reader.notes, header.byte_order) if reader.notes else []
+        vmcoreinfo_text = reader.vmcoreinfo.rstrip(b"\0")
+        runs = list(reader.iter_present_runs())
+        flattened = reader.flattened
+    page = header.page_size
+    info = parse_vmcoreinfo(vmcoreinfo_text)
+    # QEMU leaves the header's utsname and time empty: VMCOREINFO has them.
+    crash_time = header.crash_time or None
+    if crash_time is None and (info.get("CRASHTIME") or "").isdigit():
+        crash_time = int(info["CRASHTIME"])
+    report = {
+        "source": path,
+        "container": "kdump-flat" if flattened else "kdump",
+        "page_size": page,
+        "page_size_origin": "kdump header",
+        "elf_class": header.elf_class,
+        "byte_order": header.byte_order,
+        "machine": header.machine,
+        "arch": header.machine,
+        "cpus": header.nr_cpus,
+        "osrelease": header.release or info.get("OSRELEASE") or None,
+        "crash_time": crash_time,
+        # A kdump file has no PT_LOADs: its present pages, as runs.
+        "segments": [{"index": i, "paddr": first * page, "vaddr": 0, "offset": 0,
+                      "filesz": count * page, "memsz": count * page}
+                     for i, (first, count) in enumerate(runs)],
+        "fractional_pages": [],
+        "totals": {"memory": present * page, "mapped_bytes": 0, "buffered_bytes": 0,
+                   "zero_fill_bytes": 0},
+        "notes": [{"name": n.name, "type": n.type, "size": len(n.desc)} for n in notes],
+        "vmcoreinfo": info,
+        "vmcoreinfo_text": vmcoreinfo_text.decode("utf-8", "replace"),
+        "warnings": [],
+        "kdump": {"header_version": header.header_version, "compression": header.compression,
+                  "dump_level": header.dump_level, "max_mapnr": header.max_mapnr,
+                  "pages_present": present, "pages_dumped": dumped},
+    }
+    vmcap = find_vmcap_note(notes)
+    if vmcap is not None:
+        report["vmcap"] = vmcap
+    incomplete = incomplete_info(vmcap)
+    if incomplete is None and header.status & DUMP_DH_COMPRESSED_INCOMPLETE:
+        # makedumpfile's own incomplete dumps: only the page counts say how much.
+        incomplete = {"saved_bytes": dumped * page, "memory_bytes": present * page,
+                      "data_end_paddr": None}
+    if incomplete is not None:
+        incomplete["pages_dumped"] = dumped
         report["incomplete"] = incomplete
     return report

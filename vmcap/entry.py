@@ -1,114 +1,28 @@
-"""The process entry point: signals first, then the command line, then a clean exit.
+"""The process entry points: signals first, then the command line, then a clean exit.
 
-This module imports nothing heavy on purpose. A signal that arrives while
-click, numpy or zstandard are still being imported must end vmcap the same
-way as one that arrives mid-copy: one line on stderr and exit code 130, never
-a KeyboardInterrupt traceback or click's "Aborted!" with exit code 1.
+``vmcap ...`` and ``vmcap-makedumpfile ...`` start here. Nothing heavy is
+imported before the signal handlers are in place (process.py); the commands
+load after them: `vmcap makedumpfile` through cli.py alone (what kdump
+scripts run in a capture kernel: no click), everything else through
+commands.py.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import signal
 import sys
 
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_OUTPUT = 5
-EXIT_INTERRUPTED = 130
-
-# SIGHUP: the terminal or the ssh session of a capture went away; it ends the
-# run like SIGTERM does (partial output removed), not by killing the process
-# with a stray temporary file left behind.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupted(BaseException):
-    """A stop signal arrived; raised in the main thread at the next bytecode.
-
-    Not a KeyboardInterrupt: click turns those into "Aborted!" and exit 1.
-    Every cleanup path catches BaseException, so partial output is removed.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _on_stop_signal(signum, frame):
-    raise Interrupted(signum)
-
-
-def install_signal_handlers() -> None:
-    """Stop signals raise Interrupted; a signal the parent ignores stays ignored.
-
-    (`nohup vmcap save ...` ignores SIGHUP on purpose, and a shell's
-    background jobs ignore SIGINT.)
-    """
-    for signum in STOP_SIGNALS:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _on_stop_signal)
-
-
-class StdoutWriteError(OSError):
-    """Writing our own standard output failed (ENOSPC on /dev/full, EIO)."""
-
-
-class _GuardedStdout:
-    """sys.stdout whose write errors say they are stdout's.
-
-    A closed pipe stays a BrokenPipeError (the reader is satisfied: success
-    for a read-only command); any other write error becomes a
-    ``StdoutWriteError`` so it is reported as an output error (exit 5), not as
-    an internal error.
-    """
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _guard(self, method, *args):
-        try:
-            return method(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as error:
-            raise StdoutWriteError(error.errno, error.strerror) from None
-
-    def write(self, text):
-        return self._guard(self._stream.write, text)
-
-    def flush(self):
-        return self._guard(self._stream.flush)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def silence_stdout() -> None:
-    """After a closed pipe: send what is left to /dev/null so the exit flush cannot fail."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def _say(message: str) -> None:
-    try:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
-
-
-def report_stdout_failure(error: StdoutWriteError) -> int:
-    """Our stdout cannot be written (ENOSPC on /dev/full, EIO): one line, exit code 5."""
-    silence_stdout()
-    _say(f"vmcap: error: standard output: write failed: "
-         f"{error.strerror or errno.errorcode.get(error.errno, error.errno)}")
-    return EXIT_OUTPUT
+from .cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT
+from .process import (
+    STOP_SIGNALS,
+    GuardedStdout,
+    Interrupted,
+    StdoutWriteError,
+    install_signal_handlers,
+    report_stdout_failure,
+    say,
+    silence_stdout,
+)
 
 
 def _flush_stdout(code: int) -> int:
@@ -119,7 +33,10 @@ def _flush_stdout(code: int) -> int:
     except BrokenPipeError:
         silence_stdout()
     except StdoutWriteError as error:
-        return code or report_stdout_failure(error)
+        if code:
+            return code  # the command failed already and said why: its code stands
+        report_stdout_failure(error)
+        return EXIT_OUTPUT
     return code
 
 
@@ -129,7 +46,7 @@ def run(argv: list[str] | None = None) -> None:
     code = EXIT_INTERNAL
     try:
         if sys.stdout is not None:
-            sys.stdout = _GuardedStdout(sys.stdout)
+            sys.stdout = GuardedStdout(sys.stdout)
         arguments = sys.argv[1:] if argv is None else list(argv)
         try:
             if arguments[:1] == ["makedumpfile"]:
@@ -145,21 +62,28 @@ def run(argv: list[str] | None = None) -> None:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
         code = _flush_stdout(code)
     except Interrupted as stop:
-        _say(f"vmcap: interrupted by {stop.args[0]}")
+        say(f"vmcap: interrupted by {stop.args[0]}")
         code = EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        _say("vmcap: interrupted by SIGINT")
+        say("vmcap: interrupted by SIGINT")
         code = EXIT_INTERRUPTED
     except BrokenPipeError:
         silence_stdout()
-        code = 0
+        code = EXIT_OK
     except StdoutWriteError as error:
-        code = report_stdout_failure(error)
+        report_stdout_failure(error)
+        code = EXIT_OUTPUT
     # Signals that arrive while the interpreter shuts down must not print
     # a traceback either.
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     sys.exit(code)
+
+
+def run_as_makedumpfile(argv: list[str] | None = None) -> None:
+    """Console script `vmcap-makedumpfile`: makedumpfile's command line, `vmcap`'s process rules."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    run(["makedumpfile", "--", *arguments])
 
 
 if __name__ == "__main__":

@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .plan.copier import PlanCopier
-from .formats.digest import PLACEHOLDER, UNKNOWN, note_lines
-from .formats.elfwriter import (aligned_notes, describe_incomplete, find_vmcap_note, incomplete_info,
-                                incomplete_lines, vmcap_note)
-from .errors import BadSource, CorruptOutput, Unsupported
-from .formats.flattened import FlattenedWriter
-from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
-from .formats.kdump import (BITMAP_WINDOW_BYTES, DUMP_DH_COMPRESSED_INCOMPLETE, KdumpHeaderInfo,
-                            KdumpLayout, KdumpReader, KdumpWriter, utsname_machine)
-from .source.layout import Layout
-from .formats.elf import parse_notes
-from .kernel.vmcoreinfo import parse_vmcoreinfo
+from .errors import BadSource, Unsupported
 from .fileio.output import OutputFile
+from .formats.digest import PLACEHOLDER, UNKNOWN, note_lines
+from .formats.elfwriter import aligned_notes, describe_incomplete, incomplete_lines, vmcap_note
+from .formats.flattened import FlattenedWriter
+from .formats.kdump import BITMAP_WINDOW_BYTES, KdumpHeaderInfo, KdumpLayout, KdumpWriter, utsname_machine
+from .plan.copier import PlanCopier
+from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
+from .source.layout import Layout
 
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
 # load them: past this many pfns (32 TiB of physical address space with
@@ -222,9 +218,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         vmcoreinfo=layout.vmcoreinfo_raw,
         notes=all_notes(()),
         crash_time=layout.crash_time or 0)
-    from .save import compression_level
-
-    level = compression_level(options)
+    level = options.compression_level()
     # Page descriptors are reserved before the data: one per page that may
     # be dumped. Pages a kernel class excludes need none; zero pages are only
     # known while copying, so their share stays reserved (a sparse hole).
@@ -311,128 +305,4 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         result["zero"] = stats.zero_pages_excluded
     elif options.dump_level & 1:
         result["zero_shared"] = stats.zero_pages_shared
-    return result
-
-
-def _reader(path: str) -> KdumpReader:
-    try:
-        return KdumpReader(path)
-    except OSError as e:
-        raise BadSource(f"{path}: cannot open: {e.strerror}") from None
-
-
-def describe_kdump(path: str) -> dict:
-    """`vmcap inspect` for a kdump-compressed file."""
-    with _reader(path) as reader:
-        header = reader.header
-        present, dumped = reader.page_counts()
-        notes = parse_notes(reader.notes, header.byte_order) if reader.notes else []
-        vmcoreinfo_text = reader.vmcoreinfo.rstrip(b"\0")
-        runs = list(reader.iter_present_runs())
-        flattened = reader.flattened
-    page = header.page_size
-    info = parse_vmcoreinfo(vmcoreinfo_text)
-    # QEMU leaves the header's utsname and time empty: VMCOREINFO has them.
-    crash_time = header.crash_time or None
-    if crash_time is None and (info.get("CRASHTIME") or "").isdigit():
-        crash_time = int(info["CRASHTIME"])
-    report = {
-        "source": path,
-        "container": "kdump-flat" if flattened else "kdump",
-        "page_size": page,
-        "page_size_origin": "kdump header",
-        "elf_class": header.elf_class,
-        "byte_order": header.byte_order,
-        "machine": header.machine,
-        "arch": header.machine,
-        "cpus": header.nr_cpus,
-        "osrelease": header.release or info.get("OSRELEASE") or None,
-        "crash_time": crash_time,
-        # A kdump file has no PT_LOADs: its present pages, as runs.
-        "segments": [{"index": i, "paddr": first * page, "vaddr": 0, "offset": 0,
-                      "filesz": count * page, "memsz": count * page}
-                     for i, (first, count) in enumerate(runs)],
-        "fractional_pages": [],
-        "totals": {"memory": present * page, "mapped_bytes": 0, "buffered_bytes": 0,
-                   "zero_fill_bytes": 0},
-        "notes": [{"name": n.name, "type": n.type, "size": len(n.desc)} for n in notes],
-        "vmcoreinfo": info,
-        "vmcoreinfo_text": vmcoreinfo_text.decode("utf-8", "replace"),
-        "warnings": [],
-        "kdump": {"header_version": header.header_version, "compression": header.compression,
-                  "dump_level": header.dump_level, "max_mapnr": header.max_mapnr,
-                  "pages_present": present, "pages_dumped": dumped},
-    }
-    vmcap = find_vmcap_note(notes)
-    if vmcap is not None:
-        report["vmcap"] = vmcap
-    incomplete = incomplete_info(vmcap)
-    if incomplete is None and header.status & DUMP_DH_COMPRESSED_INCOMPLETE:
-        # makedumpfile's own incomplete dumps: only the page counts say how much.
-        incomplete = {"saved_bytes": dumped * page, "memory_bytes": present * page,
-                      "data_end_paddr": None}
-    if incomplete is not None:
-        incomplete["pages_dumped"] = dumped
-        report["incomplete"] = incomplete
-    return report
-
-
-class KdumpPhysicalView:
-    """Physical memory of a kdump file for comparisons; excluded pages read as zeros."""
-
-    # A kdump file never stores a page its dump level excludes.
-    stores_excluded_pages = False
-
-    def __init__(self, reader: KdumpReader):
-        self.reader = reader
-        self.granule = reader.header.page_size  # a present page is represented whole
-
-    def covered_ranges(self):
-        """(paddr, length) of the memory the file represents: its 1st bitmap."""
-        page = self.reader.header.page_size
-        return [(first * page, count * page) for first, count in self.reader.iter_present_runs()]
-
-    def read_physical(self, paddr: int, length: int) -> bytes:
-        return self.reader.pread_physical(paddr, length)
-
-    def stored_ranges(self):
-        page = self.reader.header.page_size
-        return [(first * page, count * page) for first, count in self.reader.iter_dumped_runs()]
-
-
-def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None = None) -> dict:
-    """Check structure and digests, decompress every dumped page; with a source, compare."""
-    from .formats.digest import UNKNOWN
-    from .verify import check_kdump_digests, compare_with_source, vmcap_note_in
-
-    result: dict = {"dump": path}
-    try:
-        reader = KdumpReader(path)
-    except BadSource as error:
-        raise CorruptOutput(str(error)) from None
-    except OSError as e:
-        raise CorruptOutput(f"{path}: cannot read: {e.strerror}") from None
-    with reader:
-        result["container"] = "kdump-flat" if reader.flattened else "kdump"
-        note, span = vmcap_note_in(reader.notes, reader.header.byte_order, path)
-        data_offset = (note or {}).get("DATA_OFFSET")
-        reader.check_structure(int(data_offset, 16) if data_offset and data_offset != UNKNOWN
-                               else None)
-        result["digest"] = check_kdump_digests(path, reader, note, span)
-        pages = 0
-        for first, count in reader.iter_dumped_runs():
-            for pfn in range(first, first + count):
-                reader.read_page(pfn)
-            pages += count
-        result["pages_checked"] = pages
-        if source_path is not None:
-            result["dump_level"] = reader.header.dump_level
-            # vmcap's kdump files say whether zero pages were kept (one shared
-            # page) or left out at dump level bit 1.
-            keeps_zero = (note or {}).get("ZERO_PAGES") == "shared"
-            result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
-                                              dump_level=reader.header.dump_level,
-                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo,
-                                              keeps_zero_pages=keeps_zero))
-    result["status"] = "ok"
     return result

@@ -315,11 +315,10 @@ def execute(request: Request, *, stderr_is_terminal: bool) -> int:
 def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
                      vmcoreinfo_path: str | None = None) -> int:
     """`--dump-dmesg VMCORE LOGFILE`: the log as makedumpfile writes it; returns the record count."""
-    from .kernel.dmesg import format_makedumpfile
-    from .source.dumpfile import kernel_log, open_dump
     from .fileio.output import check_output_target, refuse_same_files, write_whole_file
-
+    from .kernel.dmesg import format_makedumpfile
     from .kernel.vmcoreinfo import read_vmcoreinfo_file
+    from .source.dumpfile import kernel_log, open_dump
 
     inputs = [("VMCORE", source_path)]
     if vmcoreinfo_path:
@@ -332,11 +331,3 @@ def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
     write_whole_file(log_path, format_makedumpfile(records).encode("utf-8", "surrogateescape"),
                      force=force)
     return len(records)
-
-
-def run(argv: list[str] | None = None) -> None:
-    """Console script `vmcap-makedumpfile`: the same process rules as `vmcap`."""
-    from .entry import run as run_vmcap
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    run_vmcap(["makedumpfile", "--", *args])

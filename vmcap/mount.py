@@ -9,7 +9,7 @@ point at. Nothing is written anywhere; memory does not grow with the dump.
 The FUSE loop (libfuse 3 or 2 through mfusepy, single-threaded: the dump
 readers are not thread-safe and the GIL would serialise the work anyway)
 runs in a worker thread with the stop signals blocked, so SIGINT, SIGTERM
-and SIGHUP reach the main thread as vmcap.entry's ``Interrupted``. Stopping
+and SIGHUP reach the main thread as vmcap.process's ``Interrupted``. Stopping
 sets a flag, and a lookup of a name that cannot exist makes the loop's
 thread call fuse_exit from inside a FUSE callback (where mfusepy can find
 the session); libfuse then unmounts DIR itself, as on its own Ctrl-C.
@@ -227,7 +227,7 @@ class Mount:
             self._cwd = -1
 
     def _serve(self) -> None:
-        # Stop signals go to the main thread (vmcap.entry), never to the loop:
+        # Stop signals go to the main thread (vmcap.process), never to the loop:
         # threads libfuse starts inherit this mask.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         self._cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -11,18 +11,26 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 from .cpus import usable_cpus
-from .plan.copier import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
-from .plan.exclude import runs_from_mask, scan_excluded_runs, split_segments
-from .formats.elfwriter import (ElfStreamWriter, OutputSegment, aligned_notes, cut_image,
-                                describe_incomplete, find_vmcap_note, incomplete_lines, plan_elf_image,
-                                vmcap_note)
 from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupported
-from .plan.copyplan import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
-from .source.layout import Layout, read_layout, require_memory
-from .source.dumpfile import open_save_source
 from .fileio.mmapio import Source
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files, write_whole_file
 from .formats.digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
+from .formats.elfwriter import (
+    ElfStreamWriter,
+    OutputSegment,
+    aligned_notes,
+    cut_image,
+    describe_incomplete,
+    find_vmcap_note,
+    incomplete_lines,
+    plan_elf_image,
+    vmcap_note,
+)
+from .plan.copier import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
+from .plan.copyplan import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
+from .plan.exclude import runs_from_mask, scan_excluded_runs, split_segments
+from .source.dumpfile import open_save_source
+from .source.layout import Layout, read_layout, require_memory
 
 FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
 KDUMP_FORMATS = ("kdump", "kdump-flat")  # kdump-flat: flattened (makedumpfile -F), for pipes
@@ -32,17 +40,6 @@ PHASE_COPY = "Copying data"
 # zstd level 3 is the CLI's default; single 4 KiB kdump pages need level 5 to
 # come out no bigger than makedumpfile -c's zlib pages (measured, README).
 DEFAULT_LEVELS = {"zelf": 3, "zstd": 5, "zlib": 3}
-
-
-def compression_level(options: "SaveOptions") -> int:
-    """The level for this run: the option, else the format's default."""
-    if options.output_format in KDUMP_FORMATS:
-        # lzo and snappy have no levels; their compressors ignore it.
-        default = DEFAULT_LEVELS.get(options.compress, 3)
-        level = default if options.level is None else options.level
-        # zlib knows 1..9 only.
-        return min(max(level, 1), 9) if options.compress == "zlib" else level
-    return DEFAULT_LEVELS["zelf"] if options.level is None else options.level
 
 
 @dataclass(frozen=True)
@@ -73,6 +70,16 @@ class SaveOptions:
     # No level was asked for (the CLI without -d): a saved dump as the source
     # is saved at its own dump level, the bits of dump_level added.
     inherit_level: bool = False
+
+    def compression_level(self) -> int:
+        """The level for this run: the option, else the format's default."""
+        if self.output_format in KDUMP_FORMATS:
+            # lzo and snappy have no levels; their compressors ignore it.
+            default = DEFAULT_LEVELS.get(self.compress, 3)
+            level = default if self.level is None else self.level
+            # zlib knows 1..9 only.
+            return min(max(level, 1), 9) if self.compress == "zlib" else level
+        return DEFAULT_LEVELS["zelf"] if self.level is None else self.level
 
 
 @dataclass(frozen=True)
@@ -253,7 +260,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     if options.output_format == "zelf":
         from .formats.seekable import SeekableWriter, seek_table_bound
 
-        sink = SeekableWriter(out, level=compression_level(options), threads=options.threads,
+        sink = SeekableWriter(out, level=options.compression_level(), threads=options.threads,
                               frame_bytes=options.frame_bytes)
         # Headers and notes go in an uncompressed frame of known size, so the
         # vmcap note can be rewritten in place at the end.

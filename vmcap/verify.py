@@ -19,13 +19,14 @@ from bisect import bisect_right
 
 import numpy as np
 
-from .formats.digest import DIGEST_KEYS, UNKNOWN, file_digest
-from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
-from .formats.elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
 from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
-from .formats.elf import iter_note_spans
-from .source.layout import read_layout
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files
+from .formats.digest import DIGEST_KEYS, UNKNOWN, file_digest
+from .formats.elf import iter_note_spans
+from .formats.elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
+from .formats.kdump import KdumpReader
+from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
+from .source.layout import read_layout
 
 COMPARE_BYTES = 4 << 20
 # How far into a plain ELF output verify looks for its notes.
@@ -47,8 +48,6 @@ def verify(dump_path: str, source_path: str | None = None, *,
     """
     container = detect_container(dump_path)
     if container in ("kdump", "kdump-flat"):
-        from .kdumpsave import verify_kdump
-
         return verify_kdump(dump_path, source_path, vmcoreinfo=vmcoreinfo)
     if container == "unknown":
         raise CorruptOutput(f"{dump_path}: not a vmcap output (no ELF, zstd or kdump signature)")
@@ -364,7 +363,6 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0,
     dump and equal; dump bytes in the source's zero fill must be zero.
     """
     from .save import classify_source
-
     from .source.dumpfile import open_save_source
 
     # Any dump vmcap reads can be the source (a kdump file through its ELF view).
@@ -442,3 +440,61 @@ def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
     finally:
         reader.close()
     return out.position
+
+
+class KdumpPhysicalView:
+    """Physical memory of a kdump file for comparisons; excluded pages read as zeros."""
+
+    # A kdump file never stores a page its dump level excludes.
+    stores_excluded_pages = False
+
+    def __init__(self, reader: KdumpReader):
+        self.reader = reader
+        self.granule = reader.header.page_size  # a present page is represented whole
+
+    def covered_ranges(self):
+        """(paddr, length) of the memory the file represents: its 1st bitmap."""
+        page = self.reader.header.page_size
+        return [(first * page, count * page) for first, count in self.reader.iter_present_runs()]
+
+    def read_physical(self, paddr: int, length: int) -> bytes:
+        return self.reader.pread_physical(paddr, length)
+
+    def stored_ranges(self):
+        page = self.reader.header.page_size
+        return [(first * page, count * page) for first, count in self.reader.iter_dumped_runs()]
+
+
+def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None = None) -> dict:
+    """Check structure and digests, decompress every dumped page; with a source, compare."""
+    result: dict = {"dump": path}
+    try:
+        reader = KdumpReader(path)
+    except BadSource as error:
+        raise CorruptOutput(str(error)) from None
+    except OSError as e:
+        raise CorruptOutput(f"{path}: cannot read: {e.strerror}") from None
+    with reader:
+        result["container"] = "kdump-flat" if reader.flattened else "kdump"
+        note, span = vmcap_note_in(reader.notes, reader.header.byte_order, path)
+        data_offset = (note or {}).get("DATA_OFFSET")
+        reader.check_structure(int(data_offset, 16) if data_offset and data_offset != UNKNOWN
+                               else None)
+        result["digest"] = check_kdump_digests(path, reader, note, span)
+        pages = 0
+        for first, count in reader.iter_dumped_runs():
+            for pfn in range(first, first + count):
+                reader.read_page(pfn)
+            pages += count
+        result["pages_checked"] = pages
+        if source_path is not None:
+            result["dump_level"] = reader.header.dump_level
+            # vmcap's kdump files say whether zero pages were kept (one shared
+            # page) or left out at dump level bit 1.
+            keeps_zero = (note or {}).get("ZERO_PAGES") == "shared"
+            result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
+                                              dump_level=reader.header.dump_level,
+                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo,
+                                              keeps_zero_pages=keeps_zero))
+    result["status"] = "ok"
+    return result

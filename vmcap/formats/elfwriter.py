@@ -25,14 +25,25 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
 
 from .. import __version__
-from ..plan.copier import ErrorRange
 from ..errors import CorruptOutput, Unsupported
-from .elf import (PHDR_FORMATS, EHDR_FORMATS, ET_CORE, EV_CURRENT, PN_XNUM, PT_LOAD, PT_NOTE, SHDR_FORMATS,
-                  build_note)
-from ..source.layout import Layout
+from .elf import (
+    EHDR_FORMATS,
+    ET_CORE,
+    EV_CURRENT,
+    PHDR_FORMATS,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    SHDR_FORMATS,
+    ErrorRange,
+    build_note,
+)
+
+if TYPE_CHECKING:  # annotations only: the writer takes the source's Layout, never reads one
+    from ..source.layout import Layout
 
 
 VMCAP_NOTE_NAME = b"VMCAP"

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import SourceIOError
-from .copyplan import BufferedPiece, CopyPlan, MappedRange
 from ..fileio.mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
+from ..formats.elf import ErrorRange
+from .copyplan import BufferedPiece, CopyPlan, MappedRange
 
 DEFAULT_WINDOW_BYTES = 4 << 20
 
@@ -28,15 +29,6 @@ class DataChunk:
     paddr: int
     length: int
     data: memoryview | None
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorRange:
-    """Physical memory that could not be read and was replaced by zeros."""
-
-    paddr: int
-    length: int
-    reason: str
 
 
 @dataclass
