@@ -96,9 +96,14 @@ def cpu_profile(argv: list[str]) -> list[tuple[str, float, float]]:
 
     sys.path.insert(0, str(REPO))
     started = time.process_time()
+    import vmcap.formats.kdump
+    import vmcap.formats.seekable
+    import vmcap.kdumpsave
+    import vmcap.kernel.pageclass
+    import vmcap.plan.exclude
+    import vmcap.save  # noqa: E401,F401
+    import vmcap.source.dumpfile  # noqa: E401,F401
     from vmcap.commands import main
-    import vmcap.source.dumpfile, vmcap.plan.exclude, vmcap.formats.kdump, vmcap.kdumpsave, vmcap.kernel.pageclass  # noqa: E401,F401
-    import vmcap.save, vmcap.formats.seekable  # noqa: E401,F401
     imports = time.process_time() - started
     main(argv, standalone_mode=False)  # numpy's lazy submodules, the page cache
     profiler = cProfile.Profile(time.process_time)

@@ -45,7 +45,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,6 +53,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import bench_spec, parse_size  # noqa: E402
+
 from vmcap.sample import RamRange, SampleSpec, build_vmcore  # noqa: E402
 
 MB = 1_000_000

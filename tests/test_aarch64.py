@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from vmcap.source.dumpfile import kernel_log, open_dump
 from vmcap.errors import BadSource, Unsupported
 from vmcap.kernel.translate import Aarch64Translator, X86_64Translator, make_translator
 from vmcap.sample import EM_AARCH64, RamRange, SampleSpec, build_vmcore, expected_bytes
 from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import kernel_log, open_dump
 
 try:
     import drgn

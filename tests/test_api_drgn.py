@@ -14,8 +14,9 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 import vmcap
-from conftest import spec
 from vmcap.errors import BadSource, Unsupported
+
+from conftest import spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = 4096

@@ -14,17 +14,30 @@ from pathlib import Path
 
 import pytest
 
-from conftest import have
 from vmcap.errors import BadSource, Unsupported
+from vmcap.kernel.ppc64 import (
+    ENTRY_LEAF,
+    ENTRY_PRESENT,
+    PAGE_OFFSET,
+    Ppc64Translator,
+    ppc64_kernel_byte_order,
+    ppc64_levels,
+)
 from vmcap.kernel.translate import make_translator
-from vmcap.kernel.ppc64 import (ENTRY_LEAF, ENTRY_PRESENT, PAGE_OFFSET, Ppc64Translator,
-                                ppc64_kernel_byte_order, ppc64_levels)
+
+from conftest import have
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
-from sparse_memory import SparseMemory  # noqa: E402
 from real_dumps import (  # noqa: E402
-    check_foreign_makedumpfile_reads_elf_output, check_single_level, check_without_max_physmem_bits,
-    drgn_on_output, kept_ranges, real_dump, run_vmcap)
+    check_foreign_makedumpfile_reads_elf_output,
+    check_single_level,
+    check_without_max_physmem_bits,
+    drgn_on_output,
+    kept_ranges,
+    real_dump,
+    run_vmcap,
+)
+from sparse_memory import SparseMemory  # noqa: E402
 
 PAGE = 65536
 ROOT = 0x100000  # swapper_pg_dir's paddr in the synthetic memory
@@ -147,7 +160,8 @@ def _vmemmap_info(memory: FakeMemory, blocks, *, shift=24, looped=False) -> dict
     memory.write(0x310010, struct.pack("<i", 2))  # mmu_vmemmap_psize
     memory.write(0x320000 + 2 * 96, struct.pack("<i", shift))  # mmu_psize_defs[2].shift
     return vmcoreinfo(**{
-        "SYMBOL(vmemmap_list)": f"{PAGE_OFFSET + 0x310000:x}", "SYMBOL(mmu_vmemmap_psize)": f"{PAGE_OFFSET + 0x310010:x}",
+        "SYMBOL(vmemmap_list)": f"{PAGE_OFFSET + 0x310000:x}",
+        "SYMBOL(mmu_vmemmap_psize)": f"{PAGE_OFFSET + 0x310010:x}",
         "SYMBOL(mmu_psize_defs)": f"{PAGE_OFFSET + 0x320000:x}", "SIZE(vmemmap_backing)": "24",
         "OFFSET(vmemmap_backing.list)": "0", "OFFSET(vmemmap_backing.phys)": "8",
         "OFFSET(vmemmap_backing.virt_addr)": "16", "SIZE(mmu_psize_def)": "96", "OFFSET(mmu_psize_def.shift)": "0"})
@@ -231,8 +245,8 @@ def test_real_dmesg_is_byte_identical_to_makedumpfile(dump):
 
 
 def test_real_mmu_and_byte_orders(dump):
-    from vmcap.source.dumpfile import open_dump
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import open_dump
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as opened:
         t = make_translator(opened.read_physical, opened.vmcoreinfo, opened.machine)
@@ -297,9 +311,10 @@ def test_real_kdump_output_is_read_by_drgn(dump, tmp_path):
 
 def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
     """A ppc64 dump whose prb pointer is 0: exit 3 and one line, no traceback."""
-    from conftest import spec
-    from vmcap.kernel.platform import EM_PPC64
+    from vmcap.kernel.arch import EM_PPC64
     from vmcap.sample import RamRange
+
+    from conftest import spec
 
     info = {"OSRELEASE": "6.1.0-test", "PAGESIZE": "65536", "SYMBOL(_stext)": f"{PAGE_OFFSET:x}",
             "SYMBOL(swapper_pg_dir)": f"{PAGE_OFFSET + 0x10000:x}", "SYMBOL(prb)": f"{PAGE_OFFSET + 0x20000:x}",
@@ -320,7 +335,8 @@ def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
     done = run_vmcap("dmesg", path, check=False)
     lines = done.stderr.decode().splitlines()
     assert done.returncode == 3, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("vmcap: error:") and "0x0 is not a ppc64 kernel address" in lines[0], lines
+    assert len(lines) == 1 and lines[0].startswith("vmcap: error:"), lines
+    assert "0x0 is not a ppc64 kernel address" in lines[0], lines
     del info["SYMBOL(swapper_pg_dir)"]
     path, _ = make_vmcore(spec([RamRange(0, 1 << 20)], page_size=PAGE, machine=EM_PPC64, content="zero",
                                vmcoreinfo=info))
@@ -332,8 +348,8 @@ def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
 
 def test_real_log_levels(dump):
     """The marker line /init wrote to /dev/kmsg with <5>: level 5, facility 1 (little-endian bit-fields)."""
-    from vmcap.source.dumpfile import kernel_log, open_dump
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import kernel_log, open_dump
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)

@@ -16,7 +16,6 @@ stores (tests/arch/riscv64_kept_pfns.py), from upstream makedumpfile with the
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 import sys
@@ -25,17 +24,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import env_without_debug
-from vmcap.source.dumpfile import kernel_log, open_dump
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel.translate import make_translator
+from vmcap.kernel.arch import EM_RISCV
 from vmcap.kernel.riscv64 import Riscv64Translator
-from vmcap.kernel.platform import EM_RISCV
+from vmcap.kernel.translate import make_translator
 from vmcap.sample import RamRange, SampleSpec, build_vmcore
+from vmcap.source.dumpfile import kernel_log, open_dump
+
+from conftest import env_without_debug
 
 sys.path.insert(0, str(Path(__file__).parent / "arch"))
 from riscv64_kept_pfns import parse as parse_kept_pfns  # noqa: E402
 from riscv64_kept_pfns import stored_pfns  # noqa: E402
+
 from real_dumps import decompress_zst  # noqa: E402
 
 try:

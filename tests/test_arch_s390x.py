@@ -13,14 +13,20 @@ from pathlib import Path
 import pytest
 
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel.translate import make_translator
 from vmcap.kernel.s390x import S390xTranslator
+from vmcap.kernel.translate import make_translator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
-from sparse_memory import SparseMemory  # noqa: E402
 from real_dumps import (  # noqa: E402
-    check_foreign_makedumpfile_reads_elf_output, check_single_level, check_without_max_physmem_bits,
-    drgn_on_output, kept_ranges, real_dump, run_vmcap)
+    check_foreign_makedumpfile_reads_elf_output,
+    check_single_level,
+    check_without_max_physmem_bits,
+    drgn_on_output,
+    kept_ranges,
+    real_dump,
+    run_vmcap,
+)
+from sparse_memory import SparseMemory  # noqa: E402
 
 ROOT = 0x100000
 HIGH_MEMORY_AT = 0x1000  # the high_memory variable
@@ -179,10 +185,10 @@ def test_real_single_levels_keep_what_makedumpfile_keeps(dump, tmp_path, level):
 
 
 def test_real_kdump_output_is_big_endian_verifies_and_reads_back(dump, kdump_d31):
-    from vmcap.formats.kdump import KdumpReader
     from vmcap.formats.elf import iter_note_spans
-    from vmcap.source.dumpfile import open_dump
+    from vmcap.formats.kdump import KdumpReader
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import open_dump
 
     reader = KdumpReader(str(kdump_d31))
     try:
@@ -223,9 +229,10 @@ def test_real_outputs_are_read_by_drgn(dump, tmp_path, fmt):
 def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):
     """A big-endian s390x dump whose VMCOREINFO lacks what the walk needs: exit 8 and one line;
     saving it at -d 31 falls back (no --strict) and the output verifies."""
-    from conftest import spec
-    from vmcap.kernel.platform import EM_S390
+    from vmcap.kernel.arch import EM_S390
     from vmcap.sample import RamRange
+
+    from conftest import spec
 
     info = {"OSRELEASE": "6.1.0-test", "PAGESIZE": "4096", "SYMBOL(prb)": "e63e08"}
     path, _ = make_vmcore(spec([RamRange(0, 4 << 20)], machine=EM_S390, byte_order="big", content="pattern",
@@ -241,8 +248,8 @@ def test_cli_on_a_big_endian_s390x_sample_without_tables(make_vmcore):
 def test_real_log_levels_read_from_big_endian_bit_fields(dump):
     """printk_info's "u8 flags:5, level:3" is packed from the high bit on s390x: the marker line
     that /init wrote to /dev/kmsg with <5> is level 5, facility 1 (user); the panic is level 0."""
-    from vmcap.source.dumpfile import kernel_log, open_dump
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
+    from vmcap.source.dumpfile import kernel_log, open_dump
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)

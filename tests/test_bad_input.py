@@ -33,9 +33,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import env_without_debug, spec
 from vmcap import sample
 from vmcap.errors import VmcapError
+
+from conftest import env_without_debug, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 20
@@ -272,9 +273,9 @@ def write_core(path: Path, notes: list, vmcoreinfo: dict, ranges, read_physical)
 
 @pytest.fixture(scope="module")
 def mini_dump(real_vmcore, tmp_path_factory) -> MiniDump:
+    from vmcap.fileio.mmapio import FileSource
     from vmcap.source.dumpfile import classify_dump, kernel_log, open_dump
     from vmcap.source.layout import read_layout
-    from vmcap.fileio.mmapio import FileSource
 
     with FileSource(real_vmcore) as source:
         layout = read_layout(source)
@@ -546,8 +547,8 @@ def test_core_without_pt_load_warns_in_inspect_and_fails_save(make_vmcore, tmp_p
     struct.pack_into("<Q", data, 32, 65)  # e_phoff: the "program headers" are now garbage
     damaged = tmp_path / "phoff65"
     damaged.write_bytes(bytes(data))
-    from vmcap.source.layout import read_layout
     from vmcap.fileio.mmapio import FileSource
+    from vmcap.source.layout import read_layout
 
     with FileSource(str(damaged)) as source:
         assert not read_layout(source).segments  # the premise: no PT_LOAD is left
@@ -576,8 +577,8 @@ def test_a_5000_digit_value_is_cut_in_messages(tmp_path):
 
 
 def test_vmcoreinfo_getters_bound_what_they_return():
-    from vmcap.kernel import vmcoreinfo as vi
     from vmcap.errors import BadSource
+    from vmcap.kernel import vmcoreinfo as vi
 
     for getter, name in ((vi.size, "page"), (vi.offset, "page.flags"), (vi.length, "mem_section")):
         key = f"{getter.__name__.upper()}({name})"

@@ -10,9 +10,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import env_without_debug, error_lines, spec, temp_outputs
 from vmcap.commands import main
 from vmcap.errors import SourceIOError
+
+from conftest import env_without_debug, error_lines, spec, temp_outputs
 
 INSPECT_KEYS = {"page_size", "elf_class", "byte_order", "machine", "cpus", "osrelease",
                 "segments", "fractional_pages", "totals"}

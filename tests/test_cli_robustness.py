@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from conftest import env_without_debug, spec
 from vmcap.sample import RamRange, SampleSpec
+
+from conftest import env_without_debug
 
 
 def vmcap(*args, **kwargs):

@@ -1,4 +1,5 @@
-"""kdump page codecs (vmcap/formats/codecs.py): round trips, damaged data, and makedumpfile / crash / drgn as oracles."""
+"""kdump page codecs (vmcap/formats/pagecodecs.py): round trips, damaged data, and makedumpfile / crash / drgn
+as oracles."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ import sys
 
 import numpy as np
 import pytest
+from test_kdump import RELEASE, descriptor_table, mixed_pages, write_kdump, x86_64_info
+
+from vmcap.errors import CorruptOutput, Unsupported
+from vmcap.fileio.mmapio import FileSource
+from vmcap.formats.kdump import KdumpReader
+from vmcap.formats.pagecodecs import PAGE_FLAG, PageDataError, PageDecoder, encode_pages, page_compressor
+from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import ElfPhysicalView
+from vmcap.source.layout import read_layout
 
 from conftest import have
-from test_kdump import RELEASE, descriptor_table, mixed_pages, write_kdump, x86_64_info
-from vmcap.formats.codecs import PAGE_FLAG, PageDataError, PageDecoder, encode_pages, page_compressor
-from vmcap.source.dumpfile import ElfPhysicalView
-from vmcap.errors import CorruptOutput, Unsupported
-from vmcap.formats.kdump import KdumpReader
-from vmcap.source.layout import read_layout
-from vmcap.fileio.mmapio import FileSource
-from vmcap.save import SaveOptions, save
 
 PAGE = 4096
 COMPRESSED = ["zstd", "zlib", "lzo", "snappy"]

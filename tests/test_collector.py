@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_without_debug, have
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource
+from vmcap.source.layout import read_layout
+
+from conftest import env_without_debug, have
 
 try:
     import drgn

@@ -16,18 +16,19 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_kdump import x86_64_info
+
+from vmcap.describe import describe
+from vmcap.errors import BadSource, CorruptOutput, OutputError
+from vmcap.fileio.mmapio import FileSource
+from vmcap.formats.flattened import FlattenedFile, FlattenedWriter, reassemble
+from vmcap.formats.kdump import KdumpReader, KdumpWriter
+from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import ElfPhysicalView, detect_container, kernel_log, open_dump
+from vmcap.source.layout import read_layout
+from vmcap.verify import verify
 
 from conftest import have, spec
-from test_kdump import x86_64_info
-from vmcap.source.dumpfile import ElfPhysicalView, detect_container, kernel_log, open_dump
-from vmcap.errors import BadSource, CorruptOutput, OutputError
-from vmcap.formats.flattened import FlattenedFile, FlattenedWriter, reassemble
-from vmcap.describe import describe
-from vmcap.formats.kdump import KdumpReader, KdumpWriter
-from vmcap.source.layout import read_layout
-from vmcap.fileio.mmapio import FileSource
-from vmcap.save import SaveOptions, save
-from vmcap.verify import verify
 
 PAGE = 4096
 REPO = Path(__file__).resolve().parents[1]

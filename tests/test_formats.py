@@ -10,16 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import env_without_debug, error_lines, spec, temp_outputs
-from vmcap.plan.exclude import MIN_EXCLUDED_RUN, ExcludedRun, split_segments
-from vmcap.plan.copyplan import find_fractional_pages
-from vmcap.formats.kdump import KdumpReader
-from vmcap.formats.elf import Segment
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource
+from vmcap.formats.elf import Segment
+from vmcap.formats.kdump import KdumpReader
+from vmcap.plan.copyplan import find_fractional_pages
+from vmcap.plan.exclude import MIN_EXCLUDED_RUN, ExcludedRun, split_segments
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
+from vmcap.source.layout import read_layout
 from vmcap.verify import verify
+
+from conftest import env_without_debug, error_lines, spec, temp_outputs
 
 PAGE = 4096
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmcap.plan.copyplan import BufferedPiece, MappedRange, ZeroFill, find_fractional_pages, plan_copy
 from vmcap.formats.elf import Segment
+from vmcap.plan.copyplan import BufferedPiece, MappedRange, ZeroFill, find_fractional_pages, plan_copy
 
 # Small page sizes keep brute-force oracles cheap; the planner has no
 # special case for any page size.

@@ -16,12 +16,13 @@ import sys
 
 import pytest
 
-from conftest import env_without_debug, error_lines, small_tmpfs, spec, temp_outputs
-from vmcap.source.dumpfile import open_dump
 from vmcap.errors import OutputError
 from vmcap.formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import open_dump
+
+from conftest import env_without_debug, error_lines, small_tmpfs, spec, temp_outputs
 
 try:
     import drgn
@@ -208,7 +209,6 @@ def test_write_error_mid_copy_keeps_what_was_written(make_vmcore, tmp_path, monk
     state = {"bytes": 0, "failed": False}
 
     def failing(*args):
-        data = args[1]
         if not state["failed"] and state["bytes"] > 3 << 20:
             state["failed"] = True
             raise OSError(errno.EIO, os.strerror(errno.EIO))

@@ -8,7 +8,6 @@ Synthetic page tables and ring buffers check each case on its own; the real
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import shutil
 import struct
@@ -17,11 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from vmcap.errors import BadSource, SourceIOError, Unsupported
 from vmcap.kernel import vmcoreinfo as vi
 from vmcap.kernel.dmesg import LogRecord, format_makedumpfile, read_kernel_log
-from vmcap.errors import BadSource, SourceIOError, Unsupported
-from vmcap.kernel.translate import (START_KERNEL_MAP, X86_64Translator, make_translator,
-                                    phys_base_from_segments)
+from vmcap.kernel.translate import START_KERNEL_MAP, X86_64Translator, make_translator, phys_base_from_segments
 from vmcap.kernel.vmcoreinfo import parse_vmcoreinfo
 
 from conftest import SHARED_VMCORES

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from conftest import env_without_debug, spec
 from vmcap.formats.kdump import KdumpReader
 from vmcap.makedumpfile_cli import Request, UnsupportedOption, UsageProblem, parse
+
+from conftest import env_without_debug, spec
 
 
 def run(*args, stdin=None):

@@ -18,13 +18,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from conftest import env_without_debug, error_lines, spec, temp_outputs
 from vmcap.commands import main
 from vmcap.errors import OutputError
 from vmcap.fileio.mmapio import FileSource
 from vmcap.fileio.output import OutputFile
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
+
+from conftest import env_without_debug, error_lines, spec, temp_outputs
 
 NODE_KINDS = ["dev-null", "char-device", "fifo", "socket"]
 
@@ -287,8 +288,8 @@ def test_output_is_created_0600_whatever_the_umask(source, tmp_path, force):
 
 
 def test_kernel_log_file_is_created_0600(real_vmcore, tmp_path):
-    from vmcap.source.layout import read_layout
     from vmcap.save import save_kernel_log
+    from vmcap.source.layout import read_layout
 
     log = tmp_path / "dmesg.txt"
     with FileSource(real_vmcore) as src:

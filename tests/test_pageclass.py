@@ -14,17 +14,30 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import pytest
 
-from vmcap.source.dumpfile import ElfPhysicalView
 from vmcap.errors import BadSource, Unsupported
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource
-from vmcap.kernel.pageclass import (CACHE, FREE, KEPT, USER, MemMapRun, accept_claims, classify_mem_map,
-                                    classify_pages, kernel_version, mem_map_runs, mem_usage, page_claims,
-                                    page_rules, struct_page_dtype)
+from vmcap.kernel.pageclass import (
+    CACHE,
+    FREE,
+    KEPT,
+    USER,
+    MemMapRun,
+    accept_claims,
+    classify_mem_map,
+    classify_pages,
+    kernel_version,
+    mem_map_runs,
+    mem_usage,
+    page_claims,
+    page_rules,
+    struct_page_dtype,
+)
+from vmcap.source.dumpfile import ElfPhysicalView
+from vmcap.source.layout import read_layout
 
 PAGE = 4096
 STRUCT_PAGE = 64

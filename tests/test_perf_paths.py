@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+from test_kdump import elf_note, mixed_pages, x86_64_info
 
 import vmcap.formats.digest as digest_module
 from vmcap.formats.digest import PLACEHOLDER, file_digest, sparse_file_digest
 from vmcap.formats.kdump import KdumpReader, KdumpWriter
-
-from test_kdump import elf_note, mixed_pages, x86_64_info
 
 PAGE = 4096
 
@@ -108,8 +107,8 @@ def test_kdump_output_does_not_depend_on_how_pages_are_split(tmp_path):
 def test_runs_from_mask_reads_the_mask_in_bounded_pieces():
     """A segment of 2**22 pages is read <= 2**20 pfns at a time, with runs that
     cross the pieces joined; the mask ends before the segment does."""
-    from vmcap.plan.exclude import MIN_EXCLUDED_RUN, ExcludedRun, runs_from_mask
     from vmcap.formats.elf import Segment
+    from vmcap.plan.exclude import MIN_EXCLUDED_RUN, ExcludedRun, runs_from_mask
 
     pfns = 1 << 22
     MASK_PIECE_PFNS = 1 << 20  # the memory bound asked of runs_from_mask

@@ -6,9 +6,10 @@ import io
 import subprocess
 import sys
 
-from conftest import env_without_debug
 from vmcap.progress import LineProgress
 from vmcap.sample import RamRange, SampleSpec
+
+from conftest import env_without_debug
 
 
 class FakeClock:

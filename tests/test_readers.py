@@ -25,13 +25,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FRACTIONAL_RANGES, have, spec
-from vmcap.plan.copyplan import find_fractional_pages
-from vmcap.formats.kdump import KdumpReader
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource
+from vmcap.formats.kdump import KdumpReader
+from vmcap.plan.copyplan import find_fractional_pages
 from vmcap.sample import POISON, default_vmcoreinfo, expected_bytes
 from vmcap.save import SaveOptions, save
+from vmcap.source.layout import read_layout
+
+from conftest import FRACTIONAL_RANGES, have, spec
 
 try:
     import drgn

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import env_without_debug, have
-from vmcap.kernel.dmesg import format_makedumpfile
-from vmcap.source.dumpfile import kernel_log, open_dump
 from vmcap.describe import describe, memory_usage
 from vmcap.formats.kdump import KdumpReader
+from vmcap.kernel.dmesg import format_makedumpfile
 from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import kernel_log, open_dump
 from vmcap.verify import verify
+
+from conftest import env_without_debug, have
 
 ROOT = Path(__file__).resolve().parents[1]
 UPSTREAM = Path("/usr/local/bin/makedumpfile-upstream")

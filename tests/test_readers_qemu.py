@@ -22,14 +22,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import have
-from vmcap.kernel.dmesg import format_makedumpfile
-from vmcap.source.dumpfile import kernel_log, open_dump
 from vmcap.describe import describe, memory_usage
 from vmcap.formats.kdump import KdumpReader
-from vmcap.save import SaveOptions, save
-from vmcap.verify import verify
+from vmcap.kernel.dmesg import format_makedumpfile
 from vmcap.kernel.vmcoreinfo import number, parse_vmcoreinfo
+from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.verify import verify
+
+from conftest import have
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB = ROOT.parent / "shared" / "lab"

@@ -18,22 +18,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from conftest import env_without_debug, spec
 from test_kdump import VMCOREINFO, mixed_pages, write_kdump, x86_64_info
-from vmcap.source.dumpfile import open_dump, open_save_source
-from vmcap.source.elfview import view_segments
+
+from vmcap.describe import describe
 from vmcap.errors import Unsupported
 from vmcap.formats.flattened import FlattenedWriter
-from vmcap.describe import describe
 from vmcap.formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
 from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import open_dump, open_save_source
+from vmcap.source.elfview import view_segments
 from vmcap.verify import verify
+
+from conftest import env_without_debug, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["zelf", "elf", "kdump", "kdump-flat"]

@@ -13,11 +13,29 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from elftools.elf.elffile import ELFFile
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from vmcap.sample import (EM_386, EM_AARCH64, EM_ARM, EM_PPC, EM_PPC64, EM_S390, EM_X86_64, POISON,
-                          RamRange, SampleSpec, build_vmcore, content_blocks, demo_spec, expected_bytes,
-                          page_kinds, pattern_word, plan_sample, prstatus_size)
+from vmcap.sample import (
+    EM_386,
+    EM_AARCH64,
+    EM_ARM,
+    EM_PPC,
+    EM_PPC64,
+    EM_S390,
+    EM_X86_64,
+    POISON,
+    RamRange,
+    SampleSpec,
+    build_vmcore,
+    content_blocks,
+    demo_spec,
+    expected_bytes,
+    page_kinds,
+    pattern_word,
+    plan_sample,
+    prstatus_size,
+)
 
 # Fractional pages of every kind, plus an overlap: small enough to read whole.
 FRACTIONAL_RANGES = (

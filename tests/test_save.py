@@ -10,15 +10,16 @@ import sys
 
 import pytest
 
-from conftest import error_lines, FRACTIONAL_RANGES, have, small_tmpfs, spec, temp_outputs
-from vmcap.source.dumpfile import ElfPhysicalView, open_elf_source
-from vmcap.formats.elfwriter import parse_vmcap_note
 from vmcap.errors import OutputError, SourceIOError
-from vmcap.plan.copyplan import BufferedPiece, MappedRange, plan_copy
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource, MmapRefused, RecordingSource
+from vmcap.formats.elfwriter import parse_vmcap_note
+from vmcap.plan.copyplan import BufferedPiece, MappedRange, plan_copy
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
+from vmcap.source.dumpfile import ElfPhysicalView, open_elf_source
+from vmcap.source.layout import read_layout
+
+from conftest import FRACTIONAL_RANGES, error_lines, have, small_tmpfs, spec, temp_outputs
 
 
 def read_output(path):
@@ -321,8 +322,8 @@ def test_truncated_zelf_is_a_clear_error(make_vmcore, tmp_path):
 
 
 def test_elf32_output_past_4_gib_is_refused(make_vmcore):
-    from vmcap.formats.elfwriter import OutputSegment, plan_elf_image
     from vmcap.errors import Unsupported
+    from vmcap.formats.elfwriter import OutputSegment, plan_elf_image
 
     src, _ = make_vmcore(spec(elf_class=32, byte_order="big", machine=20))
     with FileSource(src) as source:

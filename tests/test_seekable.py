@@ -18,10 +18,10 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import temp_outputs
 from vmcap.errors import CorruptOutput, OutputError
-from vmcap.formats.seekable import (DEFAULT_FRAME_BYTES, SeekableReader, SeekableStats, SeekableWriter,
-                                    is_seekable_zstd)
+from vmcap.formats.seekable import DEFAULT_FRAME_BYTES, SeekableReader, SeekableStats, SeekableWriter, is_seekable_zstd
+
+from conftest import temp_outputs
 
 PAGE = 4096
 SMALL_FRAME = 16 * PAGE  # small frames keep multi-frame tests fast

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmcap.formats.kdump import KdumpReader
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource
-from vmcap.sample import build_vmcore
+from vmcap.formats.kdump import KdumpReader
 from vmcap.formats.seekable import SeekableReader
+from vmcap.sample import build_vmcore
+from vmcap.source.layout import read_layout
 
 from conftest import have, spec
 
@@ -72,7 +72,8 @@ def verify_many(paths, source=None) -> list[subprocess.CompletedProcess]:
 
 
 def assert_reported(result, what: str, codes=(6,)) -> None:
-    assert result.returncode in codes, f"{what}: exit {result.returncode}: {result.stdout[-300:]} {result.stderr[-300:]}"
+    assert result.returncode in codes, (f"{what}: exit {result.returncode}: {result.stdout[-300:]} "
+                                        f"{result.stderr[-300:]}")
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("vmcap: error: "), f"{what}: {result.stderr!r}"
     assert "Traceback" not in result.stderr and "internal error" not in result.stderr
@@ -269,7 +270,6 @@ def test_kdump_structure_damage_is_corrupt_and_missing_pages_a_mismatch(outputs,
         data[start:start + half] = bytes(half)
 
     def cut_max_mapnr(data, reader):
-        bs = reader.page_size
         struct.pack_into("<I", data, 0x1c8 + 16, reader.max_mapnr // 2)  # header max_mapnr
 
     for edit in (size_4097, zero_second_bitmap, cut_max_mapnr):

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 import xxhash
+from test_verify_integrity import assert_reported, vmcap
 
+from vmcap.fileio.mmapio import FileSource
 from vmcap.formats.digest import PLACEHOLDER
 from vmcap.formats.kdump import KdumpReader
 from vmcap.source.layout import read_layout
-from vmcap.fileio.mmapio import FileSource
 
 from conftest import spec
-from test_verify_integrity import assert_reported, vmcap
 
 VRAM, ROM = 0xFD000000, 0xFFFC0000
 FORMATS = {"kdump-zstd": ["--format", "kdump", "--compress", "zstd"],

@@ -9,11 +9,12 @@ import sys
 
 import pytest
 
-from conftest import env_without_debug, have
-from vmcap.source.dumpfile import kernel_log, open_dump
-from vmcap.formats.elf import iter_note_spans
-from vmcap.source.layout import read_layout
 from vmcap.fileio.mmapio import FileSource
+from vmcap.formats.elf import iter_note_spans
+from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.source.layout import read_layout
+
+from conftest import env_without_debug, have
 
 
 def vmcap(*args):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .source.dumpfile import ElfPhysicalView, ZstdSource, compressed_wrapper, detect_container
 from .errors import BadSource, SourceIOError, Unsupported
-from .source.layout import Layout, read_layout
 from .fileio.mmapio import FileSource
+from .source.dumpfile import ElfPhysicalView, ZstdSource, compressed_wrapper, detect_container
+from .source.layout import Layout, read_layout
 
 
 @dataclass(frozen=True)

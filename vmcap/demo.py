@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .plan.copyplan import BufferedPiece, plan_copy
-from .source.layout import read_layout
 from .fileio.mmapio import FileSource, RecordingSource
+from .plan.copyplan import BufferedPiece, plan_copy
 from .sample import build_vmcore, demo_spec
 from .save import SaveOptions, SaveSummary, save
+from .source.layout import read_layout
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,7 @@ class LineProgress:
 def bar_progress():
     """A rich progress bar on stderr (a terminal), one bar per phase, binary units."""
     from rich.console import Console
-    from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn,
-                               TextColumn, TimeRemainingColumn)
+    from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
     class BinaryRate(ProgressColumn):

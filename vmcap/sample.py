@@ -33,8 +33,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from .kernel.platform import EM_386, EM_AARCH64, EM_ARM, EM_PPC, EM_PPC64, EM_S390, EM_X86_64
 from .formats.elf import NT_PRSTATUS, PT_LOAD, PT_NOTE
+from .kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_PPC, EM_PPC64, EM_S390, EM_X86_64
 
 POISON = b"\xa5"
 # Stands in for a POISON byte that RAM content would otherwise contain.

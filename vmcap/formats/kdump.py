@@ -33,20 +33,30 @@ from typing import Iterator
 
 import numpy as np
 
-from .digest import PLACEHOLDER, StreamDigest, hex_value, sparse_file_digest
-# The descriptor flags are re-exported: tests and tools know them as kdump's.
-from .codecs import (DUMP_DH_COMPRESSED_LZO, DUMP_DH_COMPRESSED_SNAPPY, DUMP_DH_COMPRESSED_ZLIB,
-                     DUMP_DH_COMPRESSED_ZSTD, PAGE_COMPRESSION_FLAGS, PAGE_FLAG, PageDataError,
-                     PageDecoder, encode_pages, page_compressor)
 from ..cpus import usable_cpus
 from ..errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
-from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES, FlattenedFile, is_flattened
 from ..fileio.mmapio import open_source_fd
 from ..fileio.output import write_error
 from ..kernel import vmcoreinfo as vi
-from ..kernel.platform import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
-                               EM_S390, EM_X86_64)
+from ..kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64
+from .digest import PLACEHOLDER, StreamDigest, hex_value, sparse_file_digest
 from .elf import NoteSpan, build_note, iter_note_spans
+from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES
+from .flattened import FlattenedFile, is_flattened
+
+# The descriptor flags are re-exported: tests and tools know them as kdump's.
+from .pagecodecs import (
+    DUMP_DH_COMPRESSED_LZO,
+    DUMP_DH_COMPRESSED_SNAPPY,
+    DUMP_DH_COMPRESSED_ZLIB,
+    DUMP_DH_COMPRESSED_ZSTD,
+    PAGE_COMPRESSION_FLAGS,
+    PAGE_FLAG,
+    PageDataError,
+    PageDecoder,
+    encode_pages,
+    page_compressor,
+)
 
 __all__ = [
     "KdumpHeader",

@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable, Protocol
 
-from . import vmcoreinfo as vi
 from ..errors import BadSource, Unsupported
+from . import vmcoreinfo as vi
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from . import vmcoreinfo as vi
 from ..errors import BadSource, SourceIOError, Unsupported
+from . import vmcoreinfo as vi
 from .translate import make_translator
 
 ReadPhysical = Callable[[int, int], bytes]

@@ -39,8 +39,8 @@ import struct
 from dataclasses import dataclass
 from functools import cached_property
 
-from . import vmcoreinfo as vi
 from ..errors import BadSource, SourceIOError, Unsupported
+from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator
 
 PPC64_MACHINE_NAMES = frozenset({"em_ppc64", "ppc64", "ppc64le"})

@@ -31,8 +31,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import vmcoreinfo as vi
 from ..errors import BadSource, Unsupported
+from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator
 
 RISCV64_MACHINE_NAMES = frozenset({"em_riscv", "riscv64"})

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import struct
 
-from . import vmcoreinfo as vi
 from ..errors import BadSource, SourceIOError, Unsupported
+from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator
 
 S390X_MACHINE_NAMES = frozenset({"em_s390", "s390x"})

@@ -18,13 +18,12 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
-from . import vmcoreinfo as vi
 from ..errors import BadSource, Unsupported
+from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator, read_translated
 from .ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
 from .riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
 from .s390x import S390X_MACHINE_NAMES, S390xTranslator
-
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
 # Without NUMBER(KERNEL_IMAGE_SIZE) (older kernels) only trust the non-KASLR

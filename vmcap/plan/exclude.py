@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..formats.elf import Segment
 from .copier import PlanCopier
 from .copyplan import CopyPlan, MappedRange
-from ..formats.elf import Segment
 
 MIN_EXCLUDED_RUN = 256  # makedumpfile's PFN_EXCLUDED
 MASK_PIECE_PFNS = 1 << 20  # runs_from_mask reads the exclusion mask this many pfns at a time

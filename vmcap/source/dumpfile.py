@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from ..errors import BadSource
-from .layout import Layout
-from ..formats.elf import Segment
 from ..fileio.mmapio import FileSource, MmapRefused, open_source_fd
+from ..formats.elf import Segment
+from .layout import Layout
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -254,8 +254,8 @@ def open_dump(path, *, page_size: int | None = None,
 
     ``vmcoreinfo`` replaces the dump's own VMCOREINFO (a file's text).
     """
-    from .layout import read_layout
     from ..kernel.vmcoreinfo import parse_vmcoreinfo
+    from .layout import read_layout
 
     if not isinstance(path, str):
         paths = list(path)
@@ -298,8 +298,8 @@ def open_dump(path, *, page_size: int | None = None,
 
 
 def _split_set_dump(paths, page_size, vmcoreinfo) -> OpenDump:
-    from .kdump_memory import SplitSetMemory, open_kdump_readers
     from ..kernel.vmcoreinfo import parse_vmcoreinfo
+    from .kdump_memory import SplitSetMemory, open_kdump_readers
 
     check_split_set_paths(paths)
     readers = open_kdump_readers(paths)
@@ -336,8 +336,8 @@ def kernel_page_size(vmcoreinfo: dict, option: int | None, block_size: int) -> i
 
 def elf_dump(layout, source, *, container: str = "elf", closer=None) -> OpenDump:
     """An ELF source whose layout is already read, as an OpenDump."""
-    from ..plan.copyplan import disjoint_segments
     from ..kernel.translate import phys_base_from_segments
+    from ..plan.copyplan import disjoint_segments
 
     view = ElfPhysicalView(layout, source)
     page = layout.page_size

@@ -26,10 +26,10 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from ..formats.elfwriter import OutputSegment, plan_elf_image
 from ..errors import SourceIOError
-from ..formats.elf import build_note, iter_note_spans
 from ..fileio.mmapio import MmapRefused
+from ..formats.elf import build_note, iter_note_spans
+from ..formats.elfwriter import OutputSegment, plan_elf_image
 
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
 VMCAP_NOTE_NAME = "VMCAP"

@@ -16,11 +16,10 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 
-from .elfview import ElfCoreView, ElfIdentity, view_notes
 from ..errors import BadSource, Unsupported
 from ..formats.kdump import KdumpReader
-from ..kernel.platform import (EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV,
-                               EM_S390, EM_X86_64)
+from ..kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64
+from .elfview import ElfCoreView, ElfIdentity, view_notes
 
 # The kdump header's utsname machine -> ELF e_machine (the inverse of
 # kdump.utsname_machine, with the names other tools write).

@@ -19,13 +19,30 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import BadSource
-from ..kernel.platform import ARCHES, E_MACHINE_NAMES, FALLBACK_PAGE_SIZE
-from ..kernel.ppc64 import ppc64_kernel_byte_order
 from ..fileio.mmapio import Source
-from ..formats.elf import (EHDR_FIELDS, EHDR_FORMATS, ELF_MAGIC, ET_CORE, E_TYPE_NAMES, NT_PRSTATUS, PHDR_FORMATS,
-                           PN_XNUM, PT_LOAD, PT_NOTE, SHDR_FIELDS, SHDR_FORMATS, Note, Segment, parse_notes,
-                           reencode_note_headers, replace_vmcoreinfo_note)
+from ..formats.elf import (
+    E_TYPE_NAMES,
+    EHDR_FIELDS,
+    EHDR_FORMATS,
+    ELF_MAGIC,
+    ET_CORE,
+    NT_PRSTATUS,
+    PHDR_FORMATS,
+    PN_XNUM,
+    PT_LOAD,
+    PT_NOTE,
+    SHDR_FIELDS,
+    SHDR_FORMATS,
+    Note,
+    Segment,
+    parse_notes,
+    reencode_note_headers,
+    replace_vmcoreinfo_note,
+)
+from ..kernel.arch import ARCHES, E_MACHINE_NAMES, FALLBACK_PAGE_SIZE
+from ..kernel.ppc64 import ppc64_kernel_byte_order
 from ..kernel.vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
+
 # Sanity bounds: anything beyond these is a corrupt header, not a big machine.
 MAX_SEGMENTS = 1 << 22
 MAX_NOTES_BYTES = 256 << 20

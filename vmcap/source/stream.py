@@ -27,11 +27,11 @@ import zlib
 
 import numpy as np
 
-from .elfview import ElfCoreView, ElfIdentity, view_notes
 from ..errors import BadSource, CorruptOutput, SourceIOError, Unsupported
 from ..formats.flattened import END_FLAG, HEADER_BYTES, RECORD_HEADER_BYTES, is_flattened
-from ..formats.codecs import PAGE_COMPRESSION_FLAGS
 from ..formats.kdump import DESCRIPTOR_BYTES, KDUMP_SIGNATURE, KdumpReader, decode_disk_dump_header
+from ..formats.pagecodecs import PAGE_COMPRESSION_FLAGS
+from .elfview import ElfCoreView, ElfIdentity, view_notes
 
 WRAPPERS = (
     (b"\x1f\x8b", "gzip"),
