@@ -17,18 +17,22 @@ import sys
 from contextlib import contextmanager
 
 from .errors import BadSource, CorruptOutput, OutputError, SourceIOError, Unsupported, VerifyMismatch, VmcapError
-from .process import Interrupted, StdoutWriteError, report_stdout_failure, silence_stdout
-
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_BAD_SOURCE = 3
-EXIT_SOURCE_IO = 4
-EXIT_OUTPUT = 5
-EXIT_CORRUPT = 6
-EXIT_MISMATCH = 7
-EXIT_UNSUPPORTED = 8
-EXIT_INTERRUPTED = 130
+from .process import (  # noqa: F401
+    EXIT_BAD_SOURCE,
+    EXIT_CORRUPT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_MISMATCH,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_SOURCE_IO,
+    EXIT_UNSUPPORTED,
+    EXIT_USAGE,
+    Interrupted,
+    StdoutWriteError,
+    report_stdout_failure,
+    silence_stdout,
+)
 
 EXIT_CODES = {
     BadSource: EXIT_BAD_SOURCE,

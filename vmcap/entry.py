@@ -12,8 +12,13 @@ from __future__ import annotations
 import signal
 import sys
 
-from .cli import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, EXIT_OUTPUT
+# Nothing but the standard library before the handlers are installed: a signal that
+# arrives while cli.py or click load must end vmcap with one line and 130 too.
 from .process import (
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTPUT,
     STOP_SIGNALS,
     GuardedStdout,
     Interrupted,

@@ -4,7 +4,10 @@ Standard library only, on purpose: the handlers are installed before click,
 numpy or zstandard load, so a signal that arrives while they are still being
 imported ends vmcap the same way as one that arrives mid-copy (one line on
 stderr, exit code 130), never a KeyboardInterrupt traceback or click's
-"Aborted!" with exit code 1. The exit codes themselves are cli.py's.
+"Aborted!" with exit code 1.
+
+The exit code numbers are here for the same reason (entry.py needs them
+before anything else loads); cli.py is the one place errors become them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,18 @@ import errno
 import os
 import signal
 import sys
+
+# Also in README.md and man/vmcap.1.
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_BAD_SOURCE = 3
+EXIT_SOURCE_IO = 4
+EXIT_OUTPUT = 5
+EXIT_CORRUPT = 6
+EXIT_MISMATCH = 7
+EXIT_UNSUPPORTED = 8
+EXIT_INTERRUPTED = 130
 
 # SIGHUP: the terminal or the ssh session of a capture went away; it ends the
 # run like SIGTERM does (partial output removed), not by killing the process
