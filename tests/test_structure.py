@@ -9,6 +9,8 @@ imports under ``if TYPE_CHECKING:`` (annotations) are left out.
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,3 +148,14 @@ def test_no_module_is_named_like_a_stdlib_module(module):
     # vmcap/copy.py and vmcap/inspect.py once did: a script run from inside the
     # package directory then imports vmcap's module instead of the stdlib's.
     assert module.rpartition(".")[2] not in sys.stdlib_module_names or module.endswith("__init__")
+
+
+def test_ruff_finds_nothing():
+    """One line length and import order (pyproject's [tool.ruff]) for the package, tests and packaging."""
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install '.[test]' brings it)")
+    root = PACKAGE_DIR.parent
+    done = subprocess.run([ruff, "check", "--no-cache", "vmcap", "tests", "packaging"], cwd=root,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
