@@ -103,16 +103,14 @@ class DumpLevels(click.ParamType):
     name = "LEVEL[,LEVEL...]"
 
     def convert(self, value, param, ctx):
+        from .kernel.dumplevel import DumpLevel
+
         if isinstance(value, tuple):
             return value
-        levels = []
-        for part in str(value).split(","):
-            part = part.strip()
-            if not part.isdigit() or not 0 <= int(part) <= 31:
-                self.fail(f"{_one_line(repr(part), 60)} is not a dump level from 0 to 31",
-                          param, ctx)
-            levels.append(int(part))
-        return tuple(levels)
+        try:
+            return DumpLevel.parse_list(str(value))
+        except ValueError as error:
+            self.fail(_one_line(str(error)), param, ctx)
 
 
 class PageSize(click.ParamType):

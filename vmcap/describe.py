@@ -6,6 +6,7 @@ from .errors import BadSource
 from .formats.elf import parse_notes
 from .formats.elfwriter import find_vmcap_note, incomplete_info
 from .formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
+from .kernel.dumplevel import EVERY_CLASS
 from .kernel.vmcoreinfo import parse_vmcoreinfo
 from .plan.copyplan import plan_copy
 from .source.dumpfile import detect_container, open_elf_source
@@ -19,7 +20,7 @@ def memory_usage(path: str, *, page_size: int | None = None,
     from .source.dumpfile import classify_dump, open_dump
 
     with open_dump(path, page_size=page_size, vmcoreinfo=vmcoreinfo) as dump:
-        result = classify_dump(dump, 31)
+        result = classify_dump(dump, EVERY_CLASS)
     return [{"type": row.type, "pages": row.pages, "excludable": row.excludable,
              "description": row.description} for row in mem_usage(result).values()]
 

@@ -15,6 +15,8 @@ page, a p_memsz of 2**40 would take minutes and gigabytes of descriptors.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .errors import BadSource, Unsupported
@@ -23,8 +25,10 @@ from .formats.digest import PLACEHOLDER, UNKNOWN, note_lines
 from .formats.elfwriter import aligned_notes, describe_incomplete, incomplete_lines, vmcap_note
 from .formats.flattened import FlattenedWriter
 from .formats.kdump import BITMAP_WINDOW_BYTES, KdumpHeaderInfo, KdumpLayout, KdumpWriter, utsname_machine
+from .kernel.dumplevel import ExclusionCounts
 from .plan.copier import PlanCopier
 from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
+from .plan.exclude import ZERO_EXCLUDED, ZERO_SHARED, ExclusionPolicy
 from .source.layout import Layout
 
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
@@ -185,8 +189,13 @@ def _bits_set(bitmap, first: int, count: int, step: int = 1 << 24) -> int:
 
 
 def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputFile,
-                options, excluded=None, counts: dict | None = None) -> dict:
-    """Write a kdump-compressed file; ``plan`` must be made over disjoint segments."""
+                options, policy: ExclusionPolicy, excluded=None,
+                counts: ExclusionCounts = ExclusionCounts()) -> ExclusionCounts:
+    """Write a kdump-compressed file; ``plan`` must be made over disjoint segments.
+
+    ``excluded`` is the per-pfn mask of the kernel classes ``policy`` leaves
+    out; returns ``counts`` (theirs) with the zero and zero-fill pages added.
+    """
     page = layout.page_size
     segments = disjoint_segments(layout.segments)
     max_end = max((s.paddr + s.memsz for s in segments), default=0)
@@ -234,7 +243,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # crash (without --zero_excluded), drgn and makedumpfile --dump-dmesg
     # fail on them, and unused parts of live kernel structures (the printk
     # descriptor ring) are such pages.
-    exclude_zero = bool(options.dump_level & 1) and options.zero_pages == "exclude"
+    exclude_zero = policy.zero_mode == ZERO_EXCLUDED
     # kdump-flat: every positional write becomes a record of a stream, which
     # a pipe can take (makedumpfile -F); `makedumpfile -R` rebuilds the file.
     flat = FlattenedWriter(out) if options.output_format == "kdump-flat" else None
@@ -242,7 +251,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
                          level=level, threads=options.threads,
                          exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
-                         dump_level=options.dump_level,
+                         dump_level=int(policy.level),
                          size_limit=options.size_limit if flat is None else None)
     # Room for the metadata, taken before the data: when the disk fills up,
     # what was written can still be finished as a readable dump.
@@ -298,11 +307,6 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         raise out._fail("write", e) from None
     if flat is None:
         out.position = stats.file_bytes
-    result = dict(counts or {})
-    if stream.zero_fill_pages:
-        result["zero_fill"] = stream.zero_fill_pages
-    if exclude_zero:
-        result["zero"] = stats.zero_pages_excluded
-    elif options.dump_level & 1:
-        result["zero_shared"] = stats.zero_pages_shared
-    return result
+    return replace(counts, zero_fill=stream.zero_fill_pages,
+                   zero=stats.zero_pages_excluded if exclude_zero else None,
+                   zero_shared=stats.zero_pages_shared if policy.zero_mode == ZERO_SHARED else None)

@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from . import __version__
+from .kernel.dumplevel import DumpLevel
 
 PROG = "vmcap-makedumpfile"
 
@@ -67,7 +68,7 @@ class Request:
     output: str | None = None
     compress: str = "none"  # none, zlib, lzo, snappy, zstd
     elf: bool = False
-    dump_levels: tuple[int, ...] = (0,)
+    dump_levels: tuple[DumpLevel, ...] = (DumpLevel(0),)
     size_limit: int | None = None
     message_level: int = DEFAULT_MESSAGE_LEVEL
     threads: int | None = None
@@ -77,17 +78,11 @@ class Request:
     vmlinux: str | None = None  # -x: named, checked to exist, not read (see execute)
 
 
-def _dump_levels(text: str) -> tuple[int, ...]:
-    levels = []
-    for part in text.split(","):
-        try:
-            level = int(part, 10)
-        except ValueError:
-            raise UsageProblem(f"-d {text}: dump level {part!r} is not a number from 0 to 31")
-        if not 0 <= level <= 31:
-            raise UsageProblem(f"-d {text}: dump level {level} is not from 0 to 31")
-        levels.append(level)
-    return tuple(levels)
+def _dump_levels(text: str) -> tuple[DumpLevel, ...]:
+    try:
+        return DumpLevel.parse_list(text)
+    except ValueError as error:
+        raise UsageProblem(f"-d {text}: {error}") from None
 
 
 def _size(text: str) -> int:

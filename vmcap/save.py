@@ -26,14 +26,22 @@ from .formats.elfwriter import (
     plan_elf_image,
     vmcap_note,
 )
+from .kernel.dumplevel import DumpLevel, ExclusionCounts
 from .plan.copier import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
 from .plan.copyplan import CopyPlan, disjoint_segments, find_fractional_pages, plan_copy
-from .plan.exclude import runs_from_mask, scan_excluded_runs, split_segments
+from .plan.exclude import (
+    PAGE_FORMATS,
+    ExclusionPolicy,
+    SavedLevel,
+    runs_from_mask,
+    scan_excluded_runs,
+    split_segments,
+)
 from .source.dumpfile import open_save_source
 from .source.layout import Layout, read_layout, require_memory
 
 FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
-KDUMP_FORMATS = ("kdump", "kdump-flat")  # kdump-flat: flattened (makedumpfile -F), for pipes
+KDUMP_FORMATS = PAGE_FORMATS  # kdump-flat: flattened (makedumpfile -F), for pipes
 # Progress phases, named as makedumpfile names them on the console.
 PHASE_SCAN = "Excluding zero pages"
 PHASE_COPY = "Copying data"
@@ -53,7 +61,7 @@ class SaveOptions:
     force: bool = False
     page_size: int | None = None
     allow_mmap: bool = True
-    dump_level: int = 0
+    dump_level: DumpLevel = DumpLevel(0)
     compress: str = "zstd"  # kdump page compression: zstd, zlib, lzo, snappy or none
     # kdump at dump level 1: "shared" keeps zero pages readable (one stored
     # zero page, as makedumpfile does); "exclude" clears them from bitmap 2.
@@ -62,7 +70,7 @@ class SaveOptions:
     vmcoreinfo_path: str | None = None  # VMCOREINFO file for a dump without (or with a bad) note
     # Dump levels to try, in order, after dump_level when the output does
     # not fit (disk full, size_limit): makedumpfile's -d 11,31.
-    retry_levels: tuple[int, ...] = ()
+    retry_levels: tuple[DumpLevel, ...] = ()
     size_limit: int | None = None  # bytes the output may take (makedumpfile -L)
     # A dump level needing kernel knowledge vmcap lacks: fail (exit 8)
     # rather than save at the level that needs none.
@@ -70,6 +78,15 @@ class SaveOptions:
     # No level was asked for (the CLI without -d): a saved dump as the source
     # is saved at its own dump level, the bits of dump_level added.
     inherit_level: bool = False
+
+    def __post_init__(self):
+        # Callers of the library may pass plain ints: a level is checked once, here.
+        object.__setattr__(self, "dump_level", DumpLevel.of(self.dump_level))
+        object.__setattr__(self, "retry_levels", tuple(DumpLevel.of(level) for level in self.retry_levels))
+
+    def exclusion_policy(self, source: SavedLevel = SavedLevel()) -> ExclusionPolicy:
+        """What dump_level means for this output format, from ``source``."""
+        return ExclusionPolicy(self.dump_level, self.output_format, self.zero_pages, source)
 
     def compression_level(self) -> int:
         """The level for this run: the option, else the format's default."""
@@ -101,21 +118,22 @@ class SaveSummary:
     fractional_pages: int
     mmap_fallbacks: int
     error_ranges: tuple[dict, ...]
-    pages_excluded: dict = field(default_factory=dict)
+    pages_excluded: dict = field(default_factory=dict)  # ExclusionCounts.to_json()
     dmesg: str | None = None
     dmesg_records: int = 0
     warnings: tuple[str, ...] = ()
-    dump_level: int = 0  # the level the output was written at (see retry_levels, strict)
+    dump_level: DumpLevel = DumpLevel(0)  # the level the output was written at (see retry_levels, strict)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return dict(asdict(self), dump_level=int(self.dump_level))
 
 
 class Capture:
     """What one run shares: the source, its layout, the options, the copiers made."""
 
     def __init__(self, source: Source, layout: Layout, options: SaveOptions,
-                 progress: Callable[[int, int, str], None] | None):
+                 progress: Callable[[int, int, str], None] | None,
+                 policy: ExclusionPolicy | None = None):
         self.source = source
         self.layout = layout
         self.options = options
@@ -124,6 +142,7 @@ class Capture:
         self.classification = None  # pageclass.ExclusionResult for dump level bits 2-16
         # Read once, in order (a compressed stream): no scan pass, no struct pages.
         self.sequential = bool(getattr(source, "sequential", False))
+        self.policy = policy or options.exclusion_policy(SavedLevel(sequential=self.sequential))
 
     def copier(self, plan: CopyPlan, phase: str = PHASE_COPY) -> PlanCopier:
         """A copier over ``plan``, reported as one phase of the progress."""
@@ -147,38 +166,40 @@ class Capture:
         return total
 
 
-def classify_or_fall_back(layout: Layout, source: Source, options: SaveOptions):
-    """(page classes, options at the level they allow, warnings).
+def classify_or_fall_back(layout: Layout, source: Source, policy: ExclusionPolicy, *, strict: bool):
+    """(page classes or None, the policy they allow, warnings).
 
     A level whose kernel page classes need what vmcap cannot know (a missing
     VMCOREINFO key, an unknown struct layout, another architecture) falls
-    back to the bits that need none (1: zero pages) with a warning naming
-    why, unless options.strict: a scripted capture must not end without a dump.
+    back to the bits that need none (1: zero pages; and what a saved source
+    left out already) with a warning naming why, unless ``strict``: a
+    scripted capture must not end without a dump.
     """
+    if not policy.classifies:
+        return None, policy, []
     try:
-        return classify_source(layout, source, options.dump_level), options, []
+        return classify_source(layout, source, policy.level), policy, []
     except Unsupported as error:
-        if options.strict:
+        if strict:
             raise
-        level = options.dump_level & 1
-        return None, replace(options, dump_level=level), [
-            f"dump level {options.dump_level} needs kernel knowledge vmcap lacks ({error}); "
-            f"saved at dump level {level} instead (--strict refuses)"]
+        fallback = policy.without_kernel_classes()
+        return None, fallback, [
+            f"dump level {policy.level} needs kernel knowledge vmcap lacks ({error}); "
+            f"saved at dump level {fallback.level} instead (--strict refuses)"]
 
 
-def classify_source(layout: Layout, source: Source, dump_level: int):
+def classify_source(layout: Layout, source: Source, dump_level: DumpLevel):
     """makedumpfile's page classes (dump level bits 2-16) for the source, or None."""
-    if not dump_level & ~1:
+    if not dump_level.needs_kernel:
         return None
     from .source.dumpfile import classify_dump, elf_dump
 
     return classify_dump(elf_dump(layout, source), dump_level)
 
 
-def class_counts(classification) -> dict:
-    if classification is None:
-        return {}
-    return {k: v for k, v in classification.counts.items() if k != "total_pages"}
+def _classified(classification) -> ExclusionCounts:
+    """The counts of the page classes (none without a classification); writing adds the rest."""
+    return ExclusionCounts() if classification is None else classification.counts
 
 
 def _count_set(mask, first: int, end: int, step: int = 1 << 20) -> int:
@@ -187,36 +208,35 @@ def _count_set(mask, first: int, end: int, step: int = 1 << 20) -> int:
     return sum(int(mask[lo:min(lo + step, end)].sum()) for lo in range(first, end, step))
 
 
-def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
+def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCounts]:
     """Stream an ELF core (compressed or sparse plain) into ``out``.
 
     Returns (warnings, pages excluded per reason).
     """
-    layout, options = capture.layout, capture.options
+    layout, options, policy = capture.layout, capture.options, capture.policy
     page = layout.page_size
-    warnings: list[str] = []
-    excluded_counts: dict = {}
+    # A source read once, in order, cannot be scanned before the copy: what
+    # it left out stays out (zero fill), its zero pages stay in (a warning).
+    warnings = policy.warnings()
+    counts = ExclusionCounts()
     segments = layout.segments
     plan = plan_copy(segments, page)
     classification = capture.classification
-    if options.dump_level and capture.sequential:
-        # A source read once, in order, cannot be scanned before the copy:
-        # what it left out stays out (zero fill), its zero pages stay in.
-        warnings.append("the source is read once, in order: its zero pages are kept, not "
-                        "excluded (dump level bit 1 allows both)")
-    elif options.dump_level:
+    if policy.cuts_segments:
         # The headers come first, so exclusions must be known before writing.
         mask = classification.excluded if classification is not None else None
         zero_seen = 0
-        if options.dump_level & 1:
+        if policy.scans_zero_pages:
             scan = scan_excluded_runs(lambda scan: capture.copier(scan, PHASE_SCAN), plan,
                                       {s.index: s for s in segments},
                                       page, exclude_zero=True, class_excluded=mask)
             runs, zero_seen = scan.runs, scan.zero_pages
-        else:
+        elif mask is not None:
             runs = runs_from_mask(segments, mask, page)
+        else:
+            # Only what the source left out is out: it is zero fill already.
+            runs = []
         run_pages = sum(run.length for run in runs) // page
-        excluded_counts.update(class_counts(classification))
         # makedumpfile -E writes runs shorter than 256 pages as they are:
         # excludable pages (of a kernel class, or zero) that stay in the output.
         kept = 0
@@ -226,10 +246,11 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
             kept += mask.count() - in_runs
         else:
             in_runs = 0
-        if options.dump_level & 1:
-            excluded_counts["zero"] = run_pages - in_runs
-            kept += zero_seen - excluded_counts["zero"]
-        excluded_counts["kept_in_short_runs"] = kept
+        zero = None
+        if policy.scans_zero_pages:
+            zero = run_pages - in_runs
+            kept += zero_seen - zero
+        counts = replace(_classified(classification), zero=zero, kept_in_short_runs=kept)
         segments = tuple(split_segments(segments, runs))
         plan = plan_copy(segments, page)
     copier = capture.copier(plan)
@@ -328,7 +349,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
             head = image.header + source_notes + note(errors, values)
             values["META_XXH64"] = StreamDigest.of(head)
             out.pwrite(note(errors, values), image.vmcap_note_offset)
-    return warnings, excluded_counts
+    return warnings, counts
 
 
 def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int:
@@ -410,18 +431,16 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
         require_memory(layout)
         source_path = source.name if not isinstance(source_path, str) else source_path
         layout, source_level, source_warnings = saved_dump_source(layout, header_level)
-        # An ELF core saved with bit 1 has no zero pages; makedumpfile's and
-        # QEMU's kdump files keep them (one shared stored zero page).
-        source_drops_zero = bool(source_level & 1) and header_level is None
-        if options.inherit_level:
-            options = replace(options, dump_level=options.dump_level | source_level,
-                              retry_levels=tuple(level | source_level
-                                                 for level in options.retry_levels))
-        check_refilter_levels(source_path, source_level,
-                              (options.dump_level, *options.retry_levels))
-        sequential = bool(getattr(source, "sequential", False))
-        if sequential:
-            check_sequential_request(source_path, source_level, options)
+        saved = SavedLevel(source_level,
+                           # An ELF core saved with bit 1 has no zero pages; makedumpfile's and
+                           # QEMU's kdump files keep them (one shared stored zero page).
+                           drops_zero=source_level.excludes_zero and header_level is None,
+                           sequential=bool(getattr(source, "sequential", False)))
+        levels = saved.levels_to_write(source_path, (options.dump_level, *options.retry_levels),
+                                       inherit=options.inherit_level)
+        options = replace(options, dump_level=levels[0], retry_levels=levels[1:])
+        if saved.sequential:
+            check_sequential_request(source_path, saved, options)
         dmesg_records = 0
         log_warning: list[str] = []
         if options.dmesg_path:
@@ -431,28 +450,23 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
                 # The dump matters more than the log: say why, and go on.
                 log_warning.append(f"kernel log not saved: {error}")
         fractional = len(find_fractional_pages(layout.segments, layout.page_size))
-        levels = (options.dump_level, *options.retry_levels)
         level_warnings: list[str] = []
         for attempt, level in enumerate(levels):
             retry_left = attempt + 1 < len(levels) and output_path != "-"
             # Kernel page classes come from a few MiB of struct pages, read first.
-            if sequential:
-                classification, run_options, fallback = None, replace(options, dump_level=level), []
-            else:
-                classification, run_options, fallback = classify_or_fall_back(
-                    layout, source, replace(options, dump_level=level))
             # What the source left out stays out, whatever could be classified.
-            run_options = replace(run_options, dump_level=run_options.dump_level | source_level)
-            if source_drops_zero and run_options.output_format in KDUMP_FORMATS:
-                # Its zero pages are gone already: a kdump output cannot
-                # keep them readable (--zero-pages shared), and says so.
-                run_options = replace(run_options, zero_pages="exclude")
+            classification, policy, fallback = classify_or_fall_back(
+                layout, source, replace(options, dump_level=level).exclusion_policy(saved),
+                strict=options.strict)
+            # A source whose zero pages are gone already: a kdump output cannot
+            # keep them readable (--zero-pages shared), and says so.
+            run_options = replace(options, dump_level=policy.level, zero_pages=policy.kdump_zero_pages)
             level_warnings += fallback
-            capture = Capture(source, layout, run_options, progress)
+            capture = Capture(source, layout, run_options, progress, policy)
             capture.classification = classification
             out = OutputFile(output_path, force=options.force, size_limit=options.size_limit)
             try:
-                warnings, pages_excluded = write_output(capture, out)
+                warnings, counts = write_output(capture, out)
                 out.commit()
                 break
             except OutputFull as error:
@@ -481,7 +495,7 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
         mmap_fallbacks=stats.mmap_fallbacks,
         error_ranges=tuple({"paddr": e.paddr, "length": e.length, "reason": e.reason}
                            for e in stats.error_ranges),
-        pages_excluded=pages_excluded,
+        pages_excluded=counts.to_json(),
         dmesg=options.dmesg_path if options.dmesg_path and not log_warning else None,
         dmesg_records=dmesg_records,
         warnings=(layout.warnings + tuple(source_warnings) + tuple(log_warning)
@@ -489,7 +503,7 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
         dump_level=capture.options.dump_level)
 
 
-def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout, int, list[str]]:
+def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout, DumpLevel, list[str]]:
     """(layout without the source's VMCAP note, the dump level the source was saved at, warnings).
 
     A saved dump is a source like /proc/vmcore, but what its dump level left
@@ -506,8 +520,10 @@ def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout,
         except ValueError:
             raise BadSource(f"{layout.source_name}: VMCAP note DUMP_LEVEL "
                             f"{note.get('DUMP_LEVEL')!r} is not a number") from None
-    if not 0 <= level <= 31:
-        raise BadSource(f"{layout.source_name}: saved at dump level {level}, not 0..31")
+    try:
+        level = DumpLevel.of(level)
+    except ValueError:
+        raise BadSource(f"{layout.source_name}: saved at dump level {level}, not 0..31") from None
     warnings = []
     if note is not None and note.get("error_ranges"):
         warnings.append(f"the source lists {len(note['error_ranges'])} range(s) its capture "
@@ -521,26 +537,12 @@ def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout,
     return layout, level, warnings
 
 
-def check_refilter_levels(source_path: str, source_level: int, levels) -> None:
-    """Refuse a dump level without every bit of the source's (exit 8).
-
-    makedumpfile silently adds the source's bits when it re-filters; vmcap
-    says so instead, so that the level asked for is the level written.
-    """
-    for level in levels:
-        if level & source_level != source_level:
-            raise Unsupported(
-                f"{source_path} was saved at dump level {source_level}: the pages it left out "
-                f"cannot come back, so dump level {level} is impossible; use a level that "
-                f"includes {source_level}'s bits, such as -d {level | source_level}")
-
-
-def check_sequential_request(source_path: str, source_level: int, options: SaveOptions) -> None:
+def check_sequential_request(source_path: str, saved: SavedLevel, options: SaveOptions) -> None:
     """Refuse (exit 8) what a source read once, in order, cannot give."""
     why = None
-    if options.dump_level & ~source_level & ~1:
+    if saved.needs_struct_pages(options.dump_level):
         why = (f"dump level {options.dump_level} classifies pages the source kept "
-               f"(dump level {source_level}), which needs random access to its struct pages")
+               f"(dump level {saved.level}), which needs random access to its struct pages")
     elif options.retry_levels:
         why = "a dump level list may need a second pass"
     elif options.dmesg_path:
@@ -550,7 +552,7 @@ def check_sequential_request(source_path: str, source_level: int, options: SaveO
                           f"{why}; decompress it first")
 
 
-def write_output(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
+def write_output(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCounts]:
     """Write the dump in the capture's format; returns (warnings, pages excluded)."""
     options, layout = capture.options, capture.layout
     if options.output_format not in KDUMP_FORMATS:
@@ -560,10 +562,9 @@ def write_output(capture: Capture, out: OutputFile) -> tuple[list[str], dict]:
     # Page formats store each physical page once, in pfn order.
     plan = plan_copy(disjoint_segments(layout.segments), layout.page_size)
     classification = capture.classification
-    return [], write_kdump(
-        layout, plan, capture.copier(plan), out, options,
-        excluded=classification.excluded if classification is not None else None,
-        counts=class_counts(classification))
+    return [], write_kdump(layout, plan, capture.copier(plan), out, options, capture.policy,
+                           excluded=classification.excluded if classification is not None else None,
+                           counts=_classified(classification))
 
 
 def _abort_keeping(out: OutputFile, error: BaseException) -> None:

@@ -25,6 +25,7 @@ from .formats.digest import DIGEST_KEYS, UNKNOWN, file_digest
 from .formats.elf import iter_note_spans
 from .formats.elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
 from .formats.kdump import KdumpReader
+from .kernel.dumplevel import DumpLevel
 from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
 from .source.layout import read_layout
 
@@ -75,8 +76,9 @@ def verify(dump_path: str, source_path: str | None = None, *,
         else:
             result["digest"] = check_elf_digests(dump_path, layout, note, span)
         if source_path is not None:
-            dump_level = int((note or {}).get("DUMP_LEVEL") or 0)
-            result["dump_level"] = dump_level
+            dump_level = recorded_level(dump_path, (note or {}).get("DUMP_LEVEL") or "0",
+                                        "its VMCAP note's DUMP_LEVEL")
+            result["dump_level"] = int(dump_level)
             result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
                                               dump_level=dump_level,
                                               vmcoreinfo=vmcoreinfo or layout.vmcoreinfo_raw))
@@ -84,6 +86,15 @@ def verify(dump_path: str, source_path: str | None = None, *,
         out_source.close()
     result["status"] = "ok"
     return result
+
+
+def recorded_level(dump_path: str, value, where: str) -> DumpLevel:
+    """The dump level a dump says it was saved at; CorruptOutput if it is none."""
+    try:
+        return DumpLevel.of(int(value))
+    except ValueError:
+        raise CorruptOutput(f"{dump_path}: {where} is {str(value)[:40]!r}, not a dump level "
+                            "from 0 to 31") from None
 
 
 def vmcap_note_in(note_bytes: bytes, byte_order: str, where: str):
@@ -348,7 +359,7 @@ def _check_coverage(src_layout, covered, granule: int, source_path: str) -> int:
     return sum(hi - lo for lo, hi in zero_fill)
 
 
-def compare_with_source(view, source_path: str, *, dump_level: int = 0,
+def compare_with_source(view, source_path: str, *, dump_level: DumpLevel = DumpLevel(0),
                         keeps_zero_pages: bool = False, vmcoreinfo: bytes | None = None) -> dict:
     """Check that the dump holds every source byte that ``dump_level`` keeps.
 
@@ -376,7 +387,7 @@ def compare_with_source(view, source_path: str, *, dump_level: int = 0,
         classification = classify_source(src_layout, source, dump_level)
         excluded = classification.excluded if classification is not None else None
         checker = _SourceChecker(source, source_path, view, src_layout.page_size, excluded,
-                                 drops_zero=bool(dump_level & 1) and not keeps_zero_pages)
+                                 drops_zero=dump_level.excludes_zero and not keeps_zero_pages)
         granule = getattr(view, "granule", 1)
         zero_fill = _check_coverage(src_layout, _covered_ranges(view), granule, source_path)
         stored = _merged(view.stored_ranges())
@@ -488,12 +499,13 @@ def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None
             pages += count
         result["pages_checked"] = pages
         if source_path is not None:
-            result["dump_level"] = reader.header.dump_level
+            dump_level = recorded_level(path, reader.header.dump_level, "its kdump header's dump_level")
+            result["dump_level"] = int(dump_level)
             # vmcap's kdump files say whether zero pages were kept (one shared
             # page) or left out at dump level bit 1.
             keeps_zero = (note or {}).get("ZERO_PAGES") == "shared"
             result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
-                                              dump_level=reader.header.dump_level,
+                                              dump_level=dump_level,
                                               vmcoreinfo=vmcoreinfo or reader.vmcoreinfo,
                                               keeps_zero_pages=keeps_zero))
     result["status"] = "ok"

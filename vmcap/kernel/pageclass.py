@@ -54,18 +54,15 @@ import numpy as np
 
 from ..errors import BadSource, SourceIOError, Unsupported
 from . import vmcoreinfo as vi
+from .dumplevel import EXCLUDED_CLASSES, KERNEL_CLASSES, DumpLevel, ExclusionCounts
 from .translate import make_translator
 
 ReadPhysical = Callable[[int, int], bytes]
 ReadVirtual = Callable[[int, int], bytes]
 
-# Dump level bits (makedumpfile.h DL_EXCLUDE_*).
-DL_ZERO, DL_CACHE, DL_CACHE_PRIVATE, DL_USER, DL_FREE = 1, 2, 4, 8, 16
-MAX_DUMP_LEVEL = 31
-
 # Page classes, in makedumpfile's test order; 0 means "dumped".
 KEPT, FREE, CACHE, CACHE_PRIVATE, USER, HWPOISON, OFFLINE = range(7)
-CLASS_NAMES = ("kept", "free", "cache", "cache_private", "user", "hwpoison", "offline")
+CLASS_NAMES = ("kept", *EXCLUDED_CLASSES)
 
 # makedumpfile reads struct pages PGMM_CACHED at a time and only looks for a
 # compound head's order in the same batch: a head in the last slot gets order 0.
@@ -121,7 +118,7 @@ class PageRules:
     have that flag or type.
     """
 
-    dump_level: int
+    dump_level: DumpLevel
     struct_page_size: int
     flags_offset: int
     mapping_offset: int
@@ -217,17 +214,16 @@ def compound_layout(info: vi.VmcoreInfo) -> CompoundLayout:
                       "PG_hugetlb, PAGE_HUGETLB_MAPCOUNT_VALUE): cannot size compound pages")
 
 
-def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
+def page_rules(info: vi.VmcoreInfo, dump_level: DumpLevel | int) -> PageRules:
     """The classification rules for this kernel and dump level; Unsupported names a missing key.
 
     Only what the requested bits need is required: -d 16 alone does not need
     the compound layout, -d 2 does not need the buddy page type.
     """
-    if not 0 <= dump_level <= MAX_DUMP_LEVEL:
-        raise ValueError(f"dump level {dump_level} is not in 0..{MAX_DUMP_LEVEL}")
-    wants_cache = bool(dump_level & (DL_CACHE | DL_CACHE_PRIVATE))
-    wants_user = bool(dump_level & DL_USER)
-    wants_free = bool(dump_level & DL_FREE)
+    dump_level = DumpLevel.of(dump_level)
+    wants_cache = bool(dump_level & (DumpLevel.CACHE | DumpLevel.CACHE_PRIVATE))
+    wants_user = bool(dump_level & DumpLevel.USER)
+    wants_free = bool(dump_level & DumpLevel.FREE)
 
     slab_type = _type_value(info, "PAGE_SLAB_MAPCOUNT_VALUE")  # 6.10+
     slab_bit = _page_flag(info, "PG_slab")                      # before 6.10
@@ -278,10 +274,9 @@ def page_rules(info: vi.VmcoreInfo, dump_level: int) -> PageRules:
     )
 
 
-def walks_mem_map(info: vi.VmcoreInfo, dump_level: int) -> bool:
+def walks_mem_map(info: vi.VmcoreInfo, dump_level: DumpLevel) -> bool:
     """Whether makedumpfile walks struct pages at this level: any of 2/4/8/16, or PG_hwpoison known."""
-    return bool(dump_level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE)) \
-        or _page_flag(info, "PG_hwpoison") is not None
+    return dump_level.needs_kernel or _page_flag(info, "PG_hwpoison") is not None
 
 
 # --- decoding struct pages ----------------------------------------------------------------
@@ -383,7 +378,7 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
         undecided[selected] = False
 
     level = rules.dump_level
-    if level & DL_FREE:
+    if level & DumpLevel.FREE:
         buddy = undecided & (mapcount == np.uint32(rules.buddy_type)) & ~slab
         free_order = pages["private"]
         if rules.free_area_orders is not None:
@@ -398,21 +393,21 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
             order[unaccepted] = rules.free_area_orders - 1
             claim(unaccepted, FREE)
 
-    if level & (DL_CACHE | DL_CACHE_PRIVATE | DL_USER):
+    if level & (DumpLevel.CACHE | DumpLevel.CACHE_PRIVATE | DumpLevel.USER):
         anonymous = ((pages["mapping"] & np.uint64(PAGE_MAPPING_ANON)) != 0) & ~slab
-    if level & (DL_CACHE | DL_CACHE_PRIVATE):
+    if level & (DumpLevel.CACHE | DumpLevel.CACHE_PRIVATE):
         swapcache = _bit(flags, rules.swapcache_bit)
         if rules.swapbacked_bit is not None:
             # PG_swapcache shares its bit with PG_owner_priv_1 unless swap-backed.
             swapcache &= _bit(flags, rules.swapbacked_bit)
         cache = (_bit(flags, rules.lru_bit) | swapcache) & ~anonymous
         private = _bit(flags, rules.private_bit)
-        if level & DL_CACHE:
+        if level & DumpLevel.CACHE:
             claim(undecided & cache & ~private, CACHE)
-        if level & DL_CACHE_PRIVATE:
+        if level & DumpLevel.CACHE_PRIVATE:
             claim(undecided & cache & private, CACHE_PRIVATE)
             claim(undecided & cache, CACHE)
-    if level & DL_USER:
+    if level & DumpLevel.USER:
         claim(undecided & (anonymous | hugetlb), USER)
     claim(undecided & _bit(flags, rules.hwpoison_bit), HWPOISON)
     if rules.offline_type is not None:
@@ -801,16 +796,17 @@ class ExclusionResult:
     page can machine-check the capture kernel). Zero pages (bit 1) are not
     decided here. excluded answers slices [lo:hi] (bool arrays) and count()
     from one cycle of state at a time (CyclicExclusion): read it in ascending
-    pfn order, in pieces, never whole. counts: pfns excluded per class
-    ("cache", "cache_private", "user", "free", "hwpoison", "offline") and
-    "total_pages", the pfns that have a struct page and are RAM in the dump
-    (makedumpfile's "Original pages"). dump_level is the level classified for.
+    pfn order, in pieces, never whole. counts: its ``classes`` are the pfns
+    excluded per class ("free", "cache", "cache_private", "user", "hwpoison",
+    "offline"), its ``total_pages`` the pfns that have a struct page and are
+    RAM in the dump (makedumpfile's "Original pages"). dump_level is the level
+    classified for.
     """
 
     max_pfn: int
     excluded: CyclicExclusion  # max_pfn pfns, sliced [lo:hi]
-    counts: dict[str, int]
-    dump_level: int
+    counts: ExclusionCounts
+    dump_level: DumpLevel
 
 
 class RamPfnRanges:
@@ -989,8 +985,8 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
         cycle += 1
         walked_to_at[cycle] = walked_to
         touched[cycle] = walked_to > cycle * cycle_pfns
-    counts = {name: int(class_pages[i]) for i, name in enumerate(CLASS_NAMES) if i != KEPT}
-    counts["total_pages"] = looked_at
+    counts = ExclusionCounts(classes={name: int(class_pages[i]) for i, name in enumerate(CLASS_NAMES) if i != KEPT},
+                             total_pages=looked_at)
     excluded = CyclicExclusion(walk.fill_cycle, max_pfn, cycle_pfns, walked_to_at, touched,
                                int(class_pages[1:].sum()), cached=(0, first_bits))
     return ExclusionResult(max_pfn=max_pfn, excluded=excluded, counts=counts, dump_level=rules.dump_level)
@@ -1002,7 +998,7 @@ def no_exclusion(max_pfn: int) -> CyclicExclusion:
     return CyclicExclusion(lambda *_: None, max_pfn, CYCLE_PFNS, [0] * cycles, [False] * cycles, 0)
 
 
-def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, dump_level: int, *,
+def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, dump_level: DumpLevel | int, *,
                    max_pfn: int, chunk_pages: int = 1 << 14,
                    ram_pfn_ranges: Sequence[tuple[int, int]] | None = None) -> ExclusionResult:
     """Pages that makedumpfile -d dump_level would leave out (bits 2/4/8/16; bit 1 is ignored).
@@ -1014,12 +1010,13 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     makedumpfile's is_in_segs does; None looks at every pfn with a struct page.
     Raises Unsupported naming the missing VMCOREINFO key, or the architecture.
     """
+    dump_level = DumpLevel.of(dump_level)
     if max_pfn > MAX_CLASSIFIED_PFNS:
         raise Unsupported(f"the dump's memory reaches pfn {max_pfn:#x}; vmcap classifies pages "
                           f"below pfn {MAX_CLASSIFIED_PFNS:#x} only")
     if not walks_mem_map(vmcoreinfo, dump_level):
-        counts = {name: 0 for name in CLASS_NAMES[1:]}
-        return ExclusionResult(max_pfn, no_exclusion(max_pfn), {**counts, "total_pages": 0}, dump_level)
+        counts = ExclusionCounts(classes=dict.fromkeys(EXCLUDED_CLASSES, 0))
+        return ExclusionResult(max_pfn, no_exclusion(max_pfn), counts, dump_level)
     rules = page_rules(vmcoreinfo, dump_level)
     translator = make_translator(read_physical, vmcoreinfo, machine)
     byte_order = getattr(translator, "byte_order", "little")
@@ -1049,10 +1046,9 @@ def mem_usage(result: ExclusionResult) -> dict[str, MemUsageRow]:
     Zero pages cannot be told from struct pages, so there is no ZERO row and
     KERN_DATA (the rest of the pages looked at) includes them.
     """
-    wanted = DL_CACHE | DL_CACHE_PRIVATE | DL_USER | DL_FREE
-    if result.dump_level & wanted != wanted:
+    if not result.dump_level.includes(KERNEL_CLASSES):
         raise ValueError(f"mem_usage needs a classification at dump level 30 or 31, not {result.dump_level}")
-    counts = result.counts
+    counts = result.counts.classes
     rows = [
         MemUsageRow("NON_PRI_CACHE", counts["cache"], True, "Cache pages without private flag"),
         MemUsageRow("PRI_CACHE", counts["cache_private"], True, "Cache pages with private flag"),
@@ -1061,6 +1057,6 @@ def mem_usage(result: ExclusionResult) -> dict[str, MemUsageRow]:
         MemUsageRow("HWPOISON", counts["hwpoison"], True, "Hardware-poisoned pages (always excluded)"),
         MemUsageRow("OFFLINE", counts["offline"], True, "Logically offline pages (always excluded)"),
     ]
-    kernel_data = counts["total_pages"] - sum(row.pages for row in rows)
+    kernel_data = result.counts.total_pages - sum(row.pages for row in rows)
     rows.append(MemUsageRow("KERN_DATA", kernel_data, False, "Dumpable kernel data (and zero pages)"))
     return {row.type: row for row in rows}

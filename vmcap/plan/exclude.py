@@ -9,20 +9,145 @@ PT_LOAD (it goes into p_memsz, not p_filesz) and the next one starts after
 it; shorter runs are written with their real contents (zeros, for zero
 pages), because another program header costs more than it saves; a run at
 the very end of a segment's data always becomes zero fill.
+
+What a dump level means for one output is decided once, by ExclusionPolicy:
+which page classes go, whether zero pages are left out, stored once (kdump's
+shared zero page) or kept, whether struct pages must be classified, and
+what re-filtering a saved dump allows (SavedLevel).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import Unsupported
 from ..formats.elf import Segment
+from ..kernel.dumplevel import EXCLUDED_CLASSES, DumpLevel
 from .copier import PlanCopier
 from .copyplan import CopyPlan, MappedRange
 
 MIN_EXCLUDED_RUN = 256  # makedumpfile's PFN_EXCLUDED
 MASK_PIECE_PFNS = 1 << 20  # runs_from_mask reads the exclusion mask this many pfns at a time
+PAGE_FORMATS = ("kdump", "kdump-flat")  # one page at a time, zero pages found while writing
+# What happens to all-zero pages.
+ZERO_EXCLUDED = "excluded"  # left out (ELF: zero fill; kdump: cleared from the 2nd bitmap)
+ZERO_SHARED = "shared"      # kdump: dumped, every one pointing at one stored zero page
+ZERO_KEPT = "kept"          # written like any other page
+
+
+@dataclass(frozen=True)
+class SavedLevel:
+    """The dump level of a save's source: 0 for /proc/vmcore, its own for a saved dump.
+
+    drops_zero: an ELF core saved with bit 1, whose zero pages are gone (a
+    kdump file keeps them readable); sequential: the source is read once, in
+    order, so no struct pages can be classified and nothing scanned first.
+    """
+
+    level: DumpLevel = DumpLevel(0)
+    drops_zero: bool = False
+    sequential: bool = False
+
+    def levels_to_write(self, source_path: str, levels, *, inherit: bool) -> tuple[DumpLevel, ...]:
+        """The levels a save asked for (a -d list), as they will be written.
+
+        ``inherit`` (no -d given, or makedumpfile's command line): the
+        source's bits are added. Otherwise a level without every bit of the
+        source's is refused (exit 8): makedumpfile silently adds them when it
+        re-filters; vmcap says so instead, so that the level asked for is the
+        level written.
+        """
+        levels = tuple(DumpLevel.of(level) for level in levels)
+        if inherit:
+            return tuple(level | self.level for level in levels)
+        for level in levels:
+            if not level.includes(self.level):
+                raise Unsupported(
+                    f"{source_path} was saved at dump level {self.level}: the pages it left out "
+                    f"cannot come back, so dump level {level} is impossible; use a level that "
+                    f"includes {self.level}'s bits, such as -d {level | self.level}")
+        return levels
+
+    def needs_struct_pages(self, level: DumpLevel) -> bool:
+        """Whether writing ``level`` classifies pages the source kept (bits 2-16 it lacks)."""
+        return level.without(self.level).needs_kernel
+
+
+@dataclass(frozen=True)
+class ExclusionPolicy:
+    """What one dump level means for one output, from one source.
+
+    ``level`` is the level written (the source's bits included);
+    ``zero_pages`` is the --zero-pages choice for kdump at bit 1 ("shared"
+    or "exclude").
+    """
+
+    level: DumpLevel
+    output_format: str = "zelf"
+    zero_pages: str = "shared"
+    source: SavedLevel = SavedLevel()
+
+    def __post_init__(self):
+        object.__setattr__(self, "level", DumpLevel.of(self.level | self.source.level))
+
+    @property
+    def page_format(self) -> bool:
+        """kdump and kdump-flat: pages one at a time, zero pages found while writing."""
+        return self.output_format in PAGE_FORMATS
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the kernel's struct pages must be classified before writing."""
+        return self.level.needs_kernel and not self.source.sequential
+
+    @property
+    def excluded_classes(self) -> tuple[str, ...]:
+        """The kernel page classes left out: the level's, and hwpoison and offline
+        whenever struct pages are classified (makedumpfile never dumps those)."""
+        if not self.classifies:
+            return ()
+        wanted = set(self.level.names()) | {"hwpoison", "offline"}
+        return tuple(name for name in EXCLUDED_CLASSES if name in wanted)
+
+    @property
+    def zero_mode(self) -> str:
+        """ZERO_EXCLUDED, ZERO_SHARED or ZERO_KEPT: what becomes of all-zero pages."""
+        if not self.level.excludes_zero:
+            return ZERO_KEPT
+        if self.page_format:
+            # A source whose zero pages are gone cannot share them: say they are excluded.
+            exclude = self.zero_pages == "exclude" or self.source.drops_zero
+            return ZERO_EXCLUDED if exclude else ZERO_SHARED
+        # The ELF header comes first: without a scan pass, zero pages stay in.
+        return ZERO_KEPT if self.source.sequential else ZERO_EXCLUDED
+
+    @property
+    def kdump_zero_pages(self) -> str:
+        """The --zero-pages mode a kdump output records (its note's ZERO_PAGES)."""
+        return "exclude" if self.page_format and self.source.drops_zero else self.zero_pages
+
+    @property
+    def cuts_segments(self) -> bool:
+        """ELF formats: whether PT_LOADs are split around excluded runs (found before writing)."""
+        return not self.page_format and bool(self.level) and not self.source.sequential
+
+    @property
+    def scans_zero_pages(self) -> bool:
+        """ELF formats: whether a scan pass reads every page to find the zero ones."""
+        return self.cuts_segments and self.zero_mode == ZERO_EXCLUDED
+
+    def warnings(self) -> list[str]:
+        """What the output does differently from what the level allows."""
+        if not self.page_format and self.source.sequential and self.level.excludes_zero:
+            return ["the source is read once, in order: its zero pages are kept, not "
+                    "excluded (dump level bit 1 allows both)"]
+        return []
+
+    def without_kernel_classes(self) -> ExclusionPolicy:
+        """The policy when struct pages cannot be classified: bit 1 kept, the source's bits kept."""
+        return replace(self, level=self.level & DumpLevel.ZERO | self.source.level)
 
 
 @dataclass(frozen=True, slots=True)
