@@ -458,8 +458,9 @@ def _render_save(s, err: bool) -> None:
     if s.mmap_fallbacks:
         pairs.append(("mmap fallbacks", f"{s.mmap_fallbacks} window(s) read with pread"))
     if s.pages_excluded:
-        pairs.append(("pages excluded", ", ".join(f"{k}: {v}" for k, v in
-                                                  s.pages_excluded.items())))
+        from .kernel.dumplevel import excluded_text
+
+        pairs.append(("pages excluded", excluded_text(s.pages_excluded)))
     if s.dmesg:
         pairs.append(("kernel log", f"{s.dmesg_records} records -> {s.dmesg}"))
     if s.error_ranges:
