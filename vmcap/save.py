@@ -84,10 +84,6 @@ class SaveOptions:
         object.__setattr__(self, "dump_level", DumpLevel.of(self.dump_level))
         object.__setattr__(self, "retry_levels", tuple(DumpLevel.of(level) for level in self.retry_levels))
 
-    def exclusion_policy(self, source: SavedLevel = SavedLevel()) -> ExclusionPolicy:
-        """What dump_level means for this output format, from ``source``."""
-        return ExclusionPolicy(self.dump_level, self.output_format, self.zero_pages, source)
-
     def compression_level(self) -> int:
         """The level for this run: the option, else the format's default."""
         if self.output_format in KDUMP_FORMATS:
@@ -131,18 +127,15 @@ class SaveSummary:
 class Capture:
     """What one run shares: the source, its layout, the options, the copiers made."""
 
-    def __init__(self, source: Source, layout: Layout, options: SaveOptions,
-                 progress: Callable[[int, int, str], None] | None,
-                 policy: ExclusionPolicy | None = None):
+    def __init__(self, source: Source, layout: Layout, options: SaveOptions, policy: ExclusionPolicy,
+                 progress: Callable[[int, int, str], None] | None):
         self.source = source
         self.layout = layout
         self.options = options
         self.progress = progress
         self.copiers: list[PlanCopier] = []
         self.classification = None  # pageclass.ExclusionResult for dump level bits 2-16
-        # Read once, in order (a compressed stream): no scan pass, no struct pages.
-        self.sequential = bool(getattr(source, "sequential", False))
-        self.policy = policy or options.exclusion_policy(SavedLevel(sequential=self.sequential))
+        self.policy = policy  # what options.dump_level leaves out of this output
 
     def copier(self, plan: CopyPlan, phase: str = PHASE_COPY) -> PlanCopier:
         """A copier over ``plan``, reported as one phase of the progress."""
@@ -435,6 +428,7 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
                            # An ELF core saved with bit 1 has no zero pages; makedumpfile's and
                            # QEMU's kdump files keep them (one shared stored zero page).
                            drops_zero=source_level.excludes_zero and header_level is None,
+                           # Read once, in order (a compressed stream): no scan pass, no struct pages.
                            sequential=bool(getattr(source, "sequential", False)))
         levels = saved.levels_to_write(source_path, (options.dump_level, *options.retry_levels),
                                        inherit=options.inherit_level)
@@ -456,13 +450,13 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
             # Kernel page classes come from a few MiB of struct pages, read first.
             # What the source left out stays out, whatever could be classified.
             classification, policy, fallback = classify_or_fall_back(
-                layout, source, replace(options, dump_level=level).exclusion_policy(saved),
+                layout, source, ExclusionPolicy(level, options.output_format, options.zero_pages, saved),
                 strict=options.strict)
             # A source whose zero pages are gone already: a kdump output cannot
             # keep them readable (--zero-pages shared), and says so.
             run_options = replace(options, dump_level=policy.level, zero_pages=policy.kdump_zero_pages)
             level_warnings += fallback
-            capture = Capture(source, layout, run_options, progress, policy)
+            capture = Capture(source, layout, run_options, policy, progress)
             capture.classification = classification
             out = OutputFile(output_path, force=options.force, size_limit=options.size_limit)
             try:
