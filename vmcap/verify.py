@@ -26,6 +26,7 @@ from .formats.elf import iter_note_spans
 from .formats.elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
 from .formats.kdump import KdumpReader
 from .kernel.dumplevel import DumpLevel
+from .plan.exclude import ZERO_EXCLUDED, ExclusionPolicy
 from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
 from .source.layout import read_layout
 
@@ -79,8 +80,8 @@ def verify(dump_path: str, source_path: str | None = None, *,
             dump_level = recorded_level(dump_path, (note or {}).get("DUMP_LEVEL") or "0",
                                         "its VMCAP note's DUMP_LEVEL")
             result["dump_level"] = int(dump_level)
-            result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path,
-                                              dump_level=dump_level,
+            policy = ExclusionPolicy(dump_level, "zelf" if container == "zstd-seekable" else "elf")
+            result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path, policy,
                                               vmcoreinfo=vmcoreinfo or layout.vmcoreinfo_raw))
     finally:
         out_source.close()
@@ -359,17 +360,17 @@ def _check_coverage(src_layout, covered, granule: int, source_path: str) -> int:
     return sum(hi - lo for lo, hi in zero_fill)
 
 
-def compare_with_source(view, source_path: str, *, dump_level: DumpLevel = DumpLevel(0),
-                        keeps_zero_pages: bool = False, vmcoreinfo: bytes | None = None) -> dict:
-    """Check that the dump holds every source byte that ``dump_level`` keeps.
+def compare_with_source(view, source_path: str, policy: ExclusionPolicy, *,
+                        vmcoreinfo: bytes | None = None) -> dict:
+    """Check that the dump holds every source byte that ``policy`` (its recorded level) keeps.
 
     Every byte of the source's p_memsz must be represented in the dump
     (a PT_LOAD's p_memsz, a kdump 1st-bitmap page), and the dump must not
     claim memory the source has not. The page classes of dump level bits
     2-16 are classified again on the source, as save did; pages of those
     classes may be missing (and a kdump file, which never stores them, must
-    not hold them). Bit 1 lets zero pages go missing, unless the dump says
-    it keeps them (``keeps_zero_pages``, vmcap's kdump ZERO_PAGES=shared):
+    not hold them). Bit 1 lets zero pages go missing where the policy
+    excludes them (not where vmcap's kdump ZERO_PAGES=shared kept them):
     those must be zero in the source. Any other source byte must be in the
     dump and equal; dump bytes in the source's zero fill must be zero.
     """
@@ -384,10 +385,10 @@ def compare_with_source(view, source_path: str, *, dump_level: DumpLevel = DumpL
             # A source without the note (saved with --vmcoreinfo FILE): classify
             # it with the VMCOREINFO given, or the one its dump carries.
             src_layout = read_layout(source, vmcoreinfo=vmcoreinfo)
-        classification = classify_source(src_layout, source, dump_level)
+        classification = classify_source(src_layout, source, policy.level) if policy.classifies else None
         excluded = classification.excluded if classification is not None else None
         checker = _SourceChecker(source, source_path, view, src_layout.page_size, excluded,
-                                 drops_zero=dump_level.excludes_zero and not keeps_zero_pages)
+                                 drops_zero=policy.zero_mode == ZERO_EXCLUDED)
         granule = getattr(view, "granule", 1)
         zero_fill = _check_coverage(src_layout, _covered_ranges(view), granule, source_path)
         stored = _merged(view.stored_ranges())
@@ -502,11 +503,10 @@ def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None
             dump_level = recorded_level(path, reader.header.dump_level, "its kdump header's dump_level")
             result["dump_level"] = int(dump_level)
             # vmcap's kdump files say whether zero pages were kept (one shared
-            # page) or left out at dump level bit 1.
-            keeps_zero = (note or {}).get("ZERO_PAGES") == "shared"
-            result.update(compare_with_source(KdumpPhysicalView(reader), source_path,
-                                              dump_level=dump_level,
-                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo,
-                                              keeps_zero_pages=keeps_zero))
+            # page) or left out at dump level bit 1; other files may have done either.
+            zero_pages = "shared" if (note or {}).get("ZERO_PAGES") == "shared" else "exclude"
+            policy = ExclusionPolicy(dump_level, "kdump", zero_pages)
+            result.update(compare_with_source(KdumpPhysicalView(reader), source_path, policy,
+                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo))
     result["status"] = "ok"
     return result
