@@ -12,7 +12,7 @@ import pytest
 
 from vmcap.errors import OutputError, SourceIOError
 from vmcap.fileio.mmapio import FileSource, MmapRefused, RecordingSource
-from vmcap.formats.elfwriter import parse_vmcap_note
+from vmcap.formats.note import note_fields
 from vmcap.plan.copyplan import BufferedPiece, MappedRange, plan_copy
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
@@ -193,7 +193,7 @@ def test_on_error_zero_records_the_range(make_vmcore, tmp_path, fmt):
                                      "reason": "Input/output error"},)
     layout, view = read_output(out)
     note = [n for n in layout.notes if n.name == "VMCAP"][0]
-    recorded = parse_vmcap_note(note.desc)
+    recorded = note_fields(note.desc)
     assert recorded["ERROR_RANGES"] == "1"
     assert recorded["error_ranges"] == [{"paddr": bad_paddr, "length": 0x1000,
                                          "reason": "Input/output error"}]

@@ -309,7 +309,7 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
                                     f"{vmcap.get('SOURCE', '?')}"))
         pairs.append(("read errors", f"{len(vmcap['error_ranges'])} range(s) zero-filled"))
     if report.get("incomplete"):
-        from .formats.elfwriter import describe_incomplete
+        from .formats.note import describe_incomplete
 
         pairs.append(("INCOMPLETE", f"the capture stopped early: "
                                     f"{describe_incomplete(report['incomplete'])}"))

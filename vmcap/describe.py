@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from .errors import BadSource
 from .formats.elf import parse_notes
-from .formats.elfwriter import find_vmcap_note, incomplete_info
 from .formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
+from .formats.note import find_note_fields, incomplete_in
 from .kernel.dumplevel import EVERY_CLASS
 from .kernel.vmcoreinfo import parse_vmcoreinfo
 from .plan.copyplan import plan_copy
@@ -83,12 +83,12 @@ def _describe(path: str, page_size: int | None, vmcoreinfo: bytes | None = None)
         "vmcoreinfo_text": layout.vmcoreinfo_raw.decode("utf-8", "replace"),
         "warnings": list(layout.warnings),
     }
-    vmcap = find_vmcap_note(layout.notes)
+    vmcap = find_note_fields(layout.notes)
     if vmcap is not None:
         report["vmcap"] = vmcap
-    incomplete = incomplete_info(vmcap)
+    incomplete = incomplete_in(vmcap)
     if incomplete is not None:
-        report["incomplete"] = incomplete
+        report["incomplete"] = incomplete.as_dict()
     return report
 
 
@@ -141,10 +141,11 @@ def describe_kdump(path: str) -> dict:
                   "dump_level": header.dump_level, "max_mapnr": header.max_mapnr,
                   "pages_present": present, "pages_dumped": dumped},
     }
-    vmcap = find_vmcap_note(notes)
+    vmcap = find_note_fields(notes)
     if vmcap is not None:
         report["vmcap"] = vmcap
-    incomplete = incomplete_info(vmcap)
+    incomplete = incomplete_in(vmcap)
+    incomplete = incomplete.as_dict() if incomplete is not None else None
     if incomplete is None and header.status & DUMP_DH_COMPRESSED_INCOMPLETE:
         # makedumpfile's own incomplete dumps: only the page counts say how much.
         incomplete = {"saved_bytes": dumped * page, "memory_bytes": present * page,

@@ -21,10 +21,10 @@ import numpy as np
 
 from .errors import BadSource, Unsupported
 from .fileio.output import OutputFile
-from .formats.digest import PLACEHOLDER, UNKNOWN, note_lines
-from .formats.elfwriter import aligned_notes, describe_incomplete, incomplete_lines, vmcap_note
+from .formats.digest import UNKNOWN
 from .formats.flattened import FlattenedWriter
 from .formats.kdump import BITMAP_WINDOW_BYTES, KdumpHeaderInfo, KdumpLayout, KdumpWriter, utsname_machine
+from .formats.note import DIGEST_LINE_KEYS, Incomplete, VmcapNote, aligned_notes, placeholders
 from .kernel.dumplevel import ExclusionCounts
 from .plan.copier import PlanCopier
 from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
@@ -209,16 +209,15 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             f"file would need two {bitmap_mib} MiB bitmaps, which its readers load (vmcap's "
             f"limit is {MAX_KDUMP_PFNS} pages); use --format zelf or elf")
     notes = aligned_notes(layout.note_bytes)
-    note_args = dict(source=layout.source_name, page_size=page, output_format="kdump")
-    extra = [f"COMPRESS={options.compress}", f"DUMP_LEVEL={options.dump_level}",
-             f"ZERO_PAGES={options.zero_pages}"]
-    digest_placeholders = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": PLACEHOLDER,
-                           "DATA_XXH64": PLACEHOLDER, "DATA_OFFSET": PLACEHOLDER}
+    vmcap_note = VmcapNote(source=layout.source_name, page_size=page, output_format="kdump",
+                           compress=options.compress, dump_level=int(options.dump_level),
+                           zero_pages=options.zero_pages, digests=placeholders(DIGEST_LINE_KEYS))
 
-    def all_notes(error_ranges, values=digest_placeholders, more=()) -> bytes:
-        return notes + vmcap_note(layout.byte_order, **note_args,
-                                  extra=extra + list(more) + note_lines(values),
-                                  error_ranges=error_ranges)
+    def all_notes(error_ranges, values=None, incomplete=None) -> bytes:
+        note = vmcap_note.with_errors(error_ranges)
+        if values is not None:
+            note = note.with_digests(values)
+        return notes + replace(note, incomplete=incomplete).build(layout.byte_order)
 
     info = KdumpHeaderInfo(
         machine=utsname_machine(layout.e_machine, layout.elf_class, layout.byte_order),
@@ -273,20 +272,17 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             return None
         if flat is not None:
             out.truncate(flat.record_end)
-        info = {"saved_bytes": saved * page, "memory_bytes": ram_pages * page,
-                "data_end_paddr": cut * page}
-        more = incomplete_lines(info["saved_bytes"], info["memory_bytes"], cut * page)
+        incomplete = Incomplete(saved * page, ram_pages * page, cut * page)
         errors = copier.stats.error_ranges
         if flat is None:
-            stats = writer.close(lambda values: all_notes(errors, values, more),
+            stats = writer.close(lambda values: all_notes(errors, values, incomplete),
                                  incomplete_present=ram_runs)
             out.position = stats.file_bytes
         else:
-            writer.replace_notes(all_notes(errors, dict.fromkeys(digest_placeholders, UNKNOWN),
-                                           more))
+            writer.replace_notes(all_notes(errors, placeholders(DIGEST_LINE_KEYS, UNKNOWN), incomplete))
             writer.close(incomplete_present=ram_runs)
             flat.close()
-        return describe_incomplete(info)
+        return incomplete.describe()
 
     out.keep_incomplete(finish_incomplete)
     try:
@@ -300,7 +296,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         else:
             # A stream cannot be read back for the metadata digest: say so
             # rather than record digests of a file that never existed here.
-            writer.replace_notes(all_notes(errors, dict.fromkeys(digest_placeholders, UNKNOWN)))
+            writer.replace_notes(all_notes(errors, placeholders(DIGEST_LINE_KEYS, UNKNOWN)))
             stats = writer.close()
             flat.close()
     except OSError as e:

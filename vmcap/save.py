@@ -14,17 +14,16 @@ from .cpus import usable_cpus
 from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupported
 from .fileio.mmapio import Source
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files, write_whole_file
-from .formats.digest import PLACEHOLDER, UNKNOWN, DigestingSink, StreamDigest, note_lines
-from .formats.elfwriter import (
-    ElfStreamWriter,
-    OutputSegment,
+from .formats.digest import UNKNOWN, DigestingSink, StreamDigest
+from .formats.elfwriter import ElfStreamWriter, OutputSegment, cut_image, plan_elf_image
+from .formats.note import (
+    NOTE_NAME,
+    Incomplete,
+    VmcapNote,
     aligned_notes,
-    cut_image,
-    describe_incomplete,
-    find_vmcap_note,
-    incomplete_lines,
-    plan_elf_image,
-    vmcap_note,
+    find_note_fields,
+    placeholders,
+    without_note,
 )
 from .kernel.dumplevel import DumpLevel, ExclusionCounts
 from .plan.copier import DEFAULT_WINDOW_BYTES, CopyStats, PlanCopier
@@ -249,19 +248,19 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
     copier = capture.copier(plan)
 
     source_notes = aligned_notes(layout.note_bytes)
-    note_args = dict(source=layout.source_name, page_size=page,
-                     output_format=options.output_format,
-                     extra=[f"DUMP_LEVEL={options.dump_level}"])
     plain = options.output_format == "elf"
     # The plain ELF has no checksums of its own: its note carries digests,
     # known at the end, so only a rewritable output can record them.
-    digests = ({"META_XXH64": PLACEHOLDER, "DATA_XXH64": PLACEHOLDER} if out.seekable
-               else {"META_XXH64": UNKNOWN, "DATA_XXH64": UNKNOWN}) if plain else {}
+    digest_keys = ("META_XXH64", "DATA_XXH64") if plain else ()
+    vmcap_note = VmcapNote(source=layout.source_name, page_size=page,
+                           output_format=options.output_format, dump_level=int(options.dump_level),
+                           digests=placeholders(digest_keys) if out.seekable
+                           else placeholders(digest_keys, UNKNOWN))
 
-    def note(error_ranges, values=digests, more=()) -> bytes:
-        return vmcap_note(layout.byte_order, **dict(note_args, extra=note_args["extra"]
-                                                     + list(more) + note_lines(values)),
-                          error_ranges=error_ranges)
+    def note(error_ranges, digests=None, incomplete=None) -> bytes:
+        return replace(vmcap_note.with_errors(error_ranges), incomplete=incomplete,
+                       digests=vmcap_note.digests if digests is None else digests
+                       ).build(layout.byte_order)
 
     # Errors are only known at the end; a stream we cannot rewrite must not
     # claim there were none.
@@ -293,14 +292,13 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
             cut, saved, total, end_paddr = cut_image(layout, image, data_end)
             if not saved:
                 return None
-            head = cut.header + source_notes + note(copier.stats.error_ranges, more=incomplete_lines(
-                saved, total, end_paddr))
+            incomplete = Incomplete(saved, total, end_paddr)
+            head = cut.header + source_notes + note(copier.stats.error_ranges, incomplete=incomplete)
             if not sink.rewrite_raw_frame_after_cut(
                     head, lambda data, offset: out.pwrite(data, head_offset + offset)):
                 return None
             out.write(sink.seek_table_bytes())
-            return describe_incomplete({"saved_bytes": saved, "memory_bytes": total,
-                                        "data_end_paddr": end_paddr})
+            return incomplete.describe()
     else:
         sink = DigestingSink(SparseSink(out), data_digest)
         # The zeros in the note's padding would be holes: allocate the head,
@@ -314,11 +312,10 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
             cut, saved, total, end_paddr = cut_image(layout, image, out.position)
             if not saved:
                 return None
-            values = dict.fromkeys(digests, UNKNOWN)
+            incomplete = Incomplete(saved, total, end_paddr)
             out.pwrite(cut.header + source_notes + note(
-                copier.stats.error_ranges, values, incomplete_lines(saved, total, end_paddr)), 0)
-            return describe_incomplete({"saved_bytes": saved, "memory_bytes": total,
-                                        "data_end_paddr": end_paddr})
+                copier.stats.error_ranges, placeholders(digest_keys, UNKNOWN), incomplete), 0)
+            return incomplete.describe()
     out.keep_incomplete(finish_incomplete)
     for chunk in copier:
         if chunk.data is not None:
@@ -338,7 +335,7 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
     else:
         sink.close()
         if out.seekable:
-            values = dict(digests, DATA_XXH64=data_digest.hexdigest())
+            values = dict(vmcap_note.digests, DATA_XXH64=data_digest.hexdigest())
             head = image.header + source_notes + note(errors, values)
             values["META_XXH64"] = StreamDigest.of(head)
             out.pwrite(note(errors, values), image.vmcap_note_offset)
@@ -504,9 +501,7 @@ def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout,
     out cannot come back. Its VMCAP note described the old file (digests,
     format): the new dump gets its own.
     """
-    from .source.elfview import VMCAP_NOTE_NAME, notes_without
-
-    note = find_vmcap_note(layout.notes)
+    note = find_note_fields(layout.notes)
     level = header_level
     if level is None:
         try:
@@ -524,10 +519,8 @@ def saved_dump_source(layout: Layout, header_level: int | None) -> tuple[Layout,
                         "zero-filled after read errors; they stay zero here but are not listed "
                         "in the new dump's note")
     if note is not None:
-        layout = replace(layout, notes=tuple(n for n in layout.notes
-                                             if n.name != VMCAP_NOTE_NAME),
-                         note_bytes=notes_without(layout.note_bytes, layout.byte_order,
-                                                  VMCAP_NOTE_NAME))
+        layout = replace(layout, notes=tuple(n for n in layout.notes if n.name != NOTE_NAME),
+                         note_bytes=without_note(layout.note_bytes, layout.byte_order))
     return layout, level, warnings
 
 

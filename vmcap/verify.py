@@ -21,10 +21,9 @@ import numpy as np
 
 from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files
-from .formats.digest import DIGEST_KEYS, UNKNOWN, file_digest
-from .formats.elf import iter_note_spans
-from .formats.elfwriter import VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, check_vmcap_note
+from .formats.digest import UNKNOWN, file_digest
 from .formats.kdump import KdumpReader
+from .formats.note import NOTE_NAME, VmcapNote, locate_note, value_offset
 from .kernel.dumplevel import DumpLevel
 from .plan.exclude import ZERO_EXCLUDED, ExclusionPolicy
 from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
@@ -70,14 +69,14 @@ def verify(dump_path: str, source_path: str | None = None, *,
         except (BadSource, SourceIOError) as error:
             raise CorruptOutput(f"{dump_path}: {error}") from None
         result["segments"] = len(layout.segments)
-        note, span = vmcap_note_in(layout.note_bytes, layout.byte_order, dump_path)
+        note, span = checked_note(layout.note_bytes, layout.byte_order, dump_path)
         if container == "zstd-seekable":
             # Every frame, the header frame included, was checked against its checksums.
             result["digest"] = "zstd checksums" if out_source.reader.has_checksums else "none"
         else:
             result["digest"] = check_elf_digests(dump_path, layout, note, span)
         if source_path is not None:
-            dump_level = recorded_level(dump_path, (note or {}).get("DUMP_LEVEL") or "0",
+            dump_level = recorded_level(dump_path, (note.dump_level if note is not None else None) or 0,
                                         "its VMCAP note's DUMP_LEVEL")
             result["dump_level"] = int(dump_level)
             policy = ExclusionPolicy(dump_level, "zelf" if container == "zstd-seekable" else "elf")
@@ -98,31 +97,23 @@ def recorded_level(dump_path: str, value, where: str) -> DumpLevel:
                             "from 0 to 31") from None
 
 
-def vmcap_note_in(note_bytes: bytes, byte_order: str, where: str):
-    """(checked VMCAP note dict, its NoteSpan) among the notes, or (None, None) if it has none.
+def checked_note(note_bytes: bytes, byte_order: str, where: str):
+    """(the VMCAP note, its NoteSpan) among the notes, or (None, None) if it has none.
 
-    A note that looks like vmcap's but is not intact is CorruptOutput: a
-    damaged note must not pass for the note-less dump of another tool.
+    A damaged note is CorruptOutput (see note.locate_note), and so is the
+    note of a dump kept after a full disk or a write error: readable, but
+    not a whole dump.
     """
-    for span in iter_note_spans(note_bytes, byte_order):
-        if span.name == VMCAP_NOTE_NAME.decode() and span.type == VMCAP_NOTE_TYPE:
-            desc = note_bytes[span.desc_offset:span.desc_offset + span.desc_size]
-            return check_vmcap_note(desc, where), span
-    if VMCAP_NOTE_NAME + b"\0" in note_bytes or b"\nFORMAT=" in note_bytes:
-        raise CorruptOutput(f"{where}: the VMCAP note's header is damaged")
-    return None, None
+    note, span = locate_note(note_bytes, byte_order, where)
+    if note is not None and note.incomplete is not None:
+        raise CorruptOutput(f"{where}: incomplete dump (the capture stopped early): it holds "
+                            f"{note.incomplete.describe()}")
+    return note, span
 
 
-def digest_state(note: dict | None, keys) -> str | None:
-    """"none" (no digests: an older vmcap), "unknown" (streamed) or None (digests to check)."""
-    if note is None or not any(key in note for key in DIGEST_KEYS):
-        return "none"
-    values = [note.get(key) for key in keys]
-    if None in values:
-        raise CorruptOutput(f"VMCAP note lacks {', '.join(k for k in keys if k not in note)}")
-    if any(value == UNKNOWN for value in values):
-        return UNKNOWN
-    return None
+def digest_state(note: VmcapNote | None, keys) -> str | None:
+    """"none" (no note or no digests: an older vmcap), "unknown" (streamed) or None (digests to check)."""
+    return "none" if note is None else note.digest_state(keys)
 
 
 def _check_digest(fd: int, name: str, key: str, expected: str, start: int, end: int,
@@ -136,7 +127,7 @@ def _check_digest(fd: int, name: str, key: str, expected: str, start: int, end: 
                             f"{actual}, the VMCAP note's {key} says {expected}")
 
 
-def check_elf_digests(path: str, layout, note: dict | None, span) -> str:
+def check_elf_digests(path: str, layout, note: VmcapNote | None, span) -> str:
     """Check a plain ELF output's META and DATA digests; returns the result's "digest"."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -144,7 +135,7 @@ def check_elf_digests(path: str, layout, note: dict | None, span) -> str:
         first_data = min((s.offset for s in layout.segments if s.filesz), default=file_size)
         head = os.pread(fd, min(first_data, file_size, MAX_HEAD_BYTES), 0)
         if note is None:
-            if VMCAP_NOTE_NAME + b"\0\0\0" in head:
+            if NOTE_NAME.encode() + b"\0\0\0" in head:
                 # The notes were found somewhere else than where vmcap wrote them.
                 raise CorruptOutput(f"{path}: has a VMCAP note its program headers do not point at")
             return "none"
@@ -156,34 +147,34 @@ def check_elf_digests(path: str, layout, note: dict | None, span) -> str:
         if notes_offset < 0 or vmcap_end != len(layout.note_bytes):
             raise CorruptOutput(f"{path}: the notes are not where vmcap writes them")
         desc = layout.note_bytes[span.desc_offset:vmcap_end]
-        meta_at = notes_offset + span.desc_offset + desc.index(b"META_XXH64=") + len("META_XXH64=")
+        meta_at = notes_offset + span.desc_offset + value_offset(desc, "META_XXH64")
         notes_end = notes_offset + len(layout.note_bytes)
-        _check_digest(fd, path, "META_XXH64", note["META_XXH64"], 0, notes_end,
+        _check_digest(fd, path, "META_XXH64", note.digests["META_XXH64"], 0, notes_end,
                       "ELF header, program headers and notes", blank_at=meta_at)
-        _check_digest(fd, path, "DATA_XXH64", note["DATA_XXH64"], notes_end, file_size,
+        _check_digest(fd, path, "DATA_XXH64", note.digests["DATA_XXH64"], notes_end, file_size,
                       "segment data")
         return "xxh64"
     finally:
         os.close(fd)
 
 
-def check_kdump_digests(path: str, reader, note: dict | None, span) -> str:
+def check_kdump_digests(path: str, reader, note: VmcapNote | None, span) -> str:
     """Check a kdump output's META, DESC and DATA digests; returns the result's "digest"."""
     state = digest_state(note, ("META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET"))
     if state is not None:
         return state
     desc = reader.notes[span.desc_offset:span.desc_offset + span.desc_size]
-    meta_at = (reader.notes_offset + span.desc_offset + desc.index(b"META_XXH64=")
-               + len("META_XXH64="))
-    data_offset = int(note["DATA_OFFSET"], 16)
+    meta_at = reader.notes_offset + span.desc_offset + value_offset(desc, "META_XXH64")
+    digests = note.digests
+    data_offset = int(digests["DATA_OFFSET"], 16)
     fd = os.open(path, os.O_RDONLY)
     try:
         file_size = os.fstat(fd).st_size
-        _check_digest(fd, path, "META_XXH64", note["META_XXH64"], 0, reader.descriptor_offset,
+        _check_digest(fd, path, "META_XXH64", digests["META_XXH64"], 0, reader.descriptor_offset,
                       "header, sub header, notes and bitmaps", blank_at=meta_at)
-        _check_digest(fd, path, "DESC_XXH64", note["DESC_XXH64"], reader.descriptor_offset,
+        _check_digest(fd, path, "DESC_XXH64", digests["DESC_XXH64"], reader.descriptor_offset,
                       data_offset, "page descriptors")
-        _check_digest(fd, path, "DATA_XXH64", note["DATA_XXH64"], data_offset, file_size,
+        _check_digest(fd, path, "DATA_XXH64", digests["DATA_XXH64"], data_offset, file_size,
                       "page data")
     finally:
         os.close(fd)
@@ -488,8 +479,8 @@ def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None
         raise CorruptOutput(f"{path}: cannot read: {e.strerror}") from None
     with reader:
         result["container"] = "kdump-flat" if reader.flattened else "kdump"
-        note, span = vmcap_note_in(reader.notes, reader.header.byte_order, path)
-        data_offset = (note or {}).get("DATA_OFFSET")
+        note, span = checked_note(reader.notes, reader.header.byte_order, path)
+        data_offset = note.digests.get("DATA_OFFSET") if note is not None else None
         reader.check_structure(int(data_offset, 16) if data_offset and data_offset != UNKNOWN
                                else None)
         result["digest"] = check_kdump_digests(path, reader, note, span)
@@ -504,7 +495,7 @@ def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None
             result["dump_level"] = int(dump_level)
             # vmcap's kdump files say whether zero pages were kept (one shared
             # page) or left out at dump level bit 1; other files may have done either.
-            zero_pages = "shared" if (note or {}).get("ZERO_PAGES") == "shared" else "exclude"
+            zero_pages = "shared" if note is not None and note.zero_pages == "shared" else "exclude"
             policy = ExclusionPolicy(dump_level, "kdump", zero_pages)
             result.update(compare_with_source(KdumpPhysicalView(reader), source_path, policy,
                                               vmcoreinfo=vmcoreinfo or reader.vmcoreinfo))

@@ -22,7 +22,6 @@ import xxhash
 
 PLACEHOLDER = "0" * 16
 UNKNOWN = "unknown"
-DIGEST_KEYS = ("META_XXH64", "DESC_XXH64", "DATA_XXH64")
 READ_BYTES = 4 << 20
 _ZEROS = bytes(64 << 10)  # fed repeatedly for runs of zeros: small, it is resident all along
 
@@ -53,12 +52,6 @@ class StreamDigest:
 def hex_value(value: int | str) -> str:
     """A note value of fixed width: 16 hex digits."""
     return value if isinstance(value, str) else f"{value:016x}"
-
-
-def note_lines(values: dict[str, str]) -> list[str]:
-    """The VMCAP note lines for digests (and the kdump DATA_OFFSET), in a fixed order."""
-    order = ("META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET")
-    return [f"{key}={values[key]}" for key in order if key in values]
 
 
 def file_digest(fd: int, start: int, end: int, *, blank_at: int | None = None,

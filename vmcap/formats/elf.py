@@ -140,11 +140,3 @@ def replace_vmcoreinfo_note(note_bytes: bytes, vmcoreinfo: bytes, byte_order: st
             for span in iter_note_spans(note_bytes, byte_order) if span.name != "VMCOREINFO"]
     return b"".join(kept) + build_note(b"VMCOREINFO", 0, vmcoreinfo, byte_order)
 
-
-@dataclass(frozen=True, slots=True)
-class ErrorRange:
-    """Physical memory that could not be read and was replaced by zeros."""
-
-    paddr: int
-    length: int
-    reason: str

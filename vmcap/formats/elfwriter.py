@@ -22,13 +22,11 @@ Sizes and offsets are all computed before the first byte is written.
 
 from __future__ import annotations
 
-import re
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol, Sequence
 
-from .. import __version__
-from ..errors import CorruptOutput, Unsupported
+from ..errors import Unsupported
 from .elf import (
     EHDR_FORMATS,
     ET_CORE,
@@ -38,19 +36,11 @@ from .elf import (
     PT_LOAD,
     PT_NOTE,
     SHDR_FORMATS,
-    ErrorRange,
-    build_note,
 )
+from .note import NOTE_BYTES
 
 if TYPE_CHECKING:  # annotations only: the writer takes the source's Layout, never reads one
     from ..source.layout import Layout
-
-
-VMCAP_NOTE_NAME = b"VMCAP"
-VMCAP_NOTE_TYPE = 1
-# Room for the vmcap note's text; enough for ~300 error ranges, after
-# which the note says how many more there were (the JSON summary has all).
-VMCAP_NOTE_DESC_BYTES = 16384
 
 
 class ByteSink(Protocol):
@@ -81,7 +71,7 @@ class ElfImage:
     @property
     def vmcap_note_offset(self) -> int:
         """The vmcap note is the last note: it can be rewritten in place."""
-        return self.notes_offset + self.notes_size - VMCAP_NOTE_BYTES
+        return self.notes_offset + self.notes_size - NOTE_BYTES
 
     @property
     def total_size(self) -> int:
@@ -91,127 +81,6 @@ class ElfImage:
 
 def _endian(byte_order: str) -> str:
     return "<" if byte_order == "little" else ">"
-
-
-def vmcap_note(byte_order: str, *, source: str, page_size: int, output_format: str,
-               error_ranges: Sequence[ErrorRange] | None = (),
-               extra: Iterable[str] = ()) -> bytes:
-    """The fixed-size note vmcap adds: tool version, source, page size, read errors.
-
-    ``error_ranges=None`` means "not known": a stream to stdout cannot be
-    rewritten once the copy has met its errors, and the note must not claim
-    there were none.
-    """
-    count = "unknown" if error_ranges is None else str(len(error_ranges))
-    lines = [f"VERSION={__version__}", f"SOURCE={source}", f"PAGE_SIZE={page_size}",
-             f"FORMAT={output_format}", *extra, f"ERROR_RANGES={count}"]
-    text = "\n".join(lines).encode() + b"\n"
-    for i, err in enumerate(error_ranges or ()):
-        line = f"ERROR_RANGE={err.paddr:#x},{err.length:#x},{err.reason}\n".encode()
-        tail = f"ERROR_RANGES_NOT_LISTED={len(error_ranges) - i}\n".encode()
-        if len(text) + len(line) + 64 > VMCAP_NOTE_DESC_BYTES:
-            text += tail
-            break
-        text += line
-    desc = text.ljust(VMCAP_NOTE_DESC_BYTES, b"\0")
-    return build_note(VMCAP_NOTE_NAME, VMCAP_NOTE_TYPE, desc, byte_order)
-
-
-VMCAP_NOTE_BYTES = len(vmcap_note("little", source="", page_size=0, output_format=""))
-
-
-def parse_vmcap_note(desc: bytes) -> dict[str, object]:
-    """The vmcap note's text as a dict; ERROR_RANGE lines become a list."""
-    info: dict[str, object] = {"error_ranges": []}
-    for line in desc.rstrip(b"\0").decode("utf-8", "replace").splitlines():
-        key, _, value = line.partition("=")
-        if key == "ERROR_RANGE":
-            paddr, length, reason = (value.split(",", 2) + ["", ""])[:3]
-            info["error_ranges"].append({"paddr": int(paddr, 16), "length": int(length, 16),
-                                         "reason": reason})
-        elif key:
-            info[key] = value
-    return info
-
-
-# Every key vmcap has written into its note; verify refuses others, so a
-# damaged key cannot pass for an older note without digests.
-VMCAP_NOTE_KEYS = frozenset({
-    "VERSION", "SOURCE", "PAGE_SIZE", "FORMAT", "DUMP_LEVEL", "COMPRESS", "ZERO_PAGES",
-    "ERROR_RANGES", "ERROR_RANGE", "ERROR_RANGES_NOT_LISTED",
-    "META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET",
-    "INCOMPLETE", "SAVED_BYTES", "MEMORY_BYTES", "DATA_END_PADDR"})
-_HEX16 = re.compile(r"[0-9a-f]{16}")
-
-
-def check_vmcap_note(desc: bytes, where: str) -> dict[str, object]:
-    """parse_vmcap_note, refusing anything vmcap would not have written (CorruptOutput)."""
-    text = desc.rstrip(b"\0")
-    if b"\0" in text or not text.endswith(b"\n"):
-        raise CorruptOutput(f"{where}: VMCAP note text is damaged (stray byte in its padding)")
-    try:
-        lines = text.decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CorruptOutput(f"{where}: VMCAP note text is not UTF-8") from None
-    for number, line in enumerate(lines, 1):
-        key, equals, value = line.partition("=")
-        if not equals or key not in VMCAP_NOTE_KEYS:
-            raise CorruptOutput(f"{where}: VMCAP note line {number} is damaged: {line[:60]!r}")
-        if key.endswith("_XXH64") or key == "DATA_OFFSET":
-            if not (_HEX16.fullmatch(value) or value == "unknown"):
-                raise CorruptOutput(f"{where}: VMCAP note {key} value {value[:40]!r} is damaged")
-        elif key in ("PAGE_SIZE", "DUMP_LEVEL", "ERROR_RANGES_NOT_LISTED", "INCOMPLETE",
-                     "SAVED_BYTES", "MEMORY_BYTES") and not value.isdigit():
-            raise CorruptOutput(f"{where}: VMCAP note {key} value {value[:40]!r} is damaged")
-    note = parse_vmcap_note(desc)
-    incomplete = incomplete_info(note)
-    if incomplete is not None:
-        # Kept after a full disk or a write error: readable, but not a whole dump.
-        raise CorruptOutput(f"{where}: incomplete dump (the capture stopped early): it holds "
-                            f"{describe_incomplete(incomplete)}")
-    return note
-
-
-def incomplete_lines(saved_bytes: int, memory_bytes: int, end_paddr: int) -> list[str]:
-    """The note lines of a dump cut short: how much memory it holds, of how much,
-    and the physical address where its data stops."""
-    return ["INCOMPLETE=1", f"SAVED_BYTES={saved_bytes}", f"MEMORY_BYTES={memory_bytes}",
-            f"DATA_END_PADDR={end_paddr:#x}"]
-
-
-def incomplete_info(note: dict | None) -> dict | None:
-    """What a parsed VMCAP note says of a dump cut short, or None for a whole one."""
-    if not note or note.get("INCOMPLETE") != "1":
-        return None
-    info: dict = {}
-    for key, name in (("SAVED_BYTES", "saved_bytes"), ("MEMORY_BYTES", "memory_bytes")):
-        value = str(note.get(key, ""))
-        info[name] = int(value) if value.isdigit() else None
-    try:
-        info["data_end_paddr"] = int(str(note.get("DATA_END_PADDR")), 16)
-    except ValueError:
-        info["data_end_paddr"] = None
-    return info
-
-
-def describe_incomplete(info: dict) -> str:
-    """'N of M bytes of memory (data stops at physical address X)'."""
-    saved, total, end = info.get("saved_bytes"), info.get("memory_bytes"), info.get("data_end_paddr")
-    text = f"{saved} of {total} bytes of memory"
-    return text if end is None else f"{text} (data stops at physical address {end:#x})"
-
-
-def find_vmcap_note(notes) -> dict | None:
-    """The parsed VMCAP note among ``notes`` (layout.Note objects), or None."""
-    for note in notes:
-        if note.name == VMCAP_NOTE_NAME.decode() and note.type == VMCAP_NOTE_TYPE:
-            return parse_vmcap_note(note.desc)
-    return None
-
-
-def aligned_notes(note_bytes: bytes) -> bytes:
-    """The source's note bytes padded to 4, so vmcap's note can follow them."""
-    return note_bytes + b"\0" * (-len(note_bytes) % 4)
 
 
 def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size: int,

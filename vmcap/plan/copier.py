@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 from ..errors import SourceIOError
 from ..fileio.mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
-from ..formats.elf import ErrorRange
+from ..formats.note import ErrorRange
 from .copyplan import BufferedPiece, CopyPlan, MappedRange
 
 DEFAULT_WINDOW_BYTES = 4 << 20

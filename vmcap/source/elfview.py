@@ -30,9 +30,9 @@ from ..errors import SourceIOError
 from ..fileio.mmapio import MmapRefused
 from ..formats.elf import build_note, iter_note_spans
 from ..formats.elfwriter import OutputSegment, plan_elf_image
+from ..formats.note import without_note
 
 VMCOREINFO_NOTE_NAME = b"VMCOREINFO"
-VMCAP_NOTE_NAME = "VMCAP"
 SEGMENT_FLAGS = 7  # PF_R | PF_W | PF_X, as the kernel's /proc/vmcore PT_LOADs
 
 
@@ -63,17 +63,6 @@ class PhysicalMemory(Protocol):
         """Fill out with the dumped granules first, first+1, ... (all dumped)."""
 
 
-def notes_without(note_bytes: bytes, byte_order: str, name: str) -> bytes:
-    """The notes without those called ``name``, in their order (4-byte aligned)."""
-    kept = []
-    for span in iter_note_spans(note_bytes, byte_order):
-        if span.name == name:
-            continue
-        end = span.desc_offset + span.desc_size
-        kept.append(note_bytes[span.offset:end] + b"\0" * (-end % 4))
-    return b"".join(kept)
-
-
 def has_note(note_bytes: bytes, byte_order: str, name: str) -> bool:
     return any(span.name == name for span in iter_note_spans(note_bytes, byte_order))
 
@@ -82,7 +71,7 @@ def view_notes(note_bytes: bytes, vmcoreinfo: bytes, byte_order: str) -> bytes:
     """A dump's notes for its ELF view: without vmcap's note (it described the
     dump file, not the memory), with a VMCOREINFO note when the dump keeps
     VMCOREINFO apart from its notes (kdump sub header)."""
-    notes = notes_without(note_bytes, byte_order, VMCAP_NOTE_NAME)
+    notes = without_note(note_bytes, byte_order)
     if vmcoreinfo and not has_note(notes, byte_order, VMCOREINFO_NOTE_NAME.decode()):
         notes += build_note(VMCOREINFO_NOTE_NAME, 0, bytes(vmcoreinfo), byte_order)
     return notes
