@@ -21,8 +21,8 @@ import numpy as np
 
 from .errors import BadSource, Unsupported
 from .fileio.output import OutputFile
-from .formats.digest import UNKNOWN
 from .formats.flattened import FlattenedWriter
+from .formats.head import KdumpFile
 from .formats.kdump import BITMAP_WINDOW_BYTES, KdumpHeaderInfo, KdumpLayout, KdumpWriter, utsname_machine
 from .formats.note import DIGEST_LINE_KEYS, Incomplete, VmcapNote, aligned_notes, placeholders
 from .kernel.dumplevel import ExclusionCounts
@@ -246,7 +246,8 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     # kdump-flat: every positional write becomes a record of a stream, which
     # a pipe can take (makedumpfile -F); `makedumpfile -R` rebuilds the file.
     flat = FlattenedWriter(out) if options.output_format == "kdump-flat" else None
-    writer = KdumpWriter(out.fd if flat is None else flat, info, max_mapnr=max_mapnr, compress=options.compress,
+    writer = KdumpWriter(KdumpFile(out) if flat is None else flat, info, max_mapnr=max_mapnr,
+                         compress=options.compress,
                          level=level, threads=options.threads,
                          exclude_zero=exclude_zero,
                          max_pages_present=max(may_dump, 0),
@@ -271,38 +272,24 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
             writer.close(incomplete_present=[])  # stops the compressor threads
             return None
         if flat is not None:
-            out.truncate(flat.record_end)
+            flat.cut_to_whole_records()
         incomplete = Incomplete(saved * page, ram_pages * page, cut * page)
         errors = copier.stats.error_ranges
-        if flat is None:
-            stats = writer.close(lambda values: all_notes(errors, values, incomplete),
-                                 incomplete_present=ram_runs)
-            out.position = stats.file_bytes
-        else:
-            writer.replace_notes(all_notes(errors, placeholders(DIGEST_LINE_KEYS, UNKNOWN), incomplete))
-            writer.close(incomplete_present=ram_runs)
+        writer.close(lambda values: all_notes(errors, values, incomplete), incomplete_present=ram_runs)
+        if flat is not None:
             flat.close()
         return incomplete.describe()
 
     out.keep_incomplete(finish_incomplete)
-    try:
-        stream = PageStream(writer, page, excluded)
-        for chunk in copier:
-            stream.add(chunk.paddr, chunk.length, chunk.data)
-        stream.close()
-        errors = copier.stats.error_ranges
-        if flat is None:
-            stats = writer.close(lambda values: all_notes(errors, values))
-        else:
-            # A stream cannot be read back for the metadata digest: say so
-            # rather than record digests of a file that never existed here.
-            writer.replace_notes(all_notes(errors, placeholders(DIGEST_LINE_KEYS, UNKNOWN)))
-            stats = writer.close()
-            flat.close()
-    except OSError as e:
-        raise out._fail("write", e) from None
-    if flat is None:
-        out.position = stats.file_bytes
+    stream = PageStream(writer, page, excluded)
+    for chunk in copier:
+        stream.add(chunk.paddr, chunk.length, chunk.data)
+    stream.close()
+    errors = copier.stats.error_ranges
+    # The sink finishes the head (the header block last); the output's size follows.
+    stats = writer.close(lambda values: all_notes(errors, values))
+    if flat is not None:
+        flat.close()
     return replace(counts, zero_fill=stream.zero_fill_pages,
                    zero=stats.zero_pages_excluded if exclude_zero else None,
                    zero_shared=stats.zero_pages_shared if policy.zero_mode == ZERO_SHARED else None)

@@ -13,9 +13,10 @@ from typing import Callable
 from .cpus import usable_cpus
 from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupported
 from .fileio.mmapio import Source
-from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files, write_whole_file
-from .formats.digest import UNKNOWN, DigestingSink, StreamDigest
+from .fileio.output import OutputFile, check_output_target, refuse_same_files, write_whole_file
+from .formats.digest import UNKNOWN, StreamDigest
 from .formats.elfwriter import ElfStreamWriter, OutputSegment, cut_image, plan_elf_image
+from .formats.head import SparseElfSink
 from .formats.note import (
     NOTE_NAME,
     Incomplete,
@@ -269,53 +270,39 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
     image = plan_elf_image(layout, [OutputSegment(s.paddr, s.vaddr, 0, s.filesz, s.memsz,
                                                   s.flags) for s in segments],
                            len(source_notes) + len(first_note), page)
-    data_digest = StreamDigest()
     if options.output_format == "zelf":
         from .formats.seekable import SeekableWriter, seek_table_bound
 
+        # Headers and notes go in an uncompressed frame of known size, so the
+        # head can be rewritten in place at the end.
         sink = SeekableWriter(out, level=options.compression_level(), threads=options.threads,
                               frame_bytes=options.frame_bytes)
-        # Headers and notes go in an uncompressed frame of known size, so the
-        # vmcap note can be rewritten in place at the end.
-        head_offset = out.position
         # Room for the seek table, kept free while the frames go out: when
         # the disk fills up, the frames written can still be made readable.
         out.set_tail_reserve(seek_table_bound(image.total_size // options.frame_bytes
                                               + len(segments) + 4))
-        writer = ElfStreamWriter(sink, image, source_notes + first_note,
-                                 write_head=sink.write_raw_frame)
 
-        def finish_incomplete() -> str | None:
-            """The frames wholly written, as a zelf whose segments end where they end."""
-            end, data_end = sink.cut_to_written_frames()
-            out.truncate(head_offset + end)
-            cut, saved, total, end_paddr = cut_image(layout, image, data_end)
-            if not saved:
-                return None
-            incomplete = Incomplete(saved, total, end_paddr)
-            head = cut.header + source_notes + note(copier.stats.error_ranges, incomplete=incomplete)
-            if not sink.rewrite_raw_frame_after_cut(
-                    head, lambda data, offset: out.pwrite(data, head_offset + offset)):
-                return None
-            out.write(sink.seek_table_bytes())
-            return incomplete.describe()
+        def data_end() -> int:
+            """The frames wholly written, kept; where their ELF bytes end."""
+            return sink.cut_to_written_frames()
     else:
-        sink = DigestingSink(SparseSink(out), data_digest)
-        # The zeros in the note's padding would be holes: allocate the head,
-        # so the note can be rewritten in place when the disk is full.
-        out.reserve_range(0, len(image.header) + image.notes_size)
-        writer = ElfStreamWriter(sink, image, source_notes + first_note,
-                                 write_head=sink.sink.write)
+        sink = SparseElfSink(out)
 
-        def finish_incomplete() -> str | None:
-            """The bytes written, as an ELF whose segments end where they end."""
-            cut, saved, total, end_paddr = cut_image(layout, image, out.position)
-            if not saved:
-                return None
-            incomplete = Incomplete(saved, total, end_paddr)
-            out.pwrite(cut.header + source_notes + note(
-                copier.stats.error_ranges, placeholders(digest_keys, UNKNOWN), incomplete), 0)
-            return incomplete.describe()
+        def data_end() -> int:
+            return sink.position
+    writer = ElfStreamWriter(sink, image, source_notes + first_note)
+
+    def finish_incomplete() -> str | None:
+        """The bytes written, as an ELF whose segments end where they end."""
+        cut, saved, total, end_paddr = cut_image(layout, image, data_end())
+        if not saved:
+            return None
+        incomplete = Incomplete(saved, total, end_paddr)
+        sink.rewrite_head(cut.header + source_notes + note(
+            copier.stats.error_ranges, placeholders(digest_keys, UNKNOWN), incomplete))
+        sink.close()
+        return incomplete.describe()
+
     out.keep_incomplete(finish_incomplete)
     for chunk in copier:
         if chunk.data is not None:
@@ -326,19 +313,14 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
     if errors and not out.seekable:
         warnings.append("read errors were zero-filled but cannot be recorded in the "
                         "note of a streamed output; they are listed in this summary")
-    if options.output_format == "zelf":
-        if errors and out.seekable:
-            # Before close(): the seek table records the new frame's checksum.
-            sink.replace_raw_frame(image.header + source_notes + note(errors),
-                                   lambda data, offset: out.pwrite(data, head_offset + offset))
-        sink.close()
-    else:
-        sink.close()
-        if out.seekable:
-            values = dict(vmcap_note.digests, DATA_XXH64=data_digest.hexdigest())
-            head = image.header + source_notes + note(errors, values)
-            values["META_XXH64"] = StreamDigest.of(head)
-            out.pwrite(note(errors, values), image.vmcap_note_offset)
+    if plain and out.seekable:
+        values = dict(vmcap_note.digests, DATA_XXH64=sink.data_digest.hexdigest())
+        values["META_XXH64"] = StreamDigest.of(image.header + source_notes + note(errors, values))
+        sink.rewrite_head(image.header + source_notes + note(errors, values))
+    elif errors and out.seekable:
+        # Before close(): the seek table records the new head frame's checksum.
+        sink.rewrite_head(image.header + source_notes + note(errors))
+    sink.close()
     return warnings, counts
 
 

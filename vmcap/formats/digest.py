@@ -100,21 +100,3 @@ def sparse_file_digest(fd: int, start: int, end: int, written, *, what: str = ""
     digest.update_zeros(end - position)
     return digest.hexdigest()
 
-
-class DigestingSink:
-    """A byte sink that hashes what passes through it into ``digest``."""
-
-    def __init__(self, sink, digest: StreamDigest):
-        self.sink = sink
-        self.digest = digest
-
-    def write(self, data) -> None:
-        self.digest.update(data)
-        self.sink.write(data)
-
-    def write_zeros(self, n: int) -> None:
-        self.digest.update_zeros(n)
-        self.sink.write_zeros(n)
-
-    def close(self):
-        return self.sink.close()

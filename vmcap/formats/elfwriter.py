@@ -14,8 +14,9 @@ accept it:
 * the notes (the source's, then vmcap's) follow the program headers: crash
   reads everything before the first PT_LOAD's data as "the header" and looks
   for notes only there. The vmcap note records read errors met while
-  copying, which are only known at the end, so it has a fixed size and is
-  rewritten in place when the copy is done (see ``ElfImage.vmcap_note_offset``).
+  copying, which are only known at the end, so it has a fixed size and the
+  head is rewritten in place when the copy is done (the sinks' rewrite_head,
+  formats/head.py).
 
 Sizes and offsets are all computed before the first byte is written.
 """
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import Unsupported
 from .elf import (
@@ -37,16 +38,10 @@ from .elf import (
     PT_NOTE,
     SHDR_FORMATS,
 )
-from .note import NOTE_BYTES
 
-if TYPE_CHECKING:  # annotations only: the writer takes the source's Layout, never reads one
-    from ..source.layout import Layout
-
-
-class ByteSink(Protocol):
-    def write(self, data) -> None: ...
-
-    def write_zeros(self, n: int) -> None: ...
+if TYPE_CHECKING:  # annotations only
+    from ..source.layout import Layout  # the writer takes the source's Layout, never reads one
+    from .head import ElfSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +62,6 @@ class ElfImage:
     segments: tuple[OutputSegment, ...]
     notes_offset: int  # == len(header): the notes follow the headers directly
     notes_size: int
-
-    @property
-    def vmcap_note_offset(self) -> int:
-        """The vmcap note is the last note: it can be rewritten in place."""
-        return self.notes_offset + self.notes_size - NOTE_BYTES
 
     @property
     def total_size(self) -> int:
@@ -189,20 +179,20 @@ def _pack_header(layout: Layout, placed: Sequence[OutputSegment], notes_offset: 
 
 
 class ElfStreamWriter:
-    """Emits an ElfImage's bytes in file order into a byte sink.
+    """Emits an ElfImage's bytes in file order into an ELF sink (formats/head.py).
 
-    The header and notes are written first, through ``write_head`` (so a
-    sink can keep them in a region it is able to rewrite later); then the
-    segments' data in order.
+    The header and notes are written first, through the sink's
+    ``write_head`` (it keeps them where its ``rewrite_head`` can replace
+    them once the data is written); then the segments' data in order.
     """
 
-    def __init__(self, sink: ByteSink, image: ElfImage, notes: bytes, write_head=None):
+    def __init__(self, sink: ElfSink, image: ElfImage, notes: bytes):
         if len(notes) != image.notes_size:
             raise ValueError(f"notes are {len(notes)} bytes, the image reserved "
                              f"{image.notes_size}")
         self.sink = sink
         self.image = image
-        (write_head or sink.write)(image.header + notes)
+        sink.write_head(image.header + notes)
         self.position = len(image.header) + len(notes)
 
     def _advance_to(self, offset: int) -> None:

@@ -78,12 +78,14 @@ def _check_record(offset: int, size: int, where: str) -> None:
 # Writer
 
 class FlattenedWriter:
-    """A positional sink (pwrite / truncate) that emits flattened records on a stream.
+    """A positional sink (pwrite / truncate / rewrite_head) that emits flattened records on a stream.
 
     Every pwrite becomes one record, written through at once: memory does not
     grow with the dump, and records may come in any offset order. `out` needs
     only write() (an OutputFile, so standard output works).
     """
+
+    can_shrink = False  # a record written stays in the stream
 
     def __init__(self, out):
         self._out = out
@@ -94,7 +96,8 @@ class FlattenedWriter:
         # part-way through a record is cut back to here (an incomplete dump).
         self.record_end = getattr(out, "position", 0)
 
-    def pwrite(self, data, offset: int) -> None:
+    def pwrite(self, data, offset: int, what: str = "") -> None:
+        """One record: ``data`` at ``offset`` of the kdump file (``what`` it is, unused)."""
         view = memoryview(data).cast("B")
         if offset < 0:
             raise ValueError(f"negative offset {offset}")
@@ -104,6 +107,14 @@ class FlattenedWriter:
         self._out.write(view)
         self._end = max(self._end, offset + len(view))
         self.record_end = getattr(self._out, "position", 0)
+
+    def cut_to_whole_records(self) -> None:
+        """After a failed write: drop a record written part-way (an incomplete dump)."""
+        self._out.truncate(self.record_end)
+
+    def rewrite_head(self, head) -> None:
+        """The head (the kdump header block) at offset 0: the last record for it wins."""
+        self.pwrite(head, 0)
 
     def truncate(self, size: int) -> None:
         """Make the reassembled file `size` bytes long; it can grow, not shrink."""

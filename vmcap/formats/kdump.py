@@ -36,13 +36,14 @@ import numpy as np
 from ..cpus import usable_cpus
 from ..errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
 from ..fileio.mmapio import open_source_fd
-from ..fileio.output import write_error
 from ..kernel import vmcoreinfo as vi
 from ..kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64
-from .digest import PLACEHOLDER, StreamDigest, hex_value, sparse_file_digest
+from .digest import PLACEHOLDER, UNKNOWN, StreamDigest, hex_value
 from .elf import NoteSpan, build_note, iter_note_spans
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES
 from .flattened import FlattenedFile, is_flattened
+from .head import KdumpFile
+from .note import DIGEST_LINE_KEYS
 
 # The descriptor flags are re-exported: tests and tools know them as kdump's.
 from .pagecodecs import (
@@ -353,28 +354,16 @@ def plan_layout(block_size: int, max_mapnr: int, sub_header_bytes: int,
                        descriptor_capacity=descriptor_capacity)
 
 
-def _pwrite_all(fd, data, offset: int, what: str) -> None:
-    """Write data at offset of fd: a file descriptor, or a positional sink with
-    pwrite(data, offset) such as flattened.FlattenedWriter (raising OutputError itself)."""
+def _pwrite_all(sink, data, offset: int, what: str) -> None:
+    """Write data (bytes or an array) at offset of a positional sink (head.KdumpFile,
+    flattened.FlattenedWriter), which raises OutputError itself."""
     if isinstance(data, np.ndarray):
         # memoryview.cast refuses non-native formats such as '<u4' or a
         # structured descriptor dtype; a byte view of the array does not.
         view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
     else:
         view = memoryview(data).cast("B")
-    if not isinstance(fd, int):
-        fd.pwrite(view, offset)
-        return
-    done = 0
-    while done < len(view):
-        try:
-            written = os.pwrite(fd, view[done:], offset + done)
-        except OSError as e:
-            raise write_error(f"writing kdump {what} at offset {offset + done:#x}: "
-                              f"{e.strerror or e}", e) from e
-        if written == 0:
-            raise OutputError(f"writing kdump {what} at offset {offset + done:#x}: no progress")
-        done += written
+    sink.pwrite(view, offset, what)
 
 
 def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -386,24 +375,6 @@ def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         elif end > start:
             merged.append((start, end))
     return merged
-
-
-def _read_back_digest(fd: int, start: int, end: int, digest: StreamDigest,
-                      written: list[tuple[int, int]]) -> str:
-    """sparse_file_digest of bytes an fd wrote, through a read-only fd of its own.
-
-    The output may be open write-only (OutputFile); Linux reopens the same
-    file, even renamed, through /proc/self/fd.
-    """
-    try:
-        read_fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        read_fd = os.dup(fd)  # readable already, or the read fails with its own error
-    try:
-        return sparse_file_digest(read_fd, start, end, written, what="kdump metadata",
-                                  continue_from=digest)
-    finally:
-        os.close(read_fd)
 
 
 def _set_bits(bitmap: np.ndarray, pfns: np.ndarray) -> None:
@@ -445,8 +416,8 @@ class _StreamedBitmap:
 
     WINDOW_BYTES = BITMAP_WINDOW_BYTES
 
-    def __init__(self, fd: int, file_offset: int, what: str):
-        self._fd = fd
+    def __init__(self, sink, file_offset: int, what: str):
+        self._sink = sink
         self._file_offset = file_offset
         self._what = what
         self._window = np.zeros(self.WINDOW_BYTES, dtype=np.uint8)
@@ -499,7 +470,7 @@ class _StreamedBitmap:
 
     def _write(self, window: np.ndarray) -> None:
         start = self._file_offset + self._window_index * self.WINDOW_BYTES
-        _pwrite_all(self._fd, window, start, self._what)
+        _pwrite_all(self._sink, window, start, self._what)
         self._dirty = False
         end = start + len(window)
         if self.written and self.written[-1][1] == start:
@@ -532,9 +503,10 @@ class KdumpWriter:
     and the data cannot move afterwards. Left as None it is max_mapnr: always
     enough, and the unused part of the table stays a hole in the file.
 
-    fd is a file descriptor opened for writing, or a positional sink with
-    pwrite(data, offset) and truncate(size) (flattened.FlattenedWriter, which
-    turns every write into a record of a stream).
+    sink is a file descriptor opened for writing, or a positional sink with
+    pwrite, truncate and rewrite_head: head.KdumpFile (a file), or
+    flattened.FlattenedWriter (which turns every write into a record of a
+    stream). The header block goes last, through rewrite_head.
 
     threads: 0 means one per usable CPU, 1 compresses in the calling thread.
     exclude_zero=True (dump level bit 1) clears all-zero pages from the 2nd
@@ -542,7 +514,7 @@ class KdumpWriter:
     zero page, as makedumpfile stores them.
     """
 
-    def __init__(self, fd: int, info: KdumpHeaderInfo, *, max_mapnr: int, compress: str = "zstd",
+    def __init__(self, sink, info: KdumpHeaderInfo, *, max_mapnr: int, compress: str = "zstd",
                  level: int | None = None, threads: int = 0, exclude_zero: bool = False,
                  max_pages_present: int | None = None, dump_level: int | None = None,
                  size_limit: int | None = None):
@@ -562,7 +534,7 @@ class KdumpWriter:
         if not 0 <= max_pages_present <= max_mapnr:
             raise ValueError(f"max_pages_present {max_pages_present} is not in [0, max_mapnr={max_mapnr}]")
 
-        self._fd = fd
+        self._sink = KdumpFile(sink) if isinstance(sink, int) else sink
         self._info = info
         self._max_mapnr = max_mapnr
         self._page_size = page_size
@@ -579,8 +551,8 @@ class KdumpWriter:
                                    self._sub_header.size + len(self._stored_notes), max_pages_present)
         self._descriptor_dtype = _descriptor_dtype(info.byte_order)
 
-        self._present_bitmap = _StreamedBitmap(fd, self._layout.present_bitmap_offset, "1st bitmap")
-        self._dumped_bitmap = _StreamedBitmap(fd, self._layout.dumped_bitmap_offset, "2nd bitmap")
+        self._present_bitmap = _StreamedBitmap(self._sink, self._layout.present_bitmap_offset, "1st bitmap")
+        self._dumped_bitmap = _StreamedBitmap(self._sink, self._layout.dumped_bitmap_offset, "2nd bitmap")
 
         workers = _worker_count(threads)
         self._pages_compressor = page_compressor(compress, level, workers)
@@ -610,7 +582,7 @@ class KdumpWriter:
             # Every zero page's descriptor points here (makedumpfile's pd_zero):
             # one stored copy, always at the start of the page data.
             self._zero_page_offset = self._data_end
-            _pwrite_all(fd, bytes(page_size), self._zero_page_offset, "shared zero page")
+            _pwrite_all(self._sink, bytes(page_size), self._zero_page_offset, "shared zero page")
             self._data_digest.update_zeros(page_size)
             self._data_end += page_size
 
@@ -766,13 +738,13 @@ class KdumpWriter:
             raise OutputFull(f"size limit of {self._size_limit} bytes reached at pfn "
                              f"{int(pfns[0]):#x} (kdump page data at offset {self._data_end:#x})")
         if len(stored):
-            _pwrite_all(self._fd, page_data, self._data_end, "page data")
+            _pwrite_all(self._sink, page_data, self._data_end, "page data")
             self._data_digest.update(np.ascontiguousarray(page_data) if isinstance(page_data, np.ndarray)
                                      else page_data)
             self._data_end += int(sizes.sum())
         if dumped_count:
             self._descriptor_digest.update(descriptors)
-            _pwrite_all(self._fd, descriptors,
+            _pwrite_all(self._sink, descriptors,
                         self._layout.descriptor_offset + DESCRIPTOR_BYTES * self._descriptors_written,
                         "page descriptors")
         self._descriptors_written += dumped_count
@@ -803,11 +775,12 @@ class KdumpWriter:
         self._closed = True
 
     def close(self, notes_with_digests=None, *, incomplete_present=None) -> KdumpStats:
-        """Write the bitmaps and headers; the fd stays open (the caller owns it).
+        """Write the bitmaps and headers; the sink stays open (the caller owns it).
 
         ``notes_with_digests(values)``, if given, returns the notes to store
         (as long as the current ones) with the digest lines for ``values``
-        (META_XXH64, DESC_XXH64, DATA_XXH64, DATA_OFFSET; see vmcap.formats.digest).
+        (META_XXH64, DESC_XXH64, DATA_XXH64, DATA_OFFSET; see vmcap.formats.digest),
+        all "unknown" when the sink cannot be read back (a flattened stream).
 
         ``incomplete_present`` closes a dump whose writing failed (disk full,
         EIO): (first pfn, count) runs of every RAM page, in increasing order.
@@ -834,7 +807,7 @@ class KdumpWriter:
             # The failed batch may have set no bits, or the staged pages'
             # neighbours some: the 1st bitmap is simply all RAM, rewritten.
             written += self._present_bitmap.written  # overwritten, but still read back
-            present = _StreamedBitmap(self._fd, layout.present_bitmap_offset, "1st bitmap")
+            present = _StreamedBitmap(self._sink, layout.present_bitmap_offset, "1st bitmap")
             for first, count in incomplete_present:
                 for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
                     stop = min(first + count, start + _StreamedBitmap.WINDOW_BYTES * 8)
@@ -860,16 +833,22 @@ class KdumpWriter:
             if self._vmcoreinfo_span is not None:
                 sub_header["offset_vmcoreinfo"] = note_offset + self._vmcoreinfo_span.desc_offset
                 sub_header["size_vmcoreinfo"] = self._vmcoreinfo_span.desc_size
-            _pwrite_all(self._fd, self._sub_header.pack(sub_header) + self._stored_notes,
+            _pwrite_all(self._sink, self._sub_header.pack(sub_header) + self._stored_notes,
                         layout.sub_header_offset, "sub header and notes")
 
         values = {}
-        if notes_with_digests is not None:
+        # A stream cannot be read back for the META digest: its note says
+        # "unknown" rather than record digests of a file that never existed here.
+        digested = notes_with_digests is not None and hasattr(self._sink, "read_back_digest")
+        if digested:
             unused = layout.descriptor_capacity - self._descriptors_written
             self._descriptor_digest.update_zeros(DESCRIPTOR_BYTES * unused)
             values = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": self._descriptor_digest.hexdigest(),
                       "DATA_XXH64": self._data_digest.hexdigest(),
                       "DATA_OFFSET": hex_value(layout.data_offset)}
+        elif notes_with_digests is not None:
+            values = dict.fromkeys(DIGEST_LINE_KEYS, UNKNOWN)
+        if notes_with_digests is not None:
             self.replace_notes(notes_with_digests(values))
         write_sub_header()
 
@@ -889,19 +868,14 @@ class KdumpWriter:
             "max_mapnr": min(self._max_mapnr, 0xFFFFFFFF),  # obsolete 32-bit copy of max_mapnr_64
             "nr_cpus": info.nr_cpus,
         })
-        try:
-            if isinstance(self._fd, int):
-                os.ftruncate(self._fd, self._data_end)  # drop whatever an old file had past our data
-            elif incomplete:
-                # A stream cannot shrink: data of a batch whose descriptors
-                # were never written may lie past the end, unreferenced.
-                self._fd.truncate(max(self._data_end, self._fd.file_bytes))
-            else:
-                self._fd.truncate(self._data_end)
-        except OSError as e:
-            raise OutputError(f"setting kdump file size to {self._data_end}: {e.strerror or e}") from e
+        if incomplete and not self._sink.can_shrink:
+            # A stream cannot shrink: data of a batch whose descriptors
+            # were never written may lie past the end, unreferenced.
+            self._sink.truncate(max(self._data_end, self._sink.file_bytes))
+        else:
+            self._sink.truncate(self._data_end)  # drop whatever an old file had past our data
         header_block = header.ljust(self._page_size, b"\0")
-        if notes_with_digests is not None:
+        if digested:
             # META covers the header block (still in memory) and the sub
             # header, notes and bitmaps: those are read back, but of the
             # bitmaps only the windows written (the rest are holes, hashed as
@@ -909,8 +883,9 @@ class KdumpWriter:
             meta = StreamDigest()
             meta.update(header_block)
             try:
-                rest = _read_back_digest(self._fd, self._page_size, layout.descriptor_offset, meta,
-                                         [(self._page_size, layout.present_bitmap_offset), *written])
+                rest = self._sink.read_back_digest(
+                    self._page_size, layout.descriptor_offset, meta,
+                    [(self._page_size, layout.present_bitmap_offset), *written])
             except (OSError, EOFError) as e:
                 raise OutputError(f"reading back kdump metadata: {getattr(e, 'strerror', None) or e}") from e
             values["META_XXH64"] = rest
@@ -918,7 +893,7 @@ class KdumpWriter:
             write_sub_header()
         # The header block goes last: until it is written, the file does not
         # claim to be a kdump.
-        _pwrite_all(self._fd, header_block, 0, "header")
+        self._sink.rewrite_head(header_block)
         return KdumpStats(
             pages_present=self._pages_present,
             pages_dumped=self._descriptors_written,

@@ -175,11 +175,16 @@ class SeekableWriter:
     """
 
     def __init__(self, sink, *, level: int = 3, threads: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES):
+        """``sink`` needs write(); rewrite_head also needs pwrite(data, offset), and
+        cut_to_written_frames truncate(size) (an OutputFile has both)."""
         if not 1 <= frame_bytes <= MAX_FRAME_DECOMPRESSED_BYTES:
             raise ValueError(f"frame_bytes must be 1..{MAX_FRAME_DECOMPRESSED_BYTES}, not {frame_bytes}")
         if threads < 0:
             raise ValueError(f"threads must be >= 0, not {threads}")
         self._sink = sink
+        # Where this writer's first byte goes in the sink: rewrite_head and
+        # cut_to_written_frames count from there.
+        self._sink_base = getattr(sink, "position", 0)
         self._level = level
         self._frame_bytes = frame_bytes
         self._threads = threads or usable_cpus()
@@ -201,7 +206,8 @@ class SeekableWriter:
         self._compressed_zero_frame: bytes | None = None
         self._stats: SeekableStats | None = None
         self._failed = False
-        self._raw_frame: tuple[int, int, int] | None = None  # (index, offset, size) of the last raw frame
+        self._cut = False  # cut_to_written_frames() was called: only the head and the seek table remain
+        self._head_frame: tuple[int, int, int] | None = None  # (index, offset, size) of the head's raw frame
 
         # Compressors are not thread-safe: one per thread.
         self._per_thread = threading.local()
@@ -249,6 +255,15 @@ class SeekableWriter:
 
     def write_raw_frame(self, data) -> None:
         """End the current frame and store ``data`` as one uncompressed frame (see raw_frame)."""
+        self._store_raw_frame(data, is_head=False)
+
+    def write_head(self, head) -> None:
+        """write_raw_frame for the dump's head, which rewrite_head can replace later."""
+        if self._head_frame is not None:
+            raise ValueError("the head is written once")
+        self._store_raw_frame(head, is_head=True)
+
+    def _store_raw_frame(self, data, *, is_head: bool) -> None:
         self._check_open()
         view = _byte_view(data)
         self._uncompressed_bytes += len(view)
@@ -259,52 +274,60 @@ class SeekableWriter:
             # Write what is queued first, so the frame's offset is known.
             while self._in_flight:
                 self._write_oldest_in_flight()
-            self._raw_frame = (self._frames_written, self._compressed_bytes, len(frame))
+            if is_head:
+                self._head_frame = (self._frames_written, self._compressed_bytes, len(frame))
             self._queue_compressed(frame, len(view))
 
         self._guarded(store)
 
-    def replace_raw_frame(self, data, pwrite) -> None:
-        """Replace the last raw frame's content (same length) before close().
+    def rewrite_head(self, head) -> None:
+        """Replace the head's frame with one holding ``head`` (the same length), in place.
 
-        ``pwrite(frame_bytes, offset)`` writes at an offset counted from the
-        first byte this writer emitted; the seek table, written by close(),
-        gets the new checksum.
+        Before close(), or after cut_to_written_frames() if the head's frame
+        was kept. The seek table, written by close(), gets the new checksum.
         """
+        if self._head_frame is None:
+            raise ValueError("no head frame to rewrite (none written, or not among the frames kept)")
+        if self._cut:
+            self._rewrite_head_frame(head)
+            return
         self._check_open()
-        if self._raw_frame is None:
-            raise ValueError("no raw frame to replace")
-        index = self._raw_frame[0]
+        index = self._head_frame[0]
 
         def replace() -> None:
             while self._in_flight and self._frames_written <= index:
                 self._write_oldest_in_flight()
-            self._rewrite_raw_frame(data, pwrite)
+            self._rewrite_head_frame(head)
 
         self._guarded(replace)
 
-    def _rewrite_raw_frame(self, data, pwrite) -> None:
-        index, offset, size = self._raw_frame
-        frame = raw_frame(data)
+    def _rewrite_head_frame(self, head) -> None:
+        index, offset, size = self._head_frame
+        frame = raw_frame(head)
         if len(frame) != size:
-            raise ValueError(f"replacement raw frame is {len(frame)} bytes, not {size}")
-        pwrite(frame, offset)
+            raise ValueError(f"the new head frame is {len(frame)} bytes, not {size}")
+        try:
+            self._sink.pwrite(frame, self._sink_base + offset)
+        except OSError as error:
+            raise OutputError(f"rewriting the seekable zstd head frame at offset {offset}: "
+                              f"{error.strerror or error}") from error
         entry = index * SEEK_ENTRY_WITH_CHECKSUM.size
         self._seek_table[entry:entry + SEEK_ENTRY_WITH_CHECKSUM.size] = \
-            SEEK_ENTRY_WITH_CHECKSUM.pack(len(frame), len(memoryview(data).cast("B")),
+            SEEK_ENTRY_WITH_CHECKSUM.pack(len(frame), len(memoryview(head).cast("B")),
                                           _frame_checksum(frame))
 
     # -- a dump cut short ----------------------------------------------------
 
-    def cut_to_written_frames(self) -> tuple[int, int]:
+    def cut_to_written_frames(self) -> int:
         """After a failed write: keep the frames wholly written, forget the rest.
 
-        Stops the workers. Returns (bytes of the kept frames, counted from
-        the first byte this writer emitted, and their decompressed size):
-        the caller cuts the output there, may rewrite the raw frame
-        (rewrite_raw_frame_after_cut) and appends seek_table_bytes().
+        Stops the workers and cuts the sink after the frames kept (a frame
+        written part-way is dropped). Returns their decompressed size; the
+        head may then be rewritten (rewrite_head), and close() writes the
+        seek table of the frames kept.
         """
         self._failed = True
+        self._cut = True
         self._stop_threads(cancel=True)
         entries = np.frombuffer(bytes(self._seek_table), dtype="<u4").reshape(-1, 3)
         ends = np.cumsum(entries[:, 0], dtype=np.int64)
@@ -313,17 +336,14 @@ class SeekableWriter:
         self._frames_written = kept
         self._compressed_bytes = int(ends[kept - 1]) if kept else 0
         self._uncompressed_bytes = int(entries[:kept, 1].sum(dtype=np.int64))
-        if self._raw_frame is not None and self._raw_frame[0] >= kept:
-            self._raw_frame = None
-        return self._compressed_bytes, self._uncompressed_bytes
-
-    def rewrite_raw_frame_after_cut(self, data, pwrite) -> bool:
-        """replace_raw_frame for a writer cut by cut_to_written_frames; False if
-        the raw frame was not among the frames kept."""
-        if self._raw_frame is None:
-            return False
-        self._rewrite_raw_frame(data, pwrite)
-        return True
+        if self._head_frame is not None and self._head_frame[0] >= kept:
+            self._head_frame = None
+        try:
+            self._sink.truncate(self._sink_base + self._compressed_bytes)
+        except OSError as error:
+            raise OutputError(f"cutting seekable zstd output at offset {self._compressed_bytes}: "
+                              f"{error.strerror or error}") from error
+        return self._uncompressed_bytes
 
     def seek_table_bytes(self) -> bytes:
         """The seek table (a skippable frame) for the frames written so far."""
@@ -338,8 +358,12 @@ class SeekableWriter:
         """
         if self._stats is not None:
             return self._stats
-        self._check_open()
-        self._guarded(self._finish)
+        if self._cut:
+            # The frames kept after a failed write: their seek table is all that is left.
+            self._write_to_sink(self.seek_table_bytes())
+        else:
+            self._check_open()
+            self._guarded(self._finish)
         self._stats = SeekableStats(
             frames=self._frames_written,
             uncompressed_bytes=self._uncompressed_bytes,
