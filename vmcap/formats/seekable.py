@@ -207,7 +207,8 @@ class SeekableWriter:
         self._stats: SeekableStats | None = None
         self._failed = False
         self._cut = False  # cut_to_written_frames() was called: only the head and the seek table remain
-        self._head_frame: tuple[int, int, int] | None = None  # (index, offset, size) of the head's raw frame
+        # (index, offset, size, decompressed size) of the head's raw frame
+        self._head_frame: tuple[int, int, int, int] | None = None
 
         # Compressors are not thread-safe: one per thread.
         self._per_thread = threading.local()
@@ -275,7 +276,7 @@ class SeekableWriter:
             while self._in_flight:
                 self._write_oldest_in_flight()
             if is_head:
-                self._head_frame = (self._frames_written, self._compressed_bytes, len(frame))
+                self._head_frame = (self._frames_written, self._compressed_bytes, len(frame), len(view))
             self._queue_compressed(frame, len(view))
 
         self._guarded(store)
@@ -288,6 +289,10 @@ class SeekableWriter:
         """
         if self._head_frame is None:
             raise ValueError("no head frame to rewrite (none written, or not among the frames kept)")
+        written = self._head_frame[3]
+        if len(_byte_view(head)) != written:
+            # Checked first: a wrong call must not abandon the output.
+            raise ValueError(f"the new head is {len(_byte_view(head))} bytes, the head written {written}")
         if self._cut:
             self._rewrite_head_frame(head)
             return
@@ -302,7 +307,7 @@ class SeekableWriter:
         self._guarded(replace)
 
     def _rewrite_head_frame(self, head) -> None:
-        index, offset, size = self._head_frame
+        index, offset, size, _ = self._head_frame
         frame = raw_frame(head)
         if len(frame) != size:
             raise ValueError(f"the new head frame is {len(frame)} bytes, not {size}")
