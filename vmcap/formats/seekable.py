@@ -162,6 +162,115 @@ def _frame_checksum(compressed: bytes) -> int:
     return FRAME_MAGIC.unpack_from(compressed, len(compressed) - FRAME_MAGIC.size)[0]
 
 
+class FrameFile:
+    """The file side of a seekable zstd output: frames written in order, their seek table,
+    the head frame, and the cut after a failed write.
+
+    SeekableWriter decides what the frames hold and compresses them; this
+    records where each went. ``sink`` needs write(); rewrite_head also needs
+    pwrite(data, offset), and cut truncate(size) (an OutputFile has all three).
+    """
+
+    def __init__(self, sink):
+        self._sink = sink
+        # Where the first frame goes in the sink: the head and a cut count from there.
+        self._base = getattr(sink, "position", 0)
+        self._table = bytearray()
+        self.frames = 0  # frames wholly written
+        self.compressed_bytes = 0  # bytes written to the sink
+        # (index, offset, size, decompressed size) of the head's raw frame
+        self._head: tuple[int, int, int, int] | None = None
+
+    def check_frame_count(self) -> None:
+        """Before any byte of a new frame goes out."""
+        if self.frames >= MAX_FRAMES:
+            raise OutputError(
+                f"seekable zstd output would exceed {MAX_FRAMES} frames; use a larger frame size"
+            )
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = self._sink.write(view)
+                # Buffered files return len(data) or None; raw files may write less.
+                if written is None or written >= len(view):
+                    break
+                if written <= 0:
+                    raise OutputError(f"output accepted no bytes at offset {self.compressed_bytes}")
+                view = view[written:]
+        except OSError as error:
+            raise OutputError(
+                f"writing seekable zstd output at offset {self.compressed_bytes}: {error.strerror or error}"
+            ) from error
+        self.compressed_bytes += len(data)
+
+    def record(self, compressed_size: int, decompressed_size: int, checksum: int) -> None:
+        """A frame wholly written: its seek table entry (the count was checked before it was)."""
+        self._table += SEEK_ENTRY_WITH_CHECKSUM.pack(compressed_size, decompressed_size, checksum)
+        self.frames += 1
+
+    def write_frame(self, compressed: bytes, decompressed_size: int) -> None:
+        self.check_frame_count()
+        self.write(compressed)
+        self.record(len(compressed), decompressed_size, _frame_checksum(compressed))
+
+    def write_head_frame(self, head: memoryview) -> None:
+        """The head as a raw frame, to be rewritten later (every frame before it is written)."""
+        frame = raw_frame(head)
+        self._head = (self.frames, self.compressed_bytes, len(frame), len(head))
+        self.write_frame(frame, len(head))
+
+    @property
+    def head_index(self) -> int | None:
+        return None if self._head is None else self._head[0]
+
+    def check_head(self, head) -> None:
+        """ValueError unless ``head`` can replace the head frame."""
+        if self._head is None:
+            raise ValueError("no head frame to rewrite (none written, or not among the frames kept)")
+        size = len(_byte_view(head))
+        if size != self._head[3]:
+            raise ValueError(f"the new head is {size} bytes, the head written {self._head[3]}")
+
+    def rewrite_head(self, head) -> None:
+        """Replace the head frame in the sink (its frame is written) and its seek table entry."""
+        self.check_head(head)
+        index, offset, size, _ = self._head
+        frame = raw_frame(head)
+        try:
+            self._sink.pwrite(frame, self._base + offset)
+        except OSError as error:
+            raise OutputError(f"rewriting the seekable zstd head frame at offset {offset}: "
+                              f"{error.strerror or error}") from error
+        entry = index * SEEK_ENTRY_WITH_CHECKSUM.size
+        self._table[entry:entry + SEEK_ENTRY_WITH_CHECKSUM.size] = \
+            SEEK_ENTRY_WITH_CHECKSUM.pack(size, len(_byte_view(head)), _frame_checksum(frame))
+
+    def cut(self) -> int:
+        """Keep the frames wholly written, cut the sink after them; their decompressed size."""
+        entries = np.frombuffer(bytes(self._table), dtype="<u4").reshape(-1, 3)
+        ends = np.cumsum(entries[:, 0], dtype=np.int64)
+        kept = int(np.searchsorted(ends, self.compressed_bytes, side="right"))
+        self._table = self._table[:kept * SEEK_ENTRY_WITH_CHECKSUM.size]
+        self.frames = kept
+        self.compressed_bytes = int(ends[kept - 1]) if kept else 0
+        if self._head is not None and self._head[0] >= kept:
+            self._head = None
+        try:
+            self._sink.truncate(self._base + self.compressed_bytes)
+        except OSError as error:
+            raise OutputError(f"cutting seekable zstd output at offset {self.compressed_bytes}: "
+                              f"{error.strerror or error}") from error
+        return int(entries[:kept, 1].sum(dtype=np.int64))
+
+    def seek_table_bytes(self) -> bytes:
+        """The seek table (a skippable frame) for the frames written so far."""
+        footer = SEEK_TABLE_FOOTER.pack(self.frames, CHECKSUM_FLAG, SEEKABLE_MAGIC)
+        header = SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(self._table) + len(footer))
+        return header + bytes(self._table) + footer
+
+
 class SeekableWriter:
     """Compresses a byte stream into independent zstd frames + seek table, written to `sink`.
 
@@ -171,7 +280,8 @@ class SeekableWriter:
     about 2 * threads * frame_bytes. With one thread each frame is compressed
     as a stream, its bytes written as zstd produces them: memory is zstd's
     own context whatever frame_bytes is, and such frame headers carry no
-    content size (the seek table has it).
+    content size (the seek table has it). Where the frames go, their seek
+    table and the head frame are the FrameFile's.
     """
 
     def __init__(self, sink, *, level: int = 3, threads: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES):
@@ -181,10 +291,7 @@ class SeekableWriter:
             raise ValueError(f"frame_bytes must be 1..{MAX_FRAME_DECOMPRESSED_BYTES}, not {frame_bytes}")
         if threads < 0:
             raise ValueError(f"threads must be >= 0, not {threads}")
-        self._sink = sink
-        # Where this writer's first byte goes in the sink: rewrite_head and
-        # cut_to_written_frames count from there.
-        self._sink_base = getattr(sink, "position", 0)
+        self._file = FrameFile(sink)
         self._level = level
         self._frame_bytes = frame_bytes
         self._threads = threads or usable_cpus()
@@ -199,16 +306,11 @@ class SeekableWriter:
         self._stream_compressed = 0
         self._stream_tail = b""  # the frame's last bytes written: its checksum ends them
 
-        self._seek_table = bytearray()
-        self._frames_written = 0
         self._uncompressed_bytes = 0
-        self._compressed_bytes = 0
         self._compressed_zero_frame: bytes | None = None
         self._stats: SeekableStats | None = None
         self._failed = False
         self._cut = False  # cut_to_written_frames() was called: only the head and the seek table remain
-        # (index, offset, size, decompressed size) of the head's raw frame
-        self._head_frame: tuple[int, int, int, int] | None = None
 
         # Compressors are not thread-safe: one per thread.
         self._per_thread = threading.local()
@@ -260,7 +362,7 @@ class SeekableWriter:
 
     def write_head(self, head) -> None:
         """write_raw_frame for the dump's head, which rewrite_head can replace later."""
-        if self._head_frame is not None:
+        if self._file.head_index is not None:
             raise ValueError("the head is written once")
         self._store_raw_frame(head, is_head=True)
 
@@ -271,13 +373,13 @@ class SeekableWriter:
 
         def store() -> None:
             self._end_frame()
-            frame = raw_frame(view)
             # Write what is queued first, so the frame's offset is known.
             while self._in_flight:
                 self._write_oldest_in_flight()
             if is_head:
-                self._head_frame = (self._frames_written, self._compressed_bytes, len(frame), len(view))
-            self._queue_compressed(frame, len(view))
+                self._file.write_head_frame(view)
+            else:
+                self._file.write_frame(raw_frame(view), len(view))
 
         self._guarded(store)
 
@@ -287,39 +389,12 @@ class SeekableWriter:
         Before close(), or after cut_to_written_frames() if the head's frame
         was kept. The seek table, written by close(), gets the new checksum.
         """
-        if self._head_frame is None:
-            raise ValueError("no head frame to rewrite (none written, or not among the frames kept)")
-        written = self._head_frame[3]
-        if len(_byte_view(head)) != written:
-            # Checked first: a wrong call must not abandon the output.
-            raise ValueError(f"the new head is {len(_byte_view(head))} bytes, the head written {written}")
+        self._file.check_head(head)  # first: a wrong call must not abandon the output
         if self._cut:
-            self._rewrite_head_frame(head)
+            self._file.rewrite_head(head)
             return
         self._check_open()
-        index = self._head_frame[0]
-
-        def replace() -> None:
-            while self._in_flight and self._frames_written <= index:
-                self._write_oldest_in_flight()
-            self._rewrite_head_frame(head)
-
-        self._guarded(replace)
-
-    def _rewrite_head_frame(self, head) -> None:
-        index, offset, size, _ = self._head_frame
-        frame = raw_frame(head)
-        if len(frame) != size:
-            raise ValueError(f"the new head frame is {len(frame)} bytes, not {size}")
-        try:
-            self._sink.pwrite(frame, self._sink_base + offset)
-        except OSError as error:
-            raise OutputError(f"rewriting the seekable zstd head frame at offset {offset}: "
-                              f"{error.strerror or error}") from error
-        entry = index * SEEK_ENTRY_WITH_CHECKSUM.size
-        self._seek_table[entry:entry + SEEK_ENTRY_WITH_CHECKSUM.size] = \
-            SEEK_ENTRY_WITH_CHECKSUM.pack(len(frame), len(memoryview(head).cast("B")),
-                                          _frame_checksum(frame))
+        self._guarded(self._file.rewrite_head, head)
 
     # -- a dump cut short ----------------------------------------------------
 
@@ -334,27 +409,8 @@ class SeekableWriter:
         self._failed = True
         self._cut = True
         self._stop_threads(cancel=True)
-        entries = np.frombuffer(bytes(self._seek_table), dtype="<u4").reshape(-1, 3)
-        ends = np.cumsum(entries[:, 0], dtype=np.int64)
-        kept = int(np.searchsorted(ends, self._compressed_bytes, side="right"))
-        self._seek_table = self._seek_table[:kept * SEEK_ENTRY_WITH_CHECKSUM.size]
-        self._frames_written = kept
-        self._compressed_bytes = int(ends[kept - 1]) if kept else 0
-        self._uncompressed_bytes = int(entries[:kept, 1].sum(dtype=np.int64))
-        if self._head_frame is not None and self._head_frame[0] >= kept:
-            self._head_frame = None
-        try:
-            self._sink.truncate(self._sink_base + self._compressed_bytes)
-        except OSError as error:
-            raise OutputError(f"cutting seekable zstd output at offset {self._compressed_bytes}: "
-                              f"{error.strerror or error}") from error
+        self._uncompressed_bytes = self._file.cut()
         return self._uncompressed_bytes
-
-    def seek_table_bytes(self) -> bytes:
-        """The seek table (a skippable frame) for the frames written so far."""
-        footer = SEEK_TABLE_FOOTER.pack(self._frames_written, CHECKSUM_FLAG, SEEKABLE_MAGIC)
-        header = SKIPPABLE_HEADER.pack(SKIPPABLE_MAGIC, len(self._seek_table) + len(footer))
-        return header + bytes(self._seek_table) + footer
 
     def close(self) -> SeekableStats:
         """Flush the last frame and write the seek table. Does not close the sink.
@@ -365,14 +421,14 @@ class SeekableWriter:
             return self._stats
         if self._cut:
             # The frames kept after a failed write: their seek table is all that is left.
-            self._write_to_sink(self.seek_table_bytes())
+            self._file.write(self._file.seek_table_bytes())
         else:
             self._check_open()
             self._guarded(self._finish)
         self._stats = SeekableStats(
-            frames=self._frames_written,
+            frames=self._file.frames,
             uncompressed_bytes=self._uncompressed_bytes,
-            compressed_bytes=self._compressed_bytes,
+            compressed_bytes=self._file.compressed_bytes,
         )
         return self._stats
 
@@ -401,7 +457,7 @@ class SeekableWriter:
 
     def _stream_feed(self, piece) -> None:
         if self._stream is None:
-            self._check_frame_count()  # before any of the frame's bytes go out
+            self._file.check_frame_count()  # before any of the frame's bytes go out
             self._stream = self._compressor().compressobj()
             self._stream_compressed = 0
             self._stream_tail = b""
@@ -410,14 +466,14 @@ class SeekableWriter:
 
     def _stream_write(self, compressed: bytes) -> None:
         if compressed:
-            self._write_to_sink(compressed)
+            self._file.write(compressed)
             self._stream_compressed += len(compressed)
             self._stream_tail = (self._stream_tail + compressed[-FRAME_MAGIC.size:])[-FRAME_MAGIC.size:]
 
     def _stream_end_frame(self) -> None:
         self._stream_write(self._stream.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH))
         self._stream = None
-        self._record_frame(self._stream_compressed, self._frame_filled,
+        self._file.record(self._stream_compressed, self._frame_filled,
                            FRAME_MAGIC.unpack(self._stream_tail)[0])
 
     # -- filling frames ----------------------------------------------------
@@ -430,7 +486,7 @@ class SeekableWriter:
                 # Single-threaded: compress straight from the caller's memory,
                 # which is only needed until compress() returns.
                 plain = view[position : position + self._frame_bytes]
-                self._write_frame(self._compress(plain), len(plain))
+                self._file.write_frame(self._compress(plain), len(plain))
                 position += self._frame_bytes
                 continue
             take = min(size - position, self._frame_bytes - self._frame_filled)
@@ -467,7 +523,7 @@ class SeekableWriter:
             return
         plain = memoryview(self._frame)[: self._frame_filled]
         if self._executor is None:
-            self._write_frame(self._compress(plain), len(plain))
+            self._file.write_frame(self._compress(plain), len(plain))
         else:
             self._make_room_in_flight()
             future = self._executor.submit(self._compress, plain)
@@ -480,7 +536,7 @@ class SeekableWriter:
     def _queue_compressed(self, compressed: bytes, decompressed_size: int) -> None:
         """Write an already-compressed frame, after any frames still being compressed."""
         if self._executor is None:
-            self._write_frame(compressed, decompressed_size)
+            self._file.write_frame(compressed, decompressed_size)
             return
         self._make_room_in_flight()
         done: concurrent.futures.Future = concurrent.futures.Future()
@@ -528,25 +584,9 @@ class SeekableWriter:
     def _write_oldest_in_flight(self) -> None:
         future, decompressed_size, frame_buffer = self._in_flight.popleft()
         compressed = future.result()
-        self._write_frame(compressed, decompressed_size)
+        self._file.write_frame(compressed, decompressed_size)
         if frame_buffer is not None:
             self._spare_frames.append(frame_buffer)
-
-    def _write_frame(self, compressed: bytes, decompressed_size: int) -> None:
-        self._check_frame_count()
-        self._write_to_sink(compressed)
-        self._record_frame(len(compressed), decompressed_size, _frame_checksum(compressed))
-
-    def _check_frame_count(self) -> None:
-        if self._frames_written >= MAX_FRAMES:
-            raise OutputError(
-                f"seekable zstd output would exceed {MAX_FRAMES} frames; use a larger frame size"
-            )
-
-    def _record_frame(self, compressed_size: int, decompressed_size: int, checksum: int) -> None:
-        """A frame wholly written: its seek table entry (the count was checked before it was)."""
-        self._seek_table += SEEK_ENTRY_WITH_CHECKSUM.pack(compressed_size, decompressed_size, checksum)
-        self._frames_written += 1
 
     def _finish(self) -> None:
         self._end_frame()
@@ -556,24 +596,7 @@ class SeekableWriter:
         # Empty input gives a file that is only the seek table. zstd 1.5.4
         # `zstd -d` accepts a file holding only a skippable frame (0 bytes
         # out, exit 0), so no empty zstd frame is needed.
-        self._write_to_sink(self.seek_table_bytes())
-
-    def _write_to_sink(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            while view:
-                written = self._sink.write(view)
-                # Buffered files return len(data) or None; raw files may write less.
-                if written is None or written >= len(view):
-                    break
-                if written <= 0:
-                    raise OutputError(f"output accepted no bytes at offset {self._compressed_bytes}")
-                view = view[written:]
-        except OSError as error:
-            raise OutputError(
-                f"writing seekable zstd output at offset {self._compressed_bytes}: {error.strerror or error}"
-            ) from error
-        self._compressed_bytes += len(data)
+        self._file.write(self._file.seek_table_bytes())
 
     # -- state ---------------------------------------------------------------
 
@@ -583,7 +606,7 @@ class SeekableWriter:
             step(*args)
         except zstandard.ZstdError as error:
             self._abandon()
-            raise OutputError(f"zstd compression failed in frame {self._frames_written}: {error}") from error
+            raise OutputError(f"zstd compression failed in frame {self._file.frames}: {error}") from error
         except BaseException:
             self._abandon()
             raise
