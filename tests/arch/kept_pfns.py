@@ -12,7 +12,7 @@ from vmcap.formats.kdump import KdumpReader
 def kept_ranges(path: str) -> list[tuple[int, int]]:
     reader = KdumpReader(path)
     try:
-        bits = np.unpackbits(reader._dumped_bitmap, bitorder="little")
+        bits = np.unpackbits(reader.bitmaps.dumped, bitorder="little")
     finally:
         reader.close()
     edges = np.flatnonzero(np.diff(np.concatenate(([0], bits.astype(np.int8), [0]))))

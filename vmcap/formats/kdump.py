@@ -535,7 +535,6 @@ class KdumpWriter:
             raise ValueError(f"max_pages_present {max_pages_present} is not in [0, max_mapnr={max_mapnr}]")
 
         self._sink = KdumpFile(sink) if isinstance(sink, int) else sink
-        self._info = info
         self._max_mapnr = max_mapnr
         self._page_size = page_size
         self._compress = compress
@@ -545,10 +544,8 @@ class KdumpWriter:
         self._dump_level = (dump_level if dump_level is not None
                             else DUMP_LEVEL_EXCLUDE_ZERO if exclude_zero else 0)
         self._closed = False
-        self._sub_header = _sub_header_layout(info.elf_class, info.machine, info.byte_order)
-        self._stored_notes, self._vmcoreinfo_span = self._notes_to_store(info)
-        self._layout = plan_layout(page_size, max_mapnr,
-                                   self._sub_header.size + len(self._stored_notes), max_pages_present)
+        self._head = KdumpHead(info, max_mapnr=max_mapnr, dump_level=self._dump_level, compress=compress)
+        self._layout = plan_layout(page_size, max_mapnr, self._head.sub_header_bytes, max_pages_present)
         self._descriptor_dtype = _descriptor_dtype(info.byte_order)
 
         self._present_bitmap = _StreamedBitmap(self._sink, self._layout.present_bitmap_offset, "1st bitmap")
@@ -586,22 +583,6 @@ class KdumpWriter:
             self._data_digest.update_zeros(page_size)
             self._data_end += page_size
 
-    @staticmethod
-    def _notes_to_store(info: KdumpHeaderInfo) -> tuple[bytes, NoteSpan | None]:
-        """The note bytes for the sub header, and where VMCOREINFO's text is in them.
-
-        libkdumpfile (so drgn) reads VMCOREINFO only from the notes when
-        header_version >= 4, crash from offset_vmcoreinfo; a VMCOREINFO given
-        apart from the notes is appended to them as a note so both find it.
-        """
-        notes = bytes(info.notes)
-        span = _find_vmcoreinfo_note(notes, info.byte_order)
-        if span is None and info.vmcoreinfo:
-            # As the kernel's crash_save_vmcoreinfo makes it: "VMCOREINFO", type 0.
-            notes += build_note(b"VMCOREINFO", 0, bytes(info.vmcoreinfo), info.byte_order)
-            span = _find_vmcoreinfo_note(notes, info.byte_order)
-        return notes, span
-
     @property
     def layout(self) -> KdumpLayout:
         return self._layout
@@ -614,18 +595,6 @@ class KdumpWriter:
             self.close()
         else:
             self._release()
-
-    def replace_notes(self, notes: bytes) -> None:
-        """Swap the stored notes for others of the same length before close().
-
-        vmcap's own note records read errors, known only once every page
-        has been written; its size is fixed so the layout does not move.
-        """
-        stored, span = self._notes_to_store(replace(self._info, notes=notes))
-        if len(stored) != len(self._stored_notes):
-            raise ValueError(f"replacement notes are {len(stored)} bytes, "
-                             f"not {len(self._stored_notes)}")
-        self._stored_notes, self._vmcoreinfo_span = stored, span
 
     def write_pages(self, pfn: int, data) -> None:
         """Store pages pfn .. pfn+n-1 (data is n whole pages), all present in memory.
@@ -800,81 +769,27 @@ class KdumpWriter:
         finally:
             self._release()
         layout = self._layout
-        info = self._info
-        # Every file range a bitmap was written to (the rest are holes).
-        written = []
-        if incomplete:
-            # The failed batch may have set no bits, or the staged pages'
-            # neighbours some: the 1st bitmap is simply all RAM, rewritten.
-            written += self._present_bitmap.written  # overwritten, but still read back
-            present = _StreamedBitmap(self._sink, layout.present_bitmap_offset, "1st bitmap")
-            for first, count in incomplete_present:
-                for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
-                    stop = min(first + count, start + _StreamedBitmap.WINDOW_BYTES * 8)
-                    present.set(np.arange(start, stop, dtype=np.int64))
-            self._present_bitmap = present
-        self._present_bitmap.close(layout.bitmap_bytes)
-        self._dumped_bitmap.close(layout.bitmap_bytes)
-        written = _merged_ranges(written + self._present_bitmap.written + self._dumped_bitmap.written)
-
-        note_offset = layout.sub_header_offset + self._sub_header.size
-        sub_header = {
-            "phys_base": _vmcoreinfo_number(self._vmcoreinfo_text(), "phys_base") or 0,
-            "dump_level": self._dump_level,
-            "offset_note": note_offset if self._stored_notes else 0,
-            "size_note": len(self._stored_notes),
-            "max_mapnr_64": self._max_mapnr,
-        }
-        long_mask = (1 << info.elf_class) - 1
-        sub_header["phys_base"] &= long_mask  # %ld in VMCOREINFO may print a huge base as negative
-        # timeval.tv_sec is a signed long of the dumped machine.
-        crash_seconds = max(0, min(info.crash_time, (1 << (info.elf_class - 1)) - 1))
-        def write_sub_header() -> None:
-            if self._vmcoreinfo_span is not None:
-                sub_header["offset_vmcoreinfo"] = note_offset + self._vmcoreinfo_span.desc_offset
-                sub_header["size_vmcoreinfo"] = self._vmcoreinfo_span.desc_size
-            _pwrite_all(self._sink, self._sub_header.pack(sub_header) + self._stored_notes,
-                        layout.sub_header_offset, "sub header and notes")
+        written = self._close_bitmaps(incomplete_present)
 
         values = {}
         # A stream cannot be read back for the META digest: its note says
         # "unknown" rather than record digests of a file that never existed here.
         digested = notes_with_digests is not None and hasattr(self._sink, "read_back_digest")
         if digested:
-            unused = layout.descriptor_capacity - self._descriptors_written
-            self._descriptor_digest.update_zeros(DESCRIPTOR_BYTES * unused)
-            values = {"META_XXH64": PLACEHOLDER, "DESC_XXH64": self._descriptor_digest.hexdigest(),
-                      "DATA_XXH64": self._data_digest.hexdigest(),
-                      "DATA_OFFSET": hex_value(layout.data_offset)}
+            values = self._digest_values()
         elif notes_with_digests is not None:
             values = dict.fromkeys(DIGEST_LINE_KEYS, UNKNOWN)
         if notes_with_digests is not None:
-            self.replace_notes(notes_with_digests(values))
-        write_sub_header()
+            self._head.replace_notes(notes_with_digests(values))
+        self._head.write_sub_header(self._sink, layout)
+        header_block = self._head.header_block(layout, incomplete=incomplete)
 
-        header = _header_layout(info.elf_class, info.byte_order).pack({
-            "signature": KDUMP_SIGNATURE,
-            "header_version": HEADER_VERSION,
-            "uts_sysname": b"Linux",
-            "uts_release": info.release.encode("utf-8", errors="replace")[:64],
-            "uts_version": (info.version or _UNKNOWN_UTS_VERSION).encode("utf-8", errors="replace")[:64],
-            "uts_machine": info.machine.encode("ascii")[:64],
-            "tv_sec": crash_seconds,
-            "status": COMPRESSION_FLAG[self._compress]
-                      | (DUMP_DH_COMPRESSED_INCOMPLETE if incomplete else 0),
-            "block_size": self._page_size,
-            "sub_hdr_size": layout.sub_header_blocks,
-            "bitmap_blocks": layout.bitmap_blocks,
-            "max_mapnr": min(self._max_mapnr, 0xFFFFFFFF),  # obsolete 32-bit copy of max_mapnr_64
-            "nr_cpus": info.nr_cpus,
-        })
         if incomplete and not self._sink.can_shrink:
             # A stream cannot shrink: data of a batch whose descriptors
             # were never written may lie past the end, unreferenced.
             self._sink.truncate(max(self._data_end, self._sink.file_bytes))
         else:
             self._sink.truncate(self._data_end)  # drop whatever an old file had past our data
-        header_block = header.ljust(self._page_size, b"\0")
         if digested:
             # META covers the header block (still in memory) and the sub
             # header, notes and bitmaps: those are read back, but of the
@@ -889,8 +804,8 @@ class KdumpWriter:
             except (OSError, EOFError) as e:
                 raise OutputError(f"reading back kdump metadata: {getattr(e, 'strerror', None) or e}") from e
             values["META_XXH64"] = rest
-            self.replace_notes(notes_with_digests(values))
-            write_sub_header()
+            self._head.replace_notes(notes_with_digests(values))
+            self._head.write_sub_header(self._sink, layout)
         # The header block goes last: until it is written, the file does not
         # claim to be a kdump.
         self._sink.rewrite_head(header_block)
@@ -904,6 +819,84 @@ class KdumpWriter:
             zero_pages_shared=self._zero_pages_shared,
         )
 
+    def _close_bitmaps(self, incomplete_present) -> list[tuple[int, int]]:
+        """Write the bitmaps' last windows; every file range a bitmap was written to
+        (the rest are holes), merged."""
+        layout = self._layout
+        written = []
+        if incomplete_present is not None:
+            # The failed batch may have set no bits, or the staged pages'
+            # neighbours some: the 1st bitmap is simply all RAM, rewritten.
+            written += self._present_bitmap.written  # overwritten, but still read back
+            present = _StreamedBitmap(self._sink, layout.present_bitmap_offset, "1st bitmap")
+            for first, count in incomplete_present:
+                for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
+                    stop = min(first + count, start + _StreamedBitmap.WINDOW_BYTES * 8)
+                    present.set(np.arange(start, stop, dtype=np.int64))
+            self._present_bitmap = present
+        self._present_bitmap.close(layout.bitmap_bytes)
+        self._dumped_bitmap.close(layout.bitmap_bytes)
+        return _merged_ranges(written + self._present_bitmap.written + self._dumped_bitmap.written)
+
+    def _digest_values(self) -> dict[str, str]:
+        """The digest lines known once the pages are written; META is hashed last."""
+        unused = self._layout.descriptor_capacity - self._descriptors_written
+        self._descriptor_digest.update_zeros(DESCRIPTOR_BYTES * unused)
+        return {"META_XXH64": PLACEHOLDER, "DESC_XXH64": self._descriptor_digest.hexdigest(),
+                "DATA_XXH64": self._data_digest.hexdigest(),
+                "DATA_OFFSET": hex_value(self._layout.data_offset)}
+
+
+class KdumpHead:
+    """A kdump file's head: the disk_dump_header block, the sub header and the notes after it.
+
+    KdumpWriter stores pages; this encodes what describes them, once they
+    are written: the notes (the VMCAP note last, replaced with its digests),
+    the sub header, and the header block, which goes last through the sink's
+    rewrite_head (formats/head.py).
+    """
+
+    def __init__(self, info: KdumpHeaderInfo, *, max_mapnr: int, dump_level: int, compress: str):
+        self._info = info
+        self._max_mapnr = max_mapnr
+        self._dump_level = dump_level
+        self._compress = compress
+        self._sub_header = _sub_header_layout(info.elf_class, info.machine, info.byte_order)
+        self._stored_notes, self._vmcoreinfo_span = self._notes_to_store(info)
+
+    @property
+    def sub_header_bytes(self) -> int:
+        """The sub header and the notes stored after it: what sub_hdr_size must hold."""
+        return self._sub_header.size + len(self._stored_notes)
+
+    @staticmethod
+    def _notes_to_store(info: KdumpHeaderInfo) -> tuple[bytes, NoteSpan | None]:
+        """The note bytes for the sub header, and where VMCOREINFO's text is in them.
+
+        libkdumpfile (so drgn) reads VMCOREINFO only from the notes when
+        header_version >= 4, crash from offset_vmcoreinfo; a VMCOREINFO given
+        apart from the notes is appended to them as a note so both find it.
+        """
+        notes = bytes(info.notes)
+        span = _find_vmcoreinfo_note(notes, info.byte_order)
+        if span is None and info.vmcoreinfo:
+            # As the kernel's crash_save_vmcoreinfo makes it: "VMCOREINFO", type 0.
+            notes += build_note(b"VMCOREINFO", 0, bytes(info.vmcoreinfo), info.byte_order)
+            span = _find_vmcoreinfo_note(notes, info.byte_order)
+        return notes, span
+
+    def replace_notes(self, notes: bytes) -> None:
+        """Swap the stored notes for others of the same length before the head is written.
+
+        vmcap's own note records read errors, known only once every page
+        has been written; its size is fixed so the layout does not move.
+        """
+        stored, span = self._notes_to_store(replace(self._info, notes=notes))
+        if len(stored) != len(self._stored_notes):
+            raise ValueError(f"replacement notes are {len(stored)} bytes, "
+                             f"not {len(self._stored_notes)}")
+        self._stored_notes, self._vmcoreinfo_span = stored, span
+
     def _vmcoreinfo_text(self) -> bytes:
         if self._info.vmcoreinfo:
             return bytes(self._info.vmcoreinfo)
@@ -911,6 +904,50 @@ class KdumpWriter:
         if span is None:
             return b""
         return self._stored_notes[span.desc_offset:span.desc_offset + span.desc_size]
+
+
+
+    def write_sub_header(self, sink, layout: KdumpLayout) -> None:
+        """The sub header and the notes, at their offset."""
+        info = self._info
+        note_offset = layout.sub_header_offset + self._sub_header.size
+        sub_header = {
+            "phys_base": _vmcoreinfo_number(self._vmcoreinfo_text(), "phys_base") or 0,
+            "dump_level": self._dump_level,
+            "offset_note": note_offset if self._stored_notes else 0,
+            "size_note": len(self._stored_notes),
+            "max_mapnr_64": self._max_mapnr,
+        }
+        long_mask = (1 << info.elf_class) - 1
+        sub_header["phys_base"] &= long_mask  # %ld in VMCOREINFO may print a huge base as negative
+        if self._vmcoreinfo_span is not None:
+            sub_header["offset_vmcoreinfo"] = note_offset + self._vmcoreinfo_span.desc_offset
+            sub_header["size_vmcoreinfo"] = self._vmcoreinfo_span.desc_size
+        _pwrite_all(sink, self._sub_header.pack(sub_header) + self._stored_notes,
+                    layout.sub_header_offset, "sub header and notes")
+
+    def header_block(self, layout: KdumpLayout, *, incomplete: bool) -> bytes:
+        """The disk_dump_header, padded to one block."""
+        info = self._info
+        # timeval.tv_sec is a signed long of the dumped machine.
+        crash_seconds = max(0, min(info.crash_time, (1 << (info.elf_class - 1)) - 1))
+        header = _header_layout(info.elf_class, info.byte_order).pack({
+            "signature": KDUMP_SIGNATURE,
+            "header_version": HEADER_VERSION,
+            "uts_sysname": b"Linux",
+            "uts_release": info.release.encode("utf-8", errors="replace")[:64],
+            "uts_version": (info.version or _UNKNOWN_UTS_VERSION).encode("utf-8", errors="replace")[:64],
+            "uts_machine": info.machine.encode("ascii")[:64],
+            "tv_sec": crash_seconds,
+            "status": COMPRESSION_FLAG[self._compress]
+                      | (DUMP_DH_COMPRESSED_INCOMPLETE if incomplete else 0),
+            "block_size": layout.block_size,
+            "sub_hdr_size": layout.sub_header_blocks,
+            "bitmap_blocks": layout.bitmap_blocks,
+            "max_mapnr": min(self._max_mapnr, 0xFFFFFFFF),  # obsolete 32-bit copy of max_mapnr_64
+            "nr_cpus": info.nr_cpus,
+        })
+        return header.ljust(layout.block_size, b"\0")
 
 
 # --------------------------------------------------------------------------
@@ -974,6 +1011,74 @@ def decode_disk_dump_header(first: bytes, name: str) -> tuple[dict, int, str]:
                     and 0 < fields["header_version"] < 1000):
                 return fields, elf_class, byte_order
     raise CorruptOutput(f"{name}: kdump header has no sane block size / header version")
+
+
+class KdumpBitmaps:
+    """A kdump file's two bitmaps, and a rank index over the 2nd.
+
+    Which pfns are present (1st bitmap) and dumped (2nd), and where a dumped
+    pfn's descriptor is: the dumped pfns before it, counted as crash does,
+    from one cumulative count per 4096 pfns. Bits past max_mapnr are ignored,
+    and a file of a --split set keeps the dumped pfns of its own range.
+    """
+
+    def __init__(self, present: np.ndarray, dumped: np.ndarray, max_mapnr: int, name: str,
+                 split_range: tuple[int, int] | None = None):
+        self._max_mapnr = max_mapnr
+        self.present = self._clip_bitmap(present)
+        self.dumped = self._clip_bitmap(dumped)
+        if split_range is not None:
+            self._keep_dumped_within(*split_range)
+        if (self.dumped & ~self.present).any():
+            first_bad = int(np.flatnonzero(self.dumped & ~self.present)[0]) * 8
+            raise CorruptOutput(f"{name}: pfn near {first_bad:#x} is dumped but not present "
+                                f"(2nd bitmap not within 1st)")
+
+        section_bytes = _RANK_SECTION_PFNS // 8
+        padded = np.zeros(-(-len(self.dumped) // section_bytes) * section_bytes, dtype=np.uint8)
+        padded[:len(self.dumped)] = self.dumped
+        per_section = _POPCOUNT[padded].reshape(-1, section_bytes).sum(axis=1, dtype=np.int64)
+        self._rank_before_section = np.concatenate(([0], np.cumsum(per_section)))
+        self.pages_dumped = int(self._rank_before_section[-1])
+        self.pages_present = int(_POPCOUNT[self.present].sum(dtype=np.int64))
+
+    def _keep_dumped_within(self, start: int, end: int) -> None:
+        """Clear the 2nd bitmap outside [start, end): those pages are in other files."""
+        bits = self.dumped
+        first_byte, last_byte = start >> 3, -(-end // 8)
+        bits[:first_byte] = 0
+        bits[last_byte:] = 0
+        if start & 7 and first_byte < len(bits):
+            bits[first_byte] &= (0xFF << (start & 7)) & 0xFF
+        if end & 7 and last_byte - 1 < len(bits) and last_byte > 0:
+            bits[last_byte - 1] &= (1 << (end & 7)) - 1
+
+    def _clip_bitmap(self, bitmap: np.ndarray) -> np.ndarray:
+        """Bits for pfns < max_mapnr only: padding bits beyond it are ignored."""
+        clipped = np.array(bitmap[:-(-self._max_mapnr // 8)], dtype=np.uint8)
+        if self._max_mapnr % 8 and len(clipped):
+            clipped[-1] &= (1 << (self._max_mapnr % 8)) - 1
+        return clipped
+
+    @staticmethod
+    def _bit(bitmap: np.ndarray, pfn: int) -> bool:
+        byte = pfn >> 3
+        return 0 <= byte < len(bitmap) and bool(bitmap[byte] >> (pfn & 7) & 1)
+
+    def is_present(self, pfn: int) -> bool:
+        return pfn >= 0 and self._bit(self.present, pfn)
+
+    def is_dumped(self, pfn: int) -> bool:
+        return pfn >= 0 and self._bit(self.dumped, pfn)
+
+    def descriptor_index(self, pfn: int) -> int:
+        """How many dumped pfns come before pfn (crash's pfn_to_pos)."""
+        section = pfn // _RANK_SECTION_PFNS
+        section_byte = section * (_RANK_SECTION_PFNS // 8)
+        byte = pfn >> 3
+        below = int(_POPCOUNT[self.dumped[section_byte:byte]].sum(dtype=np.int64))
+        below += bin(int(self.dumped[byte]) & ((1 << (pfn & 7)) - 1)).count("1")
+        return int(self._rank_before_section[section]) + below
 
 
 class KdumpReader:
@@ -1094,23 +1199,9 @@ class KdumpReader:
         else:
             raise CorruptOutput(f"{self._name}: bitmap of {bitmap_total} bytes cannot hold "
                                 f"max_mapnr {self._max_mapnr} pfns")
-        self._present_bitmap = self._clip_bitmap(present)
-        self._dumped_bitmap = self._clip_bitmap(dumped)
         self.split_range = self._split_range()
-        if self.split_range is not None:
-            self._keep_dumped_within(*self.split_range)
-        if (self._dumped_bitmap & ~self._present_bitmap).any():
-            first_bad = int(np.flatnonzero(self._dumped_bitmap & ~self._present_bitmap)[0]) * 8
-            raise CorruptOutput(f"{self._name}: pfn near {first_bad:#x} is dumped but not present "
-                                f"(2nd bitmap not within 1st)")
-
-        section_bytes = _RANK_SECTION_PFNS // 8
-        padded = np.zeros(-(-len(self._dumped_bitmap) // section_bytes) * section_bytes, dtype=np.uint8)
-        padded[:len(self._dumped_bitmap)] = self._dumped_bitmap
-        per_section = _POPCOUNT[padded].reshape(-1, section_bytes).sum(axis=1, dtype=np.int64)
-        self._rank_before_section = np.concatenate(([0], np.cumsum(per_section)))
-        self._pages_dumped = int(self._rank_before_section[-1])
-        self._pages_present = int(_POPCOUNT[self._present_bitmap].sum(dtype=np.int64))
+        self.bitmaps = KdumpBitmaps(present, dumped, self._max_mapnr, self._name, self.split_range)
+        self._pages_dumped = self.bitmaps.pages_dumped
 
         self._descriptor_offset = end
         table_end = end + DESCRIPTOR_BYTES * self._pages_dumped
@@ -1138,24 +1229,6 @@ class KdumpReader:
             raise CorruptOutput(f"{self._name}: split dump range {start:#x}-{end:#x} is not "
                                 f"within max_mapnr {self._max_mapnr:#x}")
         return start, end
-
-    def _keep_dumped_within(self, start: int, end: int) -> None:
-        """Clear the 2nd bitmap outside [start, end): those pages are in other files."""
-        bits = self._dumped_bitmap
-        first_byte, last_byte = start >> 3, -(-end // 8)
-        bits[:first_byte] = 0
-        bits[last_byte:] = 0
-        if start & 7 and first_byte < len(bits):
-            bits[first_byte] &= (0xFF << (start & 7)) & 0xFF
-        if end & 7 and last_byte - 1 < len(bits) and last_byte > 0:
-            bits[last_byte - 1] &= (1 << (end & 7)) - 1
-
-    def _clip_bitmap(self, bitmap: np.ndarray) -> np.ndarray:
-        """Bits for pfns < max_mapnr only: padding bits beyond it are ignored."""
-        clipped = np.array(bitmap[:-(-self._max_mapnr // 8)], dtype=np.uint8)
-        if self._max_mapnr % 8 and len(clipped):
-            clipped[-1] &= (1 << (self._max_mapnr % 8)) - 1
-        return clipped
 
     def _pread(self, offset: int, length: int, what: str, exact: bool = True) -> bytes:
         if offset < 0 or (exact and offset + length > self._file_bytes):
@@ -1272,27 +1345,17 @@ class KdumpReader:
 
     def page_counts(self) -> tuple[int, int]:
         """(pages present in memory, pages dumped)."""
-        return self._pages_present, self._pages_dumped
-
-    @staticmethod
-    def _bit(bitmap: np.ndarray, pfn: int) -> bool:
-        byte = pfn >> 3
-        return 0 <= byte < len(bitmap) and bool(bitmap[byte] >> (pfn & 7) & 1)
+        return self.bitmaps.pages_present, self._pages_dumped
 
     def is_present(self, pfn: int) -> bool:
-        return pfn >= 0 and self._bit(self._present_bitmap, pfn)
+        return self.bitmaps.is_present(pfn)
 
     def is_dumped(self, pfn: int) -> bool:
-        return pfn >= 0 and self._bit(self._dumped_bitmap, pfn)
+        return self.bitmaps.is_dumped(pfn)
 
     def _descriptor_index(self, pfn: int) -> int:
         """How many dumped pfns come before pfn (crash's pfn_to_pos)."""
-        section = pfn // _RANK_SECTION_PFNS
-        section_byte = section * (_RANK_SECTION_PFNS // 8)
-        byte = pfn >> 3
-        below = int(_POPCOUNT[self._dumped_bitmap[section_byte:byte]].sum(dtype=np.int64))
-        below += bin(int(self._dumped_bitmap[byte]) & ((1 << (pfn & 7)) - 1)).count("1")
-        return int(self._rank_before_section[section]) + below
+        return self.bitmaps.descriptor_index(pfn)
 
     def _descriptor(self, index: int) -> np.void:
         chunk = index // _DESCRIPTOR_CHUNK
@@ -1413,11 +1476,11 @@ class KdumpReader:
 
     def iter_dumped_runs(self) -> Iterator[tuple[int, int]]:
         """(first pfn, count) for each run of consecutive dumped pfns, in order."""
-        return _iter_runs(self._dumped_bitmap)
+        return _iter_runs(self.bitmaps.dumped)
 
     def iter_present_runs(self) -> Iterator[tuple[int, int]]:
         """(first pfn, count) for each run of consecutive present pfns, in order."""
-        return _iter_runs(self._present_bitmap)
+        return _iter_runs(self.bitmaps.present)
 
     def close(self) -> None:
         if getattr(self, "_owns_fd", False) and self._fd >= 0:
