@@ -1081,6 +1081,134 @@ class KdumpBitmaps:
         return int(self._rank_before_section[section]) + below
 
 
+class KdumpPageData:
+    """A kdump file's page descriptors and page data: dumped pages, decoded.
+
+    ``pread(offset, length, what)`` reads the file (CorruptOutput past its
+    end); ``bitmaps`` (KdumpBitmaps) say which pfns are dumped and where
+    their descriptors are. A few chunks of descriptors are cached.
+    """
+
+    def __init__(self, pread, name: str, page_size: int, byte_order: str, bitmaps: KdumpBitmaps,
+                 descriptor_offset: int, file_bytes: int):
+        self._pread = pread
+        self._name = name
+        self._page_size = page_size
+        self._bitmaps = bitmaps
+        self._descriptor_offset = descriptor_offset
+        self._file_bytes = file_bytes
+        self._pages_dumped = bitmaps.pages_dumped
+        self._descriptor_dtype = _descriptor_dtype(byte_order)
+        self._descriptor_cache: dict[int, np.ndarray] = {}
+        self.decoder = PageDecoder(page_size)  # source/stream.py decodes the pages it reads itself
+
+    def is_dumped(self, pfn: int) -> bool:
+        return self._bitmaps.is_dumped(pfn)
+
+    def _descriptor_index(self, pfn: int) -> int:
+        return self._bitmaps.descriptor_index(pfn)
+
+    def _descriptor(self, index: int) -> np.void:
+        chunk = index // _DESCRIPTOR_CHUNK
+        table = self._descriptor_cache.get(chunk)
+        if table is None:
+            first = chunk * _DESCRIPTOR_CHUNK
+            count = min(_DESCRIPTOR_CHUNK, self._pages_dumped - first)
+            raw = self._pread(self._descriptor_offset + DESCRIPTOR_BYTES * first, DESCRIPTOR_BYTES * count,
+                              "page descriptors")
+            table = np.frombuffer(raw, dtype=self._descriptor_dtype)
+            if len(self._descriptor_cache) >= 8:
+                self._descriptor_cache.pop(next(iter(self._descriptor_cache)))
+            self._descriptor_cache[chunk] = table
+        return table[index % _DESCRIPTOR_CHUNK]
+
+    def read_page(self, pfn: int) -> bytes | None:
+        """The page's contents, or None if the pfn is not dumped (hole or excluded)."""
+        if not self.is_dumped(pfn):
+            return None
+        index = self._descriptor_index(pfn)
+        descriptor = self._descriptor(index)
+        offset, size, flags = int(descriptor["offset"]), int(descriptor["size"]), int(descriptor["flags"])
+        where = f"{self._name}: pfn {pfn:#x} (descriptor {index} at offset " \
+                f"{self._descriptor_offset + DESCRIPTOR_BYTES * index:#x})"
+        page_size = self._page_size
+        if offset == 0:
+            # makedumpfile leaves offset 0 for pages lost to ENOSPC.
+            raise CorruptOutput(f"{where}: page missing (incomplete dump)")
+        if offset < self._descriptor_offset or size <= 0 or offset + size > self._file_bytes:
+            raise CorruptOutput(f"{where}: bad page data range offset {offset:#x} size {size}")
+        compression = flags & _PAGE_COMPRESSION_FLAGS
+        if compression == 0 and size != page_size:
+            raise CorruptOutput(f"{where}: raw page of {size} bytes, not {page_size}")
+        if size > 2 * page_size:
+            raise CorruptOutput(f"{where}: compressed page of {size} bytes")
+        stored = self._pread(offset, size, "page data")
+        try:
+            return self.decoder.decode(compression, stored)
+        except PageDataError as e:
+            raise CorruptOutput(f"{where}: {e}") from e
+        except Unsupported as e:
+            raise Unsupported(f"{where}: {e}") from e
+
+    def read_dumped_pages_into(self, first_pfn: int, out: memoryview) -> None:
+        """Fill ``out`` (a whole number of pages) with the dumped pages from first_pfn on.
+
+        Every pfn must be dumped (iter_dumped_runs gives such runs). One
+        pread takes their descriptors and one (or a few) their stored bytes:
+        makedumpfile, QEMU and vmcap store the pages of consecutive
+        descriptors one after the other. Each page is then decoded on its
+        own, as it was compressed.
+        """
+        page_size = self._page_size
+        count = len(out) // page_size
+        if count * page_size != len(out) or first_pfn < 0:
+            raise ValueError(f"bad page range: pfn {first_pfn:#x}, {len(out)} bytes")
+        if not count:
+            return
+        first_index = self._descriptor_index(first_pfn)
+        last_pfn = first_pfn + count - 1
+        if (not self.is_dumped(first_pfn) or not self.is_dumped(last_pfn)
+                or self._descriptor_index(last_pfn) != first_index + count - 1):
+            raise ValueError(f"pfns {first_pfn:#x}-{last_pfn:#x} are not all dumped")
+        table_at = self._descriptor_offset + DESCRIPTOR_BYTES * first_index
+        table = np.frombuffer(self._pread(table_at, DESCRIPTOR_BYTES * count, "page descriptors"),
+                              dtype=self._descriptor_dtype)
+        offsets = table["offset"].astype(np.int64)
+        sizes = table["size"].astype(np.int64)
+        flags = (table["flags"] & _PAGE_COMPRESSION_FLAGS).astype(np.int64)
+        bad = ((offsets < self._descriptor_offset) | (sizes <= 0) | (sizes > 2 * page_size)
+               | (offsets + sizes > self._file_bytes) | ((flags == 0) & (sizes != page_size)))
+        if bad.any():
+            # The page's own reader names what is wrong with it.
+            i = int(np.flatnonzero(bad)[0])
+            self.read_page(first_pfn + i)
+            raise CorruptOutput(f"{self._name}: pfn {first_pfn + i:#x}: bad page data range "
+                                f"offset {int(offsets[i]):#x} size {int(sizes[i])}")
+        # Stored bytes are read in spans of consecutive pages: a descriptor
+        # pointing back (a shared zero page) starts a new span.
+        ends = offsets + sizes
+        breaks = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
+        starts = np.concatenate(([0], breaks)).tolist()
+        stops = np.concatenate((breaks, [count])).tolist()
+        decode = self.decoder.decode
+        for lo, hi in zip(starts, stops):
+            span_at = int(offsets[lo])
+            stored = self._pread(span_at, int(ends[hi - 1]) - span_at, "page data")
+            if (flags[lo:hi] == 0).all():
+                out[lo * page_size:hi * page_size] = stored
+                continue
+            rel = (offsets[lo:hi] - span_at).tolist()
+            for i, (at, size, flag) in enumerate(zip(rel, sizes[lo:hi].tolist(),
+                                                     flags[lo:hi].tolist()), start=lo):
+                try:
+                    out[i * page_size:(i + 1) * page_size] = decode(flag, stored[at:at + size])
+                except (PageDataError, Unsupported) as e:
+                    kind = CorruptOutput if isinstance(e, PageDataError) else Unsupported
+                    raise kind(f"{self._name}: pfn {first_pfn + i:#x} (descriptor "
+                               f"{first_index + i} at offset "
+                               f"{table_at + DESCRIPTOR_BYTES * i:#x}): {e}") from e
+
+
 class KdumpReader:
     """Random access to the pages of a kdump-compressed file.
 
@@ -1209,8 +1337,8 @@ class KdumpReader:
             raise CorruptOutput(f"{self._name}: {self._pages_dumped} page descriptors end at offset "
                                 f"{table_end:#x}, past end of file ({self._file_bytes:#x})")
         self._descriptor_dtype = _descriptor_dtype(self._byte_order)
-        self._descriptor_cache: dict[int, np.ndarray] = {}
-        self._page_decoder = PageDecoder(self._page_size)
+        self.pages = KdumpPageData(self._pread, self._name, self._page_size, self._byte_order,
+                                   self.bitmaps, end, self._file_bytes)
 
     def _split_range(self) -> tuple[int, int] | None:
         """[start, end) pfns of one file of a makedumpfile --split set, or None.
@@ -1357,105 +1485,14 @@ class KdumpReader:
         """How many dumped pfns come before pfn (crash's pfn_to_pos)."""
         return self.bitmaps.descriptor_index(pfn)
 
-    def _descriptor(self, index: int) -> np.void:
-        chunk = index // _DESCRIPTOR_CHUNK
-        table = self._descriptor_cache.get(chunk)
-        if table is None:
-            first = chunk * _DESCRIPTOR_CHUNK
-            count = min(_DESCRIPTOR_CHUNK, self._pages_dumped - first)
-            raw = self._pread(self._descriptor_offset + DESCRIPTOR_BYTES * first, DESCRIPTOR_BYTES * count,
-                              "page descriptors")
-            table = np.frombuffer(raw, dtype=self._descriptor_dtype)
-            if len(self._descriptor_cache) >= 8:
-                self._descriptor_cache.pop(next(iter(self._descriptor_cache)))
-            self._descriptor_cache[chunk] = table
-        return table[index % _DESCRIPTOR_CHUNK]
-
     def read_page(self, pfn: int) -> bytes | None:
         """The page's contents, or None if the pfn is not dumped (hole or excluded)."""
-        if not self.is_dumped(pfn):
-            return None
-        index = self._descriptor_index(pfn)
-        descriptor = self._descriptor(index)
-        offset, size, flags = int(descriptor["offset"]), int(descriptor["size"]), int(descriptor["flags"])
-        where = f"{self._name}: pfn {pfn:#x} (descriptor {index} at offset " \
-                f"{self._descriptor_offset + DESCRIPTOR_BYTES * index:#x})"
-        page_size = self._page_size
-        if offset == 0:
-            # makedumpfile leaves offset 0 for pages lost to ENOSPC.
-            raise CorruptOutput(f"{where}: page missing (incomplete dump)")
-        if offset < self._descriptor_offset or size <= 0 or offset + size > self._file_bytes:
-            raise CorruptOutput(f"{where}: bad page data range offset {offset:#x} size {size}")
-        compression = flags & _PAGE_COMPRESSION_FLAGS
-        if compression == 0 and size != page_size:
-            raise CorruptOutput(f"{where}: raw page of {size} bytes, not {page_size}")
-        if size > 2 * page_size:
-            raise CorruptOutput(f"{where}: compressed page of {size} bytes")
-        stored = self._pread(offset, size, "page data")
-        try:
-            return self._page_decoder.decode(compression, stored)
-        except PageDataError as e:
-            raise CorruptOutput(f"{where}: {e}") from e
-        except Unsupported as e:
-            raise Unsupported(f"{where}: {e}") from e
+        return self.pages.read_page(pfn)
 
     def read_dumped_pages_into(self, first_pfn: int, out: memoryview) -> None:
-        """Fill ``out`` (a whole number of pages) with the dumped pages from first_pfn on.
-
-        Every pfn must be dumped (iter_dumped_runs gives such runs). One
-        pread takes their descriptors and one (or a few) their stored bytes:
-        makedumpfile, QEMU and vmcap store the pages of consecutive
-        descriptors one after the other. Each page is then decoded on its
-        own, as it was compressed.
-        """
-        page_size = self._page_size
-        count = len(out) // page_size
-        if count * page_size != len(out) or first_pfn < 0:
-            raise ValueError(f"bad page range: pfn {first_pfn:#x}, {len(out)} bytes")
-        if not count:
-            return
-        first_index = self._descriptor_index(first_pfn)
-        last_pfn = first_pfn + count - 1
-        if (not self.is_dumped(first_pfn) or not self.is_dumped(last_pfn)
-                or self._descriptor_index(last_pfn) != first_index + count - 1):
-            raise ValueError(f"pfns {first_pfn:#x}-{last_pfn:#x} are not all dumped")
-        table_at = self._descriptor_offset + DESCRIPTOR_BYTES * first_index
-        table = np.frombuffer(self._pread(table_at, DESCRIPTOR_BYTES * count, "page descriptors"),
-                              dtype=self._descriptor_dtype)
-        offsets = table["offset"].astype(np.int64)
-        sizes = table["size"].astype(np.int64)
-        flags = (table["flags"] & _PAGE_COMPRESSION_FLAGS).astype(np.int64)
-        bad = ((offsets < self._descriptor_offset) | (sizes <= 0) | (sizes > 2 * page_size)
-               | (offsets + sizes > self._file_bytes) | ((flags == 0) & (sizes != page_size)))
-        if bad.any():
-            # The page's own reader names what is wrong with it.
-            i = int(np.flatnonzero(bad)[0])
-            self.read_page(first_pfn + i)
-            raise CorruptOutput(f"{self._name}: pfn {first_pfn + i:#x}: bad page data range "
-                                f"offset {int(offsets[i]):#x} size {int(sizes[i])}")
-        # Stored bytes are read in spans of consecutive pages: a descriptor
-        # pointing back (a shared zero page) starts a new span.
-        ends = offsets + sizes
-        breaks = np.flatnonzero(offsets[1:] != ends[:-1]) + 1
-        starts = np.concatenate(([0], breaks)).tolist()
-        stops = np.concatenate((breaks, [count])).tolist()
-        decode = self._page_decoder.decode
-        for lo, hi in zip(starts, stops):
-            span_at = int(offsets[lo])
-            stored = self._pread(span_at, int(ends[hi - 1]) - span_at, "page data")
-            if (flags[lo:hi] == 0).all():
-                out[lo * page_size:hi * page_size] = stored
-                continue
-            rel = (offsets[lo:hi] - span_at).tolist()
-            for i, (at, size, flag) in enumerate(zip(rel, sizes[lo:hi].tolist(),
-                                                     flags[lo:hi].tolist()), start=lo):
-                try:
-                    out[i * page_size:(i + 1) * page_size] = decode(flag, stored[at:at + size])
-                except (PageDataError, Unsupported) as e:
-                    kind = CorruptOutput if isinstance(e, PageDataError) else Unsupported
-                    raise kind(f"{self._name}: pfn {first_pfn + i:#x} (descriptor "
-                               f"{first_index + i} at offset "
-                               f"{table_at + DESCRIPTOR_BYTES * i:#x}): {e}") from e
+        """Fill ``out`` (a whole number of pages) with the dumped pages from first_pfn on
+        (every pfn dumped: iter_dumped_runs gives such runs); see KdumpPageData."""
+        self.pages.read_dumped_pages_into(first_pfn, out)
 
     def pread_physical(self, paddr: int, length: int) -> bytes:
         """length bytes of physical memory at paddr; pages not dumped read as zeros."""

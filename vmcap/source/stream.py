@@ -306,7 +306,7 @@ class StreamKdumpMemory:
         first_index = reader._descriptor_index(first)
         table = np.frombuffer(self._descriptor_bytes(first_index, count),
                               dtype=reader._descriptor_dtype)
-        decode = reader._page_decoder.decode
+        decode = reader.pages.decoder.decode
         for i, (offset, size, flags) in enumerate(zip(table["offset"].tolist(),
                                                       table["size"].tolist(),
                                                       table["flags"].tolist())):
