@@ -491,8 +491,173 @@ def _worker_count(threads: int) -> int:
     return threads or usable_cpus()
 
 
+class KdumpPageStore:
+    """A kdump file's body, as batches of whole pages arrive in pfn order: page data
+    appended, page descriptors in pfn order, both bitmaps; counted, and digested as
+    the bytes go out (see vmcap.formats.digest).
+
+    Each page is compressed on its own (pagecodecs). An all-zero page is
+    never stored: left out of the 2nd bitmap (exclude_zero), or its
+    descriptor points at one shared zero page, as makedumpfile stores them.
+    KdumpWriter stages pages into batches and writes the head.
+    """
+
+    def __init__(self, sink, layout: KdumpLayout, *, page_size: int, byte_order: str, compress: str,
+                 level: int | None, workers: int, exclude_zero: bool, size_limit: int | None):
+        self._sink = sink
+        self._layout = layout
+        self._page_size = page_size
+        self._compress = compress
+        self._exclude_zero = exclude_zero
+        self._descriptor_dtype = _descriptor_dtype(byte_order)
+
+        self._present_bitmap = _StreamedBitmap(sink, layout.present_bitmap_offset, "1st bitmap")
+        self._dumped_bitmap = _StreamedBitmap(sink, layout.dumped_bitmap_offset, "2nd bitmap")
+        self._pages_compressor = page_compressor(compress, level, workers)
+
+        self._descriptors_written = 0
+        self._pages_present = 0
+        self._zero_pages_excluded = 0
+        self._zero_pages_shared = 0
+        self._pages_stored_raw = 0
+        self._data_end = layout.data_offset
+        # Page data may not go past this file size (makedumpfile -L): OutputFull.
+        self._size_limit = size_limit
+        # The first pfn whose page may be missing from the file if writing
+        # stops now: pages in a failed batch are not stored.
+        self._stored_through = 0
+        # Digests of the append-only regions, as their bytes go out (see vmcap.formats.digest).
+        self._data_digest = StreamDigest()
+        self._descriptor_digest = StreamDigest()
+        self._zero_page_offset = -1
+        if not exclude_zero:
+            # Every zero page's descriptor points here (makedumpfile's pd_zero):
+            # one stored copy, always at the start of the page data.
+            self._zero_page_offset = self._data_end
+            _pwrite_all(sink, bytes(page_size), self._zero_page_offset, "shared zero page")
+            self._data_digest.update_zeros(page_size)
+            self._data_end += page_size
+
+    def store_batch(self, pfns: np.ndarray, pages: np.ndarray) -> None:
+        """Write one batch's page data and descriptors, and mark its bitmap bits."""
+        count = len(pfns)
+        nonzero = pages.view(np.uint64).any(axis=1)
+        stored = np.flatnonzero(nonzero)  # rows whose data is written; zero pages never are
+        dumped_mask = nonzero if self._exclude_zero else np.ones(count, dtype=bool)
+        dumped_count = int(dumped_mask.sum())
+        if self._descriptors_written + dumped_count > self._layout.descriptor_capacity:
+            raise ValueError(f"more than max_pages_present={self._layout.descriptor_capacity} pages "
+                             f"dumped (at pfn {int(pfns[0]):#x})")
+
+        page_data, sizes, flags = self._encode(pages, stored)
+        descriptors = np.zeros(dumped_count, dtype=self._descriptor_dtype)
+        if self._exclude_zero:
+            rows: slice | np.ndarray = slice(None)  # every dumped page has its own data
+        else:
+            rows = stored
+            descriptors["offset"] = self._zero_page_offset
+            descriptors["size"] = self._page_size
+        descriptors["offset"][rows] = self._data_end + np.cumsum(sizes) - sizes
+        descriptors["size"][rows] = sizes
+        descriptors["flags"][rows] = flags
+
+        if self._size_limit is not None and self._data_end + int(sizes.sum()) > self._size_limit:
+            raise OutputFull(f"size limit of {self._size_limit} bytes reached at pfn "
+                             f"{int(pfns[0]):#x} (kdump page data at offset {self._data_end:#x})")
+        if len(stored):
+            _pwrite_all(self._sink, page_data, self._data_end, "page data")
+            self._data_digest.update(np.ascontiguousarray(page_data) if isinstance(page_data, np.ndarray)
+                                     else page_data)
+            self._data_end += int(sizes.sum())
+        if dumped_count:
+            self._descriptor_digest.update(descriptors)
+            _pwrite_all(self._sink, descriptors,
+                        self._layout.descriptor_offset + DESCRIPTOR_BYTES * self._descriptors_written,
+                        "page descriptors")
+        self._descriptors_written += dumped_count
+
+        self._present_bitmap.set(pfns)
+        self._dumped_bitmap.set(pfns[dumped_mask])
+        zero_count = count - len(stored)
+        self._pages_present += count
+        self._pages_stored_raw += int((flags == 0).sum())
+        if self._exclude_zero:
+            self._zero_pages_excluded += zero_count
+        else:
+            self._zero_pages_shared += zero_count
+        self._stored_through = max(self._stored_through, int(pfns[-1]) + 1)
+
+    def mark_present(self, pfn: int, count: int) -> None:
+        """Pages present in memory, not dumped: the 1st bitmap only."""
+        # A range, not an array of pfns: a zero-filled segment may span 2**30 pages.
+        self._present_bitmap.set_range(pfn, count)
+        self._pages_present += count
+        self._stored_through = pfn + count
+
+    @property
+    def stored_through(self) -> int:
+        """If writing stopped now, pages from this pfn on would be missing."""
+        return self._stored_through
+
+    @property
+    def data_end(self) -> int:
+        """Where the page data ends: the file's size."""
+        return self._data_end
+
+    def _encode(self, pages: np.ndarray, stored: np.ndarray):
+        """(data bytes, per-page stored sizes, per-page flags) for the rows in `stored`."""
+        return encode_pages(self._pages_compressor, COMPRESSION_FLAG[self._compress], pages, stored)
+
+    def release(self) -> None:
+        """Stop the compressor threads."""
+        if self._pages_compressor is not None:
+            self._pages_compressor.close()
+
+    def close_bitmaps(self, incomplete_present) -> list[tuple[int, int]]:
+        """Write the bitmaps' last windows; every file range a bitmap was written to
+        (the rest are holes), merged."""
+        layout = self._layout
+        written = []
+        if incomplete_present is not None:
+            # The failed batch may have set no bits, or the staged pages'
+            # neighbours some: the 1st bitmap is simply all RAM, rewritten.
+            written += self._present_bitmap.written  # overwritten, but still read back
+            present = _StreamedBitmap(self._sink, layout.present_bitmap_offset, "1st bitmap")
+            for first, count in incomplete_present:
+                for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
+                    stop = min(first + count, start + _StreamedBitmap.WINDOW_BYTES * 8)
+                    present.set(np.arange(start, stop, dtype=np.int64))
+            self._present_bitmap = present
+        self._present_bitmap.close(layout.bitmap_bytes)
+        self._dumped_bitmap.close(layout.bitmap_bytes)
+        return _merged_ranges(written + self._present_bitmap.written + self._dumped_bitmap.written)
+
+    def digest_values(self) -> dict[str, str]:
+        """The digest lines known once the pages are written; META is hashed last."""
+        unused = self._layout.descriptor_capacity - self._descriptors_written
+        self._descriptor_digest.update_zeros(DESCRIPTOR_BYTES * unused)
+        return {"META_XXH64": PLACEHOLDER, "DESC_XXH64": self._descriptor_digest.hexdigest(),
+                "DATA_XXH64": self._data_digest.hexdigest(),
+                "DATA_OFFSET": hex_value(self._layout.data_offset)}
+
+    def stats(self) -> KdumpStats:
+        return KdumpStats(
+            pages_present=self._pages_present,
+            pages_dumped=self._descriptors_written,
+            zero_pages_excluded=self._zero_pages_excluded,
+            pages_stored_raw=self._pages_stored_raw,
+            data_bytes=self._data_end - self._layout.data_offset,
+            file_bytes=self._data_end,
+            zero_pages_shared=self._zero_pages_shared,
+        )
+
+
 class KdumpWriter:
     """Write a kdump-compressed file page by page, in pfn order, with bounded memory.
+
+    The writer checks the order of the pages and stages small chunks into
+    batches; KdumpPageStore stores them (data, descriptors, bitmaps) and
+    KdumpHead writes the headers and notes at close().
 
     Memory: a 256 KiB window of each bitmap (see _StreamedBitmap) plus one batch
     of pages and its compressed form, whatever max_mapnr is.
@@ -537,51 +702,23 @@ class KdumpWriter:
         self._sink = KdumpFile(sink) if isinstance(sink, int) else sink
         self._max_mapnr = max_mapnr
         self._page_size = page_size
-        self._compress = compress
-        self._exclude_zero = exclude_zero
+        self._closed = False
         # The dump level recorded in the sub header: what the caller excluded
         # (zero pages here, kernel page classes upstream).
-        self._dump_level = (dump_level if dump_level is not None
-                            else DUMP_LEVEL_EXCLUDE_ZERO if exclude_zero else 0)
-        self._closed = False
-        self._head = KdumpHead(info, max_mapnr=max_mapnr, dump_level=self._dump_level, compress=compress)
+        self._head = KdumpHead(info, max_mapnr=max_mapnr, compress=compress,
+                               dump_level=(dump_level if dump_level is not None
+                                           else DUMP_LEVEL_EXCLUDE_ZERO if exclude_zero else 0))
         self._layout = plan_layout(page_size, max_mapnr, self._head.sub_header_bytes, max_pages_present)
-        self._descriptor_dtype = _descriptor_dtype(info.byte_order)
-
-        self._present_bitmap = _StreamedBitmap(self._sink, self._layout.present_bitmap_offset, "1st bitmap")
-        self._dumped_bitmap = _StreamedBitmap(self._sink, self._layout.dumped_bitmap_offset, "2nd bitmap")
-
         workers = _worker_count(threads)
-        self._pages_compressor = page_compressor(compress, level, workers)
+        self._store = KdumpPageStore(self._sink, self._layout, page_size=page_size,
+                                     byte_order=info.byte_order, compress=compress, level=level,
+                                     workers=workers, exclude_zero=exclude_zero, size_limit=size_limit)
 
         self._batch_pages = max(1, BATCH_BYTES * workers // page_size)
         self._staged_pages = np.empty((self._batch_pages, page_size), dtype=np.uint8)
         self._staged_pfns = np.empty(self._batch_pages, dtype=np.int64)
         self._staged_count = 0
-
         self._next_pfn = 0
-        self._descriptors_written = 0
-        self._pages_present = 0
-        self._zero_pages_excluded = 0
-        self._zero_pages_shared = 0
-        self._pages_stored_raw = 0
-        self._data_end = self._layout.data_offset
-        # Page data may not go past this file size (makedumpfile -L): OutputFull.
-        self._size_limit = size_limit
-        # The first pfn whose page may be missing from the file if writing
-        # stops now: pages staged or in a failed batch are not stored.
-        self._stored_through = 0
-        # Digests of the append-only regions, as their bytes go out (see vmcap.formats.digest).
-        self._data_digest = StreamDigest()
-        self._descriptor_digest = StreamDigest()
-        self._zero_page_offset = -1
-        if not exclude_zero:
-            # Every zero page's descriptor points here (makedumpfile's pd_zero):
-            # one stored copy, always at the start of the page data.
-            self._zero_page_offset = self._data_end
-            _pwrite_all(self._sink, bytes(page_size), self._zero_page_offset, "shared zero page")
-            self._data_digest.update_zeros(page_size)
-            self._data_end += page_size
 
     @property
     def layout(self) -> KdumpLayout:
@@ -633,7 +770,7 @@ class KdumpWriter:
         while count - done >= DIRECT_MIN_PAGES:
             first = pfn + done
             take = min(count - done, self._batch_pages)
-            self._store_batch(np.arange(first, first + take, dtype=np.int64), pages[done:done + take])
+            self._store.store_batch(np.arange(first, first + take, dtype=np.int64), pages[done:done + take])
             done += take
         while done < count:
             done += self._stage(pfn + done, pages[done:])
@@ -657,12 +794,8 @@ class KdumpWriter:
         # them first, or a range in a later bitmap window would be written
         # before them and theirs would overwrite that window's earlier bits.
         self._flush_staged()
-        # A range, not an array of pfns: a zero-filled segment may span 2**30 pages.
-        self._present_bitmap.set_range(pfn, count)
-        self._pages_present += count
+        self._store.mark_present(pfn, count)
         self._next_pfn = pfn + count
-        if not self._staged_count:
-            self._stored_through = pfn + count
 
     def _stage(self, pfn: int, pages: np.ndarray) -> int:
         take = min(len(pages), self._batch_pages - self._staged_count)
@@ -678,69 +811,15 @@ class KdumpWriter:
         count = self._staged_count
         if count:
             self._staged_count = 0
-            self._store_batch(self._staged_pfns[:count], self._staged_pages[:count])
-
-    def _store_batch(self, pfns: np.ndarray, pages: np.ndarray) -> None:
-        """Write one batch's page data and descriptors, and mark its bitmap bits."""
-        count = len(pfns)
-        nonzero = pages.view(np.uint64).any(axis=1)
-        stored = np.flatnonzero(nonzero)  # rows whose data is written; zero pages never are
-        dumped_mask = nonzero if self._exclude_zero else np.ones(count, dtype=bool)
-        dumped_count = int(dumped_mask.sum())
-        if self._descriptors_written + dumped_count > self._layout.descriptor_capacity:
-            raise ValueError(f"more than max_pages_present={self._layout.descriptor_capacity} pages "
-                             f"dumped (at pfn {int(pfns[0]):#x})")
-
-        page_data, sizes, flags = self._encode(pages, stored)
-        descriptors = np.zeros(dumped_count, dtype=self._descriptor_dtype)
-        if self._exclude_zero:
-            rows: slice | np.ndarray = slice(None)  # every dumped page has its own data
-        else:
-            rows = stored
-            descriptors["offset"] = self._zero_page_offset
-            descriptors["size"] = self._page_size
-        descriptors["offset"][rows] = self._data_end + np.cumsum(sizes) - sizes
-        descriptors["size"][rows] = sizes
-        descriptors["flags"][rows] = flags
-
-        if self._size_limit is not None and self._data_end + int(sizes.sum()) > self._size_limit:
-            raise OutputFull(f"size limit of {self._size_limit} bytes reached at pfn "
-                             f"{int(pfns[0]):#x} (kdump page data at offset {self._data_end:#x})")
-        if len(stored):
-            _pwrite_all(self._sink, page_data, self._data_end, "page data")
-            self._data_digest.update(np.ascontiguousarray(page_data) if isinstance(page_data, np.ndarray)
-                                     else page_data)
-            self._data_end += int(sizes.sum())
-        if dumped_count:
-            self._descriptor_digest.update(descriptors)
-            _pwrite_all(self._sink, descriptors,
-                        self._layout.descriptor_offset + DESCRIPTOR_BYTES * self._descriptors_written,
-                        "page descriptors")
-        self._descriptors_written += dumped_count
-
-        self._present_bitmap.set(pfns)
-        self._dumped_bitmap.set(pfns[dumped_mask])
-        zero_count = count - len(stored)
-        self._pages_present += count
-        self._pages_stored_raw += int((flags == 0).sum())
-        if self._exclude_zero:
-            self._zero_pages_excluded += zero_count
-        else:
-            self._zero_pages_shared += zero_count
-        self._stored_through = max(self._stored_through, int(pfns[-1]) + 1)
+            self._store.store_batch(self._staged_pfns[:count], self._staged_pages[:count])
 
     @property
     def stored_through(self) -> int:
         """If writing stopped now, pages from this pfn on would be missing."""
-        return int(self._staged_pfns[0]) if self._staged_count else self._stored_through
-
-    def _encode(self, pages: np.ndarray, stored: np.ndarray):
-        """(data bytes, per-page stored sizes, per-page flags) for the rows in `stored`."""
-        return encode_pages(self._pages_compressor, COMPRESSION_FLAG[self._compress], pages, stored)
+        return int(self._staged_pfns[0]) if self._staged_count else self._store.stored_through
 
     def _release(self) -> None:
-        if self._pages_compressor is not None:
-            self._pages_compressor.close()
+        self._store.release()
         self._closed = True
 
     def close(self, notes_with_digests=None, *, incomplete_present=None) -> KdumpStats:
@@ -769,14 +848,15 @@ class KdumpWriter:
         finally:
             self._release()
         layout = self._layout
-        written = self._close_bitmaps(incomplete_present)
+        store = self._store
+        written = store.close_bitmaps(incomplete_present)
 
         values = {}
         # A stream cannot be read back for the META digest: its note says
         # "unknown" rather than record digests of a file that never existed here.
         digested = notes_with_digests is not None and hasattr(self._sink, "read_back_digest")
         if digested:
-            values = self._digest_values()
+            values = store.digest_values()
         elif notes_with_digests is not None:
             values = dict.fromkeys(DIGEST_LINE_KEYS, UNKNOWN)
         if notes_with_digests is not None:
@@ -787,9 +867,9 @@ class KdumpWriter:
         if incomplete and not self._sink.can_shrink:
             # A stream cannot shrink: data of a batch whose descriptors
             # were never written may lie past the end, unreferenced.
-            self._sink.truncate(max(self._data_end, self._sink.file_bytes))
+            self._sink.truncate(max(store.data_end, self._sink.file_bytes))
         else:
-            self._sink.truncate(self._data_end)  # drop whatever an old file had past our data
+            self._sink.truncate(store.data_end)  # drop whatever an old file had past our data
         if digested:
             # META covers the header block (still in memory) and the sub
             # header, notes and bitmaps: those are read back, but of the
@@ -809,43 +889,7 @@ class KdumpWriter:
         # The header block goes last: until it is written, the file does not
         # claim to be a kdump.
         self._sink.rewrite_head(header_block)
-        return KdumpStats(
-            pages_present=self._pages_present,
-            pages_dumped=self._descriptors_written,
-            zero_pages_excluded=self._zero_pages_excluded,
-            pages_stored_raw=self._pages_stored_raw,
-            data_bytes=self._data_end - layout.data_offset,
-            file_bytes=self._data_end,
-            zero_pages_shared=self._zero_pages_shared,
-        )
-
-    def _close_bitmaps(self, incomplete_present) -> list[tuple[int, int]]:
-        """Write the bitmaps' last windows; every file range a bitmap was written to
-        (the rest are holes), merged."""
-        layout = self._layout
-        written = []
-        if incomplete_present is not None:
-            # The failed batch may have set no bits, or the staged pages'
-            # neighbours some: the 1st bitmap is simply all RAM, rewritten.
-            written += self._present_bitmap.written  # overwritten, but still read back
-            present = _StreamedBitmap(self._sink, layout.present_bitmap_offset, "1st bitmap")
-            for first, count in incomplete_present:
-                for start in range(first, first + count, _StreamedBitmap.WINDOW_BYTES * 8):
-                    stop = min(first + count, start + _StreamedBitmap.WINDOW_BYTES * 8)
-                    present.set(np.arange(start, stop, dtype=np.int64))
-            self._present_bitmap = present
-        self._present_bitmap.close(layout.bitmap_bytes)
-        self._dumped_bitmap.close(layout.bitmap_bytes)
-        return _merged_ranges(written + self._present_bitmap.written + self._dumped_bitmap.written)
-
-    def _digest_values(self) -> dict[str, str]:
-        """The digest lines known once the pages are written; META is hashed last."""
-        unused = self._layout.descriptor_capacity - self._descriptors_written
-        self._descriptor_digest.update_zeros(DESCRIPTOR_BYTES * unused)
-        return {"META_XXH64": PLACEHOLDER, "DESC_XXH64": self._descriptor_digest.hexdigest(),
-                "DATA_XXH64": self._data_digest.hexdigest(),
-                "DATA_OFFSET": hex_value(self._layout.data_offset)}
-
+        return store.stats()
 
 class KdumpHead:
     """A kdump file's head: the disk_dump_header block, the sub header and the notes after it.
