@@ -145,7 +145,7 @@ def test_seekable_default_threads_are_the_usable_cpus(monkeypatch):
     monkeypatch.setattr(seekable.os, "cpu_count", lambda: 64)
     writer = seekable.SeekableWriter(io.BytesIO(), frame_bytes=1 << 16)
     try:
-        assert writer._executor is None  # one CPU: compress in the calling thread, no pool
+        assert writer._pool is None  # one CPU: compress in the calling thread, no pool
     finally:
         writer.close()
     monkeypatch.setattr(seekable.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)

@@ -271,6 +271,71 @@ class FrameFile:
         return header + bytes(self._table) + footer
 
 
+class FramePool:
+    """Frames compressed on worker threads and written in their order (to a FrameFile).
+
+    At most ``max_in_flight`` frames wait, being compressed or compressed
+    and not yet written: about 2 * threads frame buffers, whatever the
+    input size, and never past MAX_IN_FLIGHT_BYTES. A frame's buffer is the
+    worker's until its frame is written, then it is reused.
+    """
+
+    def __init__(self, threads: int, frame_bytes: int, compress, frame_file: FrameFile):
+        self._compress = compress  # plain -> one compressed frame; runs on the workers
+        self._file = frame_file
+        self._frame_bytes = frame_bytes
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=threads, thread_name_prefix="vmcap-zstd"
+        )
+        self._max_in_flight = max(1, min(2 * threads, MAX_IN_FLIGHT_BYTES // frame_bytes))
+        # (future compressed bytes, decompressed size, frame buffer to recycle or None), in output order.
+        self._in_flight: collections.deque = collections.deque()
+        self._spare_frames: list[bytearray] = []
+
+    def submit(self, frame: bytearray, filled: int) -> bytearray:
+        """Compress frame[:filled] as the next frame; returns a buffer for the frame after it."""
+        self._make_room_in_flight()
+        future = self._executor.submit(self._compress, memoryview(frame)[:filled])
+        self._in_flight.append((future, filled, frame))
+        spare = self._spare_frames.pop() if self._spare_frames else bytearray(self._frame_bytes)
+        self._write_finished_frames()
+        return spare
+
+    def queue(self, compressed: bytes, decompressed_size: int) -> None:
+        """A frame compressed already, written after those still being compressed."""
+        self._make_room_in_flight()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(compressed)
+        self._in_flight.append((done, decompressed_size, None))
+        self._write_finished_frames()
+
+    def drain(self) -> None:
+        """Write every frame submitted (waiting for its compression)."""
+        while self._in_flight:
+            self._write_oldest_in_flight()
+
+    def stop(self, *, cancel: bool) -> None:
+        """Stop the workers; frames not written are forgotten."""
+        self._executor.shutdown(wait=True, cancel_futures=cancel)
+        self._in_flight.clear()
+
+    def _make_room_in_flight(self) -> None:
+        while len(self._in_flight) >= self._max_in_flight:
+            self._write_oldest_in_flight()
+
+    def _write_finished_frames(self) -> None:
+        """Write frames at the head of the queue that are already compressed, keeping output flowing."""
+        while self._in_flight and self._in_flight[0][0].done():
+            self._write_oldest_in_flight()
+
+    def _write_oldest_in_flight(self) -> None:
+        future, decompressed_size, frame_buffer = self._in_flight.popleft()
+        compressed = future.result()
+        self._file.write_frame(compressed, decompressed_size)
+        if frame_buffer is not None:
+            self._spare_frames.append(frame_buffer)
+
+
 class SeekableWriter:
     """Compresses a byte stream into independent zstd frames + seek table, written to `sink`.
 
@@ -281,7 +346,8 @@ class SeekableWriter:
     as a stream, its bytes written as zstd produces them: memory is zstd's
     own context whatever frame_bytes is, and such frame headers carry no
     content size (the seek table has it). Where the frames go, their seek
-    table and the head frame are the FrameFile's.
+    table and the head frame are the FrameFile's; the pool of compressing
+    threads is the FramePool's.
     """
 
     def __init__(self, sink, *, level: int = 3, threads: int = 0, frame_bytes: int = DEFAULT_FRAME_BYTES):
@@ -314,15 +380,9 @@ class SeekableWriter:
 
         # Compressors are not thread-safe: one per thread.
         self._per_thread = threading.local()
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        if self._threads > 1:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=self._threads, thread_name_prefix="vmcap-zstd"
-            )
-        self._max_in_flight = max(1, min(2 * self._threads, MAX_IN_FLIGHT_BYTES // frame_bytes))
-        # (future compressed bytes, decompressed size, frame buffer to recycle or None), in output order.
-        self._in_flight: collections.deque = collections.deque()
-        self._spare_frames: list[bytearray] = []
+        # None: one thread (frames streamed), or the workers are stopped.
+        self._pool = (FramePool(self._threads, frame_bytes, self._compress, self._file)
+                      if self._threads > 1 else None)
 
     # -- public API --------------------------------------------------------
 
@@ -338,7 +398,7 @@ class SeekableWriter:
         if size == 0:
             return
         self._uncompressed_bytes += size
-        if self._executor is None:
+        if self._pool is None:
             self._guarded(self._stream_view, view)
             return
         # Fast path for the common small write (a page or a run of pages).
@@ -374,8 +434,8 @@ class SeekableWriter:
         def store() -> None:
             self._end_frame()
             # Write what is queued first, so the frame's offset is known.
-            while self._in_flight:
-                self._write_oldest_in_flight()
+            if self._pool is not None:
+                self._pool.drain()
             if is_head:
                 self._file.write_head_frame(view)
             else:
@@ -482,7 +542,7 @@ class SeekableWriter:
         position = 0
         size = len(view)
         while position < size:
-            if self._frame_filled == 0 and self._executor is None and size - position >= self._frame_bytes:
+            if self._frame_filled == 0 and self._pool is None and size - position >= self._frame_bytes:
                 # Single-threaded: compress straight from the caller's memory,
                 # which is only needed until compress() returns.
                 plain = view[position : position + self._frame_bytes]
@@ -504,7 +564,7 @@ class SeekableWriter:
                 n -= self._frame_bytes
                 continue
             take = min(n, self._frame_bytes - self._frame_filled, len(_ZERO_CHUNK))
-            if self._executor is None:
+            if self._pool is None:
                 self._stream_feed(memoryview(_ZERO_CHUNK)[:take])
             else:
                 self._frame[self._frame_filled : self._frame_filled + take] = memoryview(_ZERO_CHUNK)[:take]
@@ -521,35 +581,27 @@ class SeekableWriter:
             self._stream_end_frame()
             self._frame_filled = 0
             return
-        plain = memoryview(self._frame)[: self._frame_filled]
-        if self._executor is None:
+        if self._pool is None:
+            plain = memoryview(self._frame)[: self._frame_filled]
             self._file.write_frame(self._compress(plain), len(plain))
         else:
-            self._make_room_in_flight()
-            future = self._executor.submit(self._compress, plain)
-            self._in_flight.append((future, len(plain), self._frame))
             # The old buffer now belongs to the worker until its frame is written.
-            self._frame = self._spare_frames.pop() if self._spare_frames else bytearray(self._frame_bytes)
-            self._write_finished_frames()
+            self._frame = self._pool.submit(self._frame, self._frame_filled)
         self._frame_filled = 0
 
     def _queue_compressed(self, compressed: bytes, decompressed_size: int) -> None:
         """Write an already-compressed frame, after any frames still being compressed."""
-        if self._executor is None:
+        if self._pool is None:
             self._file.write_frame(compressed, decompressed_size)
-            return
-        self._make_room_in_flight()
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(compressed)
-        self._in_flight.append((done, decompressed_size, None))
-        self._write_finished_frames()
+        else:
+            self._pool.queue(compressed, decompressed_size)
 
     def _zero_frame(self) -> bytes:
         if self._compressed_zero_frame is None:
             # Byte for byte what writing the zeros would give: a pool's frames
             # declare their size, streamed ones do not.
             stream = self._compressor().compressobj(
-                size=self._frame_bytes if self._executor is not None else -1)
+                size=self._frame_bytes if self._pool is not None else -1)
             parts = []
             for start in range(0, self._frame_bytes, len(_ZERO_CHUNK)):
                 parts.append(stream.compress(memoryview(_ZERO_CHUNK)[:min(len(_ZERO_CHUNK),
@@ -572,26 +624,10 @@ class SeekableWriter:
             self._per_thread.compressor = compressor
         return compressor
 
-    def _make_room_in_flight(self) -> None:
-        while len(self._in_flight) >= self._max_in_flight:
-            self._write_oldest_in_flight()
-
-    def _write_finished_frames(self) -> None:
-        """Write frames at the head of the queue that are already compressed, keeping output flowing."""
-        while self._in_flight and self._in_flight[0][0].done():
-            self._write_oldest_in_flight()
-
-    def _write_oldest_in_flight(self) -> None:
-        future, decompressed_size, frame_buffer = self._in_flight.popleft()
-        compressed = future.result()
-        self._file.write_frame(compressed, decompressed_size)
-        if frame_buffer is not None:
-            self._spare_frames.append(frame_buffer)
-
     def _finish(self) -> None:
         self._end_frame()
-        while self._in_flight:
-            self._write_oldest_in_flight()
+        if self._pool is not None:
+            self._pool.drain()
         self._stop_threads(cancel=False)
         # Empty input gives a file that is only the seek table. zstd 1.5.4
         # `zstd -d` accepts a file holding only a skippable frame (0 bytes
@@ -616,10 +652,9 @@ class SeekableWriter:
         self._stop_threads(cancel=True)
 
     def _stop_threads(self, *, cancel: bool) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=cancel)
-            self._executor = None
-        self._in_flight.clear()
+        if self._pool is not None:
+            self._pool.stop(cancel=cancel)
+            self._pool = None
 
     def _check_open(self) -> None:
         if self._failed:
