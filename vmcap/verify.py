@@ -23,7 +23,7 @@ from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files
 from .formats.digest import UNKNOWN, file_digest
 from .formats.kdump import KdumpReader
-from .formats.note import NOTE_NAME, VmcapNote, locate_note, value_offset
+from .formats.note import DIGEST_LINE_KEYS, NOTE_NAME, VmcapNote, locate_note, value_offset
 from .kernel.dumplevel import DumpLevel
 from .plan.exclude import ZERO_EXCLUDED, ExclusionPolicy
 from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
@@ -160,7 +160,7 @@ def check_elf_digests(path: str, layout, note: VmcapNote | None, span) -> str:
 
 def check_kdump_digests(path: str, reader, note: VmcapNote | None, span) -> str:
     """Check a kdump output's META, DESC and DATA digests; returns the result's "digest"."""
-    state = digest_state(note, ("META_XXH64", "DESC_XXH64", "DATA_XXH64", "DATA_OFFSET"))
+    state = digest_state(note, DIGEST_LINE_KEYS)
     if state is not None:
         return state
     desc = reader.notes[span.desc_offset:span.desc_offset + span.desc_size]
