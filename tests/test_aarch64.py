@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel.translate import Aarch64Translator, X86_64Translator, make_translator
+from vmcap.kernel.arch import make_translator
+from vmcap.kernel.translate import Aarch64Translator, X86_64Translator
 from vmcap.sample import EM_AARCH64, RamRange, SampleSpec, build_vmcore, expected_bytes
 from vmcap.save import SaveOptions, save
 from vmcap.source.dumpfile import kernel_log, open_dump

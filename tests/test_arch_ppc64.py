@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from vmcap.errors import BadSource, Unsupported
+from vmcap.kernel.arch import make_translator
 from vmcap.kernel.ppc64 import (
     ENTRY_LEAF,
     ENTRY_PRESENT,
@@ -23,7 +24,6 @@ from vmcap.kernel.ppc64 import (
     ppc64_kernel_byte_order,
     ppc64_levels,
 )
-from vmcap.kernel.translate import make_translator
 
 from conftest import have
 

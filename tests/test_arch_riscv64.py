@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 
 from vmcap.errors import BadSource, Unsupported
-from vmcap.kernel.arch import EM_RISCV
+from vmcap.kernel.arch import EM_RISCV, make_translator
 from vmcap.kernel.riscv64 import Riscv64Translator
-from vmcap.kernel.translate import make_translator
 from vmcap.sample import RamRange, SampleSpec, build_vmcore
 from vmcap.source.dumpfile import kernel_log, open_dump
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from vmcap.errors import BadSource, Unsupported
+from vmcap.kernel.arch import make_translator
 from vmcap.kernel.s390x import S390xTranslator
-from vmcap.kernel.translate import make_translator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "arch"))
 from real_dumps import (  # noqa: E402

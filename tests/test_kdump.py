@@ -20,17 +20,13 @@ from vmcap.errors import BadSource, CorruptOutput
 from vmcap.formats.kdump import (
     DUMP_DH_COMPRESSED_ZLIB,
     DUMP_DH_COMPRESSED_ZSTD,
-    EM_386,
-    EM_AARCH64,
-    EM_PPC64,
-    EM_S390,
-    EM_X86_64,
     KdumpHeaderInfo,
     KdumpReader,
     KdumpWriter,
     is_kdump,
     utsname_machine,
 )
+from vmcap.kernel.arch import EM_386, EM_AARCH64, EM_PPC64, EM_S390, EM_X86_64
 
 PAGE = 4096
 RELEASE = "6.1.0-vmcap-test"

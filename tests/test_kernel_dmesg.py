@@ -18,8 +18,9 @@ import pytest
 
 from vmcap.errors import BadSource, SourceIOError, Unsupported
 from vmcap.kernel import vmcoreinfo as vi
+from vmcap.kernel.arch import make_translator
 from vmcap.kernel.dmesg import LogRecord, format_makedumpfile, read_kernel_log
-from vmcap.kernel.translate import START_KERNEL_MAP, X86_64Translator, make_translator, phys_base_from_segments
+from vmcap.kernel.translate import START_KERNEL_MAP, X86_64Translator, phys_base_from_segments
 from vmcap.kernel.vmcoreinfo import parse_vmcoreinfo
 
 from conftest import SHARED_VMCORES

@@ -682,7 +682,7 @@ def test_real_dump_numbers_and_speed(real_dump):
 @pytest.mark.slow
 def test_classifying_4_mi_struct_pages_takes_seconds(real_dump):
     """The real dump's 131072 struct pages repeated 32 times, through the same numpy path."""
-    from vmcap.kernel.translate import make_translator
+    from vmcap.kernel.arch import make_translator
 
     info = real_dump.layout.vmcoreinfo
     translator = make_translator(real_dump.view.read_physical, info, real_dump.layout.machine)

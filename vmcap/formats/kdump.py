@@ -37,7 +37,7 @@ from ..cpus import usable_cpus
 from ..errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
 from ..fileio.mmapio import open_source_fd
 from ..kernel import vmcoreinfo as vi
-from ..kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64
+from ..kernel.arch import make_platform
 from .digest import PLACEHOLDER, UNKNOWN, StreamDigest, hex_value
 from .elf import NoteSpan, build_note, iter_note_spans
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES
@@ -107,33 +107,8 @@ _MAX_BLOCK_SIZE = 1 << 20
 
 
 def utsname_machine(e_machine: int, elf_class: int, byte_order: str) -> str:
-    """The `uname -m` string of the dumped kernel, from its ELF header.
-
-    crash compares utsname.machine with its own target (diskdump.c
-    read_dump_header: "x86_64", "i686", "ppc64" prefix, "aarch64", ...) and
-    refuses a dump for another machine, so this has to be the kernel's name,
-    not ELF's.
-    """
-    if e_machine == EM_X86_64:
-        return "x86_64"
-    if e_machine == EM_386:
-        return "i686"
-    if e_machine == EM_AARCH64:
-        return "aarch64"
-    if e_machine == EM_ARM:
-        return "arm"
-    if e_machine == EM_PPC64:
-        return "ppc64le" if byte_order == "little" else "ppc64"
-    if e_machine == EM_PPC:
-        return "ppc"
-    if e_machine == EM_S390:
-        return "s390x" if elf_class == 64 else "s390"
-    if e_machine == EM_RISCV and elf_class == 64:
-        return "riscv64"
-    if e_machine == EM_LOONGARCH and elf_class == 64:
-        return "loongarch64"
-    raise Unsupported(f"kdump format: no utsname machine known for ELF e_machine {e_machine} "
-                      f"(ELF{elf_class})")
+    """The `uname -m` string of the dumped kernel, from its ELF header (Platform.utsname)."""
+    return make_platform(elf_class=elf_class, byte_order=byte_order, e_machine=e_machine).utsname
 
 
 # --------------------------------------------------------------------------

@@ -7,6 +7,11 @@ from typing import Callable
 ReadPhysical = Callable[[int, int], bytes]
 
 
+def struct_prefix(byte_order: str) -> str:
+    """The ``struct`` byte-order prefix of "little" or "big" (kernel data, ELF and kdump fields)."""
+    return "<" if byte_order == "little" else ">"
+
+
 def read_translated(vaddr: int, size: int, translate, read_physical) -> bytes:
     """size bytes at vaddr, one read_physical per physically contiguous run.
 

@@ -54,8 +54,8 @@ import numpy as np
 
 from ..errors import BadSource, SourceIOError, Unsupported
 from . import vmcoreinfo as vi
+from .arch import make_translator
 from .dumplevel import EXCLUDED_CLASSES, KERNEL_CLASSES, DumpLevel, ExclusionCounts
-from .translate import make_translator
 
 ReadPhysical = Callable[[int, int], bytes]
 ReadVirtual = Callable[[int, int], bytes]

@@ -41,9 +41,7 @@ from functools import cached_property
 
 from ..errors import BadSource, SourceIOError, Unsupported
 from . import vmcoreinfo as vi
-from .memory import ReadPhysical, TableCache, WalkingTranslator
-
-PPC64_MACHINE_NAMES = frozenset({"em_ppc64", "ppc64", "ppc64le"})
+from .memory import ReadPhysical, TableCache, WalkingTranslator, struct_prefix
 
 PAGE_OFFSET = 0xC000_0000_0000_0000
 # KERN_VIRT_START and the vmemmap region of 64 KiB and 4 KiB kernels since 4.20 (radix) / 5.x (hash).
@@ -154,7 +152,7 @@ class Ppc64Translator(WalkingTranslator):
     def __init__(self, read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, *, byte_order: str = "little"):
         self._read_physical = read_physical
         self.byte_order = byte_order
-        self._int = "<" if byte_order == "little" else ">"
+        self._int = struct_prefix(byte_order)
         self.page_size = vi.page_size(vmcoreinfo, required=True)
         if self.page_size not in (4096, 65536):
             raise BadSource(f"VMCOREINFO PAGESIZE={self.page_size} is not a ppc64 page size (4096, 65536)")
@@ -308,8 +306,8 @@ class Ppc64Translator(WalkingTranslator):
 
 
 
-def make_ppc64_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine_name: str) -> Ppc64Translator:
-    """The translator for a ppc64 dump; machine_name "ppc64" (kdump utsname) means a big-endian kernel."""
-    assumed = "big" if machine_name == "ppc64" else "little"
+def make_ppc64_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, assumed: str) -> Ppc64Translator:
+    """The translator for a ppc64 dump whose platform says ``assumed`` ("little" or "big"),
+    which the kernel's own data may overrule (QEMU 7.2's pseries dumps)."""
     return Ppc64Translator(read_physical, vmcoreinfo,
                            byte_order=ppc64_kernel_byte_order(read_physical, vmcoreinfo, assumed))

@@ -31,11 +31,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..errors import BadSource, Unsupported
+from ..errors import BadSource
 from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator
-
-RISCV64_MACHINE_NAMES = frozenset({"em_riscv", "riscv64"})
 
 PAGE_SIZE = 4096  # the only base page size RISC-V defines
 PAGE_SHIFT = 12
@@ -165,13 +163,3 @@ class Riscv64Translator(WalkingTranslator):
             raise BadSource(f"vaddr {vaddr:#x} not mapped: {self.mode} level {level.number} ({level.name}) "
                             f"entry {entry:#x} at paddr {table_paddr + index * ENTRY_BYTES:#x} {why}")
         raise AssertionError("the last level always returns or raises")
-
-
-
-def make_riscv64_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo,
-                            machine: str) -> Riscv64Translator:
-    """Riscv64Translator, with a missing key named together with the machine."""
-    try:
-        return Riscv64Translator(read_physical, vmcoreinfo)
-    except Unsupported as e:
-        raise Unsupported(f"{machine} kernel virtual addresses: {e}") from None

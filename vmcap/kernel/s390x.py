@@ -29,8 +29,6 @@ from ..errors import BadSource, SourceIOError, Unsupported
 from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator
 
-S390X_MACHINE_NAMES = frozenset({"em_s390", "s390x"})
-
 ENTRY = struct.Struct(">Q")
 REGION_INDEX_BITS = 11
 SEGMENT_SHIFT = 20  # one segment-table entry maps 1 MiB

@@ -1,8 +1,7 @@
 """Kernel virtual addresses as a layer over the dump's physical memory (x86_64, aarch64).
 
-ppc64, s390x and riscv64 have their own modules (kernel_ppc64, kernel_s390x,
-kernel_riscv64);
-make_translator picks the layer for a dump's machine.
+ppc64, s390x and riscv64 have their own modules (ppc64, s390x, riscv64);
+kernel.arch (Platform.translator, make_translator) picks the layer for a dump's machine.
 
 Reads of kernel data (the printk ring buffer, struct pages in vmemmap) use
 virtual addresses; this module turns them into physical ones the way the
@@ -20,10 +19,10 @@ from typing import Iterable
 
 from ..errors import BadSource, Unsupported
 from . import vmcoreinfo as vi
-from .memory import ReadPhysical, TableCache, WalkingTranslator, read_translated
-from .ppc64 import PPC64_MACHINE_NAMES, Ppc64Translator, make_ppc64_translator
-from .riscv64 import RISCV64_MACHINE_NAMES, Riscv64Translator, make_riscv64_translator
-from .s390x import S390X_MACHINE_NAMES, S390xTranslator
+from .memory import ReadPhysical, TableCache, WalkingTranslator, read_translated, struct_prefix
+from .ppc64 import Ppc64Translator
+from .riscv64 import Riscv64Translator
+from .s390x import S390xTranslator
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
 # Without NUMBER(KERNEL_IMAGE_SIZE) (older kernels) only trust the non-KASLR
@@ -43,8 +42,6 @@ ENTRY_ADDRESS_MASK = ~0xFFF0_0000_0000_0FFF & 0xFFFF_FFFF_FFFF_FFFF
 _LOWER_LEVELS = (("PUD", 30, 1 << 30), ("PMD", 21, 1 << 21), ("PTE", 12, None))
 _LEVELS_4 = (("PGD", 39, None),) + _LOWER_LEVELS
 _LEVELS_5 = (("PGD", 48, None), ("P4D", 39, None)) + _LOWER_LEVELS
-
-X86_64_MACHINE_NAMES = frozenset({"x86_64", "x86-64", "amd64", "em_x86_64"})
 
 
 def phys_base_from_segments(segments: Iterable[tuple[int, int]]) -> int | None:
@@ -138,8 +135,6 @@ class X86_64Translator:
 
 # --- aarch64 -------------------------------------------------------------------------------
 
-AARCH64_MACHINE_NAMES = frozenset({"em_aarch64", "aarch64", "arm64"})
-AARCH64_BE_MACHINE_NAMES = frozenset({"aarch64_be"})  # utsname of big-endian kernels (kdump files)
 ADDRESS_MASK_64 = (1 << 64) - 1
 
 # Descriptor bits [1:0] (Arm ARM, VMSAv8-64 descriptor formats): 0b11 is a
@@ -306,7 +301,7 @@ class Aarch64Translator(WalkingTranslator):
         self.kimage_voffset = vi.number(vmcoreinfo, "kimage_voffset", required=True) & ADDRESS_MASK_64
         self.root_table_paddr = (swapper_pg_dir - self.kimage_voffset) & ADDRESS_MASK_64
         self.byte_order = byte_order
-        self._descriptor_format = ("<" if byte_order == "little" else ">") + "Q"
+        self._descriptor_format = struct_prefix(byte_order) + "Q"
         self._last_level = self.paging.levels[-1]
         self._tables = TableCache(read_physical)
 
@@ -346,42 +341,3 @@ class Aarch64Translator(WalkingTranslator):
 
 
 KernelTranslator = X86_64Translator | Aarch64Translator | Ppc64Translator | S390xTranslator | Riscv64Translator
-
-
-def make_translator(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, *,
-                    fallback_phys_base: int | None = None) -> KernelTranslator:
-    """The kernel-virtual layer for a dump of the given machine.
-
-    machine is the e_machine name for ELF dumps (layout.E_MACHINE_NAMES) ("EM_X86_64",
-    "EM_AARCH64") or the utsname machine of kdump files ("x86_64",
-    "aarch64", "aarch64_be"). An ELF EM_AARCH64 dump is read as little
-    endian, as nearly all arm64 kernels are.
-    """
-    name = machine.lower()
-    if name in X86_64_MACHINE_NAMES:
-        return X86_64Translator(read_physical, vmcoreinfo, fallback_phys_base=fallback_phys_base)
-    if name in AARCH64_MACHINE_NAMES or name in AARCH64_BE_MACHINE_NAMES:
-        byte_order = "big" if name in AARCH64_BE_MACHINE_NAMES else "little"
-        try:
-            return Aarch64Translator(read_physical, vmcoreinfo, byte_order=byte_order)
-        except Unsupported as e:
-            # Say which architecture needed the key: the same key may be
-            # optional elsewhere, and the dump may have been mislabelled.
-            raise Unsupported(f"{machine} kernel virtual addresses: {e}") from None
-    if name in PPC64_MACHINE_NAMES:
-        return _with_arch(machine, make_ppc64_translator, read_physical, vmcoreinfo, name)
-    if name in S390X_MACHINE_NAMES:
-        return _with_arch(machine, S390xTranslator, read_physical, vmcoreinfo)
-    if name in RISCV64_MACHINE_NAMES:
-        return make_riscv64_translator(read_physical, vmcoreinfo, machine)
-    raise Unsupported(f"kernel virtual addresses are only supported on x86_64, aarch64, ppc64, s390x "
-                      f"and riscv64, not {machine}")
-
-
-def _with_arch(machine: str, make, *args):
-    """make(*args), with Unsupported saying which architecture needed the missing key."""
-    try:
-        return make(*args)
-    except Unsupported as e:
-        raise Unsupported(f"{machine} kernel virtual addresses: {e}") from None
-

@@ -360,8 +360,8 @@ def classify_dump(dump: OpenDump, dump_level: int):
 
 def kernel_log(dump: OpenDump):
     """The crashed kernel's log records (lockless ringbuffer or log_buf)."""
+    from ..kernel.arch import make_translator
     from ..kernel.dmesg import read_kernel_log
-    from ..kernel.translate import make_translator
 
     translator = make_translator(dump.read_physical, dump.vmcoreinfo, dump.machine,
                                  fallback_phys_base=dump.phys_base_hint)

@@ -13,34 +13,17 @@ kernel page size comes from VMCOREINFO, as for any ELF core.
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_right
 
-from ..errors import BadSource, Unsupported
+from ..errors import BadSource
 from ..formats.kdump import KdumpReader
-from ..kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_LOONGARCH, EM_PPC, EM_PPC64, EM_RISCV, EM_S390, EM_X86_64
+from ..kernel.arch import make_platform
 from .elfview import ElfCoreView, ElfIdentity, view_notes
-
-# The kdump header's utsname machine -> ELF e_machine (the inverse of
-# kdump.utsname_machine, with the names other tools write).
-_E_MACHINE = (
-    (r"x86_64", EM_X86_64),
-    (r"i[3-6]86", EM_386),
-    (r"aarch64|arm64", EM_AARCH64),
-    (r"arm.*", EM_ARM),
-    (r"ppc64(le)?", EM_PPC64),
-    (r"ppc", EM_PPC),
-    (r"s390x?", EM_S390),
-    (r"riscv64", EM_RISCV),
-    (r"loongarch64", EM_LOONGARCH),
-)
 
 
 def e_machine_of(machine: str) -> int:
-    for pattern, number in _E_MACHINE:
-        if re.fullmatch(pattern, machine):
-            return number
-    raise Unsupported(f"kdump header machine {machine!r} has no ELF machine vmcap knows")
+    """The ELF e_machine of a kdump header's utsname machine (Unsupported if none)."""
+    return make_platform(elf_class=64, byte_order="little", utsname=machine).e_machine
 
 
 def refuse_split_part(reader: KdumpReader) -> None:

@@ -39,7 +39,8 @@ from ..formats.elf import (
     reencode_note_headers,
     replace_vmcoreinfo_note,
 )
-from ..kernel.arch import ARCHES, E_MACHINE_NAMES, FALLBACK_PAGE_SIZE
+from ..kernel.arch import Platform, make_platform
+from ..kernel.memory import struct_prefix
 from ..kernel.ppc64 import ppc64_kernel_byte_order
 from ..kernel.vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
 
@@ -56,8 +57,8 @@ class Layout:
     elf_class: int  # 32 or 64
     byte_order: str  # "little" or "big"
     e_machine: int
-    machine: str  # E_MACHINE_NAMES name, e.g. "EM_X86_64", or the number (as text) if unlisted
-    arch: str  # e.g. "x86_64"
+    machine: str  # readelf's name, e.g. "EM_X86_64", or the number (as text) if unlisted (platform.machine)
+    arch: str  # e.g. "x86_64" (platform.arch)
     e_flags: int
     e_phoff: int
     page_size: int
@@ -67,6 +68,7 @@ class Layout:
     note_bytes: bytes  # the PT_NOTE segments' bytes, concatenated, as in the source
     vmcoreinfo_raw: bytes
     vmcoreinfo: dict[str, str]
+    platform: Platform  # the kernel's machine; machine, arch and byte_order are its
     warnings: tuple[str, ...] = ()
     # The byte order of the source's own ELF headers when it differs from
     # byte_order, the kernel's (QEMU 7.2's pseries dumps); None when they agree.
@@ -120,21 +122,15 @@ def read_layout(source: Source, *, page_size: int | None = None,
     if size is not None and size < ehdr_size:
         raise BadSource(f"{name}: truncated ELF header ({size} of {ehdr_size} bytes)")
 
-    endian = "<" if ident[5] == 1 else ">"
     byte_order = "little" if ident[5] == 1 else "big"
+    endian = struct_prefix(byte_order)
     header = dict(zip(EHDR_FIELDS, struct.unpack(endian + EHDR_FORMATS[elf_class],
                                                   source.pread(0, ehdr_size))))
     if header["e_type"] != ET_CORE:
         e_type = E_TYPE_NAMES.get(header["e_type"], header["e_type"])
         raise BadSource(f"{name}: not a core file (e_type is {e_type}, a vmcore is ET_CORE)")
     e_machine = header["e_machine"]  # the number, for writers
-    machine = E_MACHINE_NAMES.get(e_machine, e_machine)
-    arch, default_page = ARCHES.get(machine, (str(machine).removeprefix("EM_").lower(),
-                                                FALLBACK_PAGE_SIZE))
-    if machine == "EM_PPC64" and byte_order == "little":
-        arch = "ppc64le"
-    if machine == "EM_S390" and elf_class == 32:
-        arch = "s390"
+    platform = make_platform(elf_class=elf_class, byte_order=byte_order, e_machine=e_machine)
 
     phoff = header["e_phoff"]
     phentsize = header["e_phentsize"]
@@ -222,7 +218,7 @@ def read_layout(source: Source, *, page_size: int | None = None,
             Note("VMCOREINFO", 0, vmcoreinfo)]
     parsed = parse_vmcoreinfo(vmcoreinfo_raw)
     header_byte_order = None
-    if machine == "EM_PPC64" and parsed and segments:
+    if platform.machine == "EM_PPC64" and parsed and segments:
         kernel_order = ppc64_kernel_byte_order(_segment_reader(source, segments), parsed, byte_order)
         if kernel_order != byte_order:
             # Memory, and every output vmcap writes, follow the kernel; the
@@ -231,7 +227,7 @@ def read_layout(source: Source, *, page_size: int | None = None,
                             f"(QEMU 7.2 writes pseries dumps so): outputs are written {kernel_order}-endian")
             note_bytes = reencode_note_headers(note_bytes, byte_order, kernel_order)
             header_byte_order, byte_order = byte_order, kernel_order
-            arch = "ppc64le" if kernel_order == "little" else "ppc64"
+            platform = make_platform(elf_class=elf_class, byte_order=byte_order, e_machine=e_machine)
 
     if page_size is not None:
         if not is_page_size(page_size):
@@ -239,8 +235,7 @@ def read_layout(source: Source, *, page_size: int | None = None,
                             "and 16 MiB")
         origin = "option"
     else:
-        # Unknown machines got FALLBACK_PAGE_SIZE from ARCHES.get above.
-        page_size, origin = default_page, "architecture default"
+        page_size, origin = platform.default_page_size, "architecture default"
         text = parsed.get("PAGESIZE")
         if text is not None:
             try:
@@ -255,11 +250,11 @@ def read_layout(source: Source, *, page_size: int | None = None,
 
     return Layout(
         source_name=name, file_size=size, elf_class=elf_class, byte_order=byte_order,
-        e_machine=e_machine, machine=str(machine), arch=arch, e_flags=header["e_flags"],
+        e_machine=e_machine, machine=platform.machine, arch=platform.arch, e_flags=header["e_flags"],
         e_phoff=phoff, page_size=page_size, page_size_origin=origin,
         segments=tuple(segments), notes=tuple(notes), note_bytes=note_bytes,
         vmcoreinfo_raw=vmcoreinfo_raw, vmcoreinfo=parsed, warnings=tuple(warnings),
-        header_byte_order=header_byte_order)
+        platform=platform, header_byte_order=header_byte_order)
 
 
 def _segment_reader(source: Source, segments) -> Callable[[int, int], bytes]:
