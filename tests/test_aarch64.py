@@ -26,7 +26,7 @@ from vmcap.kernel.arch import make_translator
 from vmcap.kernel.translate import Aarch64Translator, X86_64Translator
 from vmcap.sample import EM_AARCH64, RamRange, SampleSpec, build_vmcore, expected_bytes
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.source.dump import kernel_log, open_dump
 
 try:
     import drgn
@@ -401,7 +401,7 @@ def arm64_vmcore(request, tmp_path_factory) -> Arm64Vmcore:
 
 def open_translator(vmcore: Arm64Vmcore):
     dump = open_dump(str(vmcore.path))
-    return dump, make_translator(dump.read_physical, dump.vmcoreinfo, dump.machine)
+    return dump, make_translator(dump.physical.read, dump.vmcoreinfo, dump.platform)
 
 
 # --- translation ------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def test_walk_shape_follows_page_size_and_va_bits(arm64_vmcore):
     c = arm64_vmcore.config
     dump, translator = open_translator(arm64_vmcore)
     with dump:
-        assert dump.machine == "EM_AARCH64"
+        assert dump.platform.machine == "EM_AARCH64"
         assert isinstance(translator, Aarch64Translator)
         assert translator.paging.va_bits == c.walk_bits
         assert len(translator.paging.levels) == c.levels
@@ -486,9 +486,9 @@ def test_reads_coalesce_physically_contiguous_pages_and_whole_blocks(arm64_vmcor
 
         def recording_read(paddr, size):
             reads.append((paddr, size))
-            return dump.read_physical(paddr, size)
+            return dump.physical.read(paddr, size)
 
-        translator = make_translator(recording_read, dump.vmcoreinfo, dump.machine)
+        translator = make_translator(recording_read, dump.vmcoreinfo, dump.platform)
         table_pages = set(arm64_vmcore.tables.tables)
         span = next(p for p in arm64_vmcore.probes if p.what == "kernel image span")
         translator.read_virtual(span.vaddr, span.size)
@@ -573,8 +573,8 @@ def test_kdump_file_names_the_machine_aarch64_and_translates_the_same(config, tm
     kdump_path = tmp_path / f"{config.name}.kdump"
     save(str(vmcore.path), str(kdump_path), SaveOptions(output_format="kdump"))
     with open_dump(str(kdump_path)) as dump:
-        assert (dump.container, dump.machine) == ("kdump", "aarch64")
-        translator = make_translator(dump.read_physical, dump.vmcoreinfo, dump.machine)
+        assert (dump.container, dump.platform.arch) == ("kdump", "aarch64")
+        translator = make_translator(dump.physical.read, dump.vmcoreinfo, dump.platform)
         for probe in vmcore.probes:
             assert translator.read_virtual(probe.vaddr, probe.size) == vmcore.expected(probe.paddr, probe.size), \
                 probe.what

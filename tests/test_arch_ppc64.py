@@ -246,10 +246,10 @@ def test_real_dmesg_is_byte_identical_to_makedumpfile(dump):
 
 def test_real_mmu_and_byte_orders(dump):
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
-    from vmcap.source.dumpfile import open_dump
+    from vmcap.source.dump import open_dump
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as opened:
-        t = make_translator(opened.read_physical, opened.vmcoreinfo, opened.machine)
+        t = make_translator(opened.physical.read, opened.vmcoreinfo, opened.platform)
         assert (t.mmu, t.byte_order) == ("hash" if dump.name == "ppc64-hash" else "radix", "little")
         blocks, block_size = t.vmemmap_blocks
         assert blocks and block_size in (1 << 16, 1 << 21, 1 << 24)
@@ -349,7 +349,7 @@ def test_cli_reports_a_damaged_ppc64_dump_in_one_line(make_vmcore, tmp_path):
 def test_real_log_levels(dump):
     """The marker line /init wrote to /dev/kmsg with <5>: level 5, facility 1 (little-endian bit-fields)."""
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
-    from vmcap.source.dumpfile import kernel_log, open_dump
+    from vmcap.source.dump import kernel_log, open_dump
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)

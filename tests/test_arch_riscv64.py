@@ -28,7 +28,7 @@ from vmcap.errors import BadSource, Unsupported
 from vmcap.kernel.arch import EM_RISCV, make_translator
 from vmcap.kernel.riscv64 import Riscv64Translator
 from vmcap.sample import RamRange, SampleSpec, build_vmcore
-from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.source.dump import kernel_log, open_dump
 
 from conftest import env_without_debug
 
@@ -370,8 +370,8 @@ def real_riscv64(request, tmp_path_factory) -> tuple[str, Path]:
 def test_real_dump_is_a_kdump_with_the_note_in_the_mode_its_name_says(real_riscv64):
     name, path = real_riscv64
     with open_dump(str(path)) as dump:
-        assert (dump.container, dump.machine) == ("elf", "EM_RISCV")
-        translator = make_translator(dump.read_physical, dump.vmcoreinfo, dump.machine)
+        assert (dump.container, dump.platform.machine) == ("elf", "EM_RISCV")
+        translator = make_translator(dump.physical.read, dump.vmcoreinfo, dump.platform)
         assert translator.mode == name.removeprefix("riscv64-").capitalize()
 
 
@@ -421,7 +421,7 @@ def test_real_dump_translation_agrees_with_the_kernel_image_and_linear_map_formu
     _, path = real_riscv64
     with open_dump(str(path)) as dump:
         info = dump.vmcoreinfo
-        translator = make_translator(dump.read_physical, info, dump.machine)
+        translator = make_translator(dump.physical.read, info, dump.platform)
         offset = int(info["NUMBER(va_kernel_pa_offset)"], 16)
         page_offset = int(info["NUMBER(PAGE_OFFSET)"], 16)
         ram_base = int(info["NUMBER(phys_ram_base)"])
@@ -468,9 +468,9 @@ def test_drgn_reads_vmcap_output_of_the_real_dump(real_riscv64, tmp_path):
     assert prog.platform.arch == drgn.Architecture.RISCV64
     with open_dump(str(path)) as dump:
         info = dump.vmcoreinfo
-        translator = make_translator(dump.read_physical, info, dump.machine)
+        translator = make_translator(dump.physical.read, info, dump.platform)
         uts = translator.to_physical(int(info["SYMBOL(init_uts_ns)"], 16))
-        assert prog.read(uts, 4096, True) == dump.read_physical(uts, 4096)
+        assert prog.read(uts, 4096, True) == dump.physical.read(uts, 4096)
         for symbol in ("init_uts_ns", "prb"):
             vaddr = int(info[f"SYMBOL({symbol})"], 16)
             assert prog.read(vaddr, 256) == translator.read_virtual(vaddr, 256)

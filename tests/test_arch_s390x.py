@@ -188,7 +188,7 @@ def test_real_kdump_output_is_big_endian_verifies_and_reads_back(dump, kdump_d31
     from vmcap.formats.elf import iter_note_spans
     from vmcap.formats.kdump import KdumpReader
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
-    from vmcap.source.dumpfile import open_dump
+    from vmcap.source.dump import open_dump
 
     reader = KdumpReader(str(kdump_d31))
     try:
@@ -198,7 +198,7 @@ def test_real_kdump_output_is_big_endian_verifies_and_reads_back(dump, kdump_d31
         with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
             start, end = dump.d31_ranges[-1]
             for pfn in (dump.d31_ranges[0][0], start, end - 1):
-                assert reader.read_page(pfn) == source.read_physical(pfn * 4096, 4096)
+                assert reader.read_page(pfn) == source.physical.read(pfn * 4096, 4096)
     finally:
         reader.close()
     assert run_vmcap("verify", kdump_d31).returncode == 0
@@ -249,7 +249,7 @@ def test_real_log_levels_read_from_big_endian_bit_fields(dump):
     """printk_info's "u8 flags:5, level:3" is packed from the high bit on s390x: the marker line
     that /init wrote to /dev/kmsg with <5> is level 5, facility 1 (user); the panic is level 0."""
     from vmcap.kernel.vmcoreinfo import read_vmcoreinfo_file
-    from vmcap.source.dumpfile import kernel_log, open_dump
+    from vmcap.source.dump import kernel_log, open_dump
 
     with open_dump(str(dump.elf), vmcoreinfo=read_vmcoreinfo_file(str(dump.vmcoreinfo))) as source:
         records = kernel_log(source)

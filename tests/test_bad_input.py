@@ -274,7 +274,7 @@ def write_core(path: Path, notes: list, vmcoreinfo: dict, ranges, read_physical)
 @pytest.fixture(scope="module")
 def mini_dump(real_vmcore, tmp_path_factory) -> MiniDump:
     from vmcap.fileio.mmapio import FileSource
-    from vmcap.source.dumpfile import classify_dump, kernel_log, open_dump
+    from vmcap.source.dump import classify_dump, kernel_log, open_dump
     from vmcap.source.layout import read_layout
 
     with FileSource(real_vmcore) as source:
@@ -283,23 +283,25 @@ def mini_dump(real_vmcore, tmp_path_factory) -> MiniDump:
     with open_dump(real_vmcore) as dump:
         def recording(paddr: int, length: int) -> bytes:
             reads.append((paddr, length))
-            return dump.read_physical(paddr, length)
+            return dump.physical.read(paddr, length)
 
-        watched = dataclasses.replace(dump, read_physical=recording, _closer=None)
-        log = kernel_log(watched)
-        classify_dump(watched, 31)
+        inner = dump.physical.read
+        dump.physical.read = recording
+        log = kernel_log(dump)
+        classify_dump(dump, 31)
+        dump.physical.read = inner
         path = tmp_path_factory.mktemp("mini") / "mini.elf"
         notes = [n for n in layout.notes if n.name != "VMCOREINFO"]
-        ranges = write_core(path, notes, layout.vmcoreinfo, page_ranges(reads), dump.read_physical)
+        ranges = write_core(path, notes, layout.vmcoreinfo, page_ranges(reads), dump.physical.read)
     return MiniDump(path, ranges, reads, notes, dict(layout.vmcoreinfo), log)
 
 
 def mini_with_info(mini: MiniDump, path: Path, vmcoreinfo: dict) -> Path:
     """The mini dump with another VMCOREINFO."""
-    from vmcap.source.dumpfile import open_dump
+    from vmcap.source.dump import open_dump
 
     with open_dump(str(mini.path)) as dump:
-        write_core(path, mini.notes, vmcoreinfo, [(p, n) for p, n, _ in mini.ranges], dump.read_physical)
+        write_core(path, mini.notes, vmcoreinfo, [(p, n) for p, n, _ in mini.ranges], dump.physical.read)
     return path
 
 
@@ -353,7 +355,7 @@ def test_damaged_vmcoreinfo_values_of_a_sample(tmp_path):
 
 def test_mini_dump_reads_like_the_real_one(mini_dump, real_vmcore):
     """The corpus below damages real kernel structures only if the mini dump holds them all."""
-    from vmcap.source.dumpfile import kernel_log, open_dump
+    from vmcap.source.dump import kernel_log, open_dump
 
     with open_dump(str(mini_dump.path)) as dump:
         assert kernel_log(dump) == mini_dump.log
@@ -398,7 +400,7 @@ def test_damaged_kernel_structures_of_the_real_kernel(mini_dump, tmp_path):
 @given(st.data())
 def test_damaged_kernel_memory_in_process(mini_dump, data):
     """Any 8 bytes of any structure dmesg or -d 31 reads, replaced: a result or a VmcapError."""
-    from vmcap.source.dumpfile import classify_dump, kernel_log, open_dump
+    from vmcap.source.dump import classify_dump, kernel_log, open_dump
 
     regions = sorted(set(mini_dump.reads))
     paddr, length = data.draw(st.sampled_from(regions))
@@ -406,7 +408,7 @@ def test_damaged_kernel_memory_in_process(mini_dump, data):
     value = data.draw(st.sampled_from([b"\xff" * 8, bytes(8), struct.pack("<Q", 1 << 63),
                                        struct.pack("<Q", 0xFFFF_FFFF_8000_0000), b"\x01" * 8]))
     with open_dump(str(mini_dump.path)) as dump:
-        inner = dump.read_physical
+        inner = dump.physical.read
 
         def damaged(start: int, size: int) -> bytes:
             buffer = bytearray(inner(start, size))
@@ -415,10 +417,10 @@ def test_damaged_kernel_memory_in_process(mini_dump, data):
                     buffer[at + i - start] = byte
             return bytes(buffer)
 
-        broken = dataclasses.replace(dump, read_physical=damaged, _closer=None)
+        dump.physical.read = damaged
         for read in (kernel_log, lambda d: classify_dump(d, 31)):
             try:
-                read(broken)
+                read(dump)
             except VmcapError:
                 pass
 

@@ -249,7 +249,7 @@ def test_saved_dmesg_ends_with_the_first_kernels_last_console_lines(own_capture)
 
 
 def test_every_fractional_page_kept_with_its_known_bytes(own_capture):
-    from vmcap.source.dumpfile import open_dump
+    from vmcap.source.dump import open_dump
 
     dump = own_capture["vmcore"]()
     checked = 0
@@ -257,7 +257,7 @@ def test_every_fractional_page_kept_with_its_known_bytes(own_capture):
         for paddr, length, tag in harness.fractional_regions():
             if tag == "HOLE":
                 continue  # not RAM: vmcap never reads it
-            got = opened.read_physical(paddr, length)
+            got = opened.physical.read(paddr, length)
             assert got == harness.pattern(tag, paddr, length), f"{tag} at {paddr:#x}"
             checked += 1
     # TAIL and HEAD pieces of the three holes (0x8001000, the end of one, is page-aligned)

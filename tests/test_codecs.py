@@ -16,7 +16,7 @@ from vmcap.fileio.mmapio import FileSource
 from vmcap.formats.kdump import KdumpReader
 from vmcap.formats.pagecodecs import PAGE_FLAG, PageDataError, PageDecoder, encode_pages, page_compressor
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import ElfPhysicalView
+from vmcap.source.dump import ElfMemory
 from vmcap.source.layout import read_layout
 
 from conftest import have
@@ -224,7 +224,7 @@ def test_drgn_and_the_source_agree_with_vmcap_lzo_and_snappy_pages(real_kdumps, 
     drgn = pytest.importorskip("drgn")
     source = FileSource(real_vmcore)
     try:
-        view = ElfPhysicalView(read_layout(source), source)
+        view = ElfMemory(read_layout(source), source)
         for name, path in real_kdumps.items():
             program = drgn.Program()
             program.set_core_dump(path)  # libkdumpfile: liblzo2 and libsnappy
@@ -234,7 +234,7 @@ def test_drgn_and_the_source_agree_with_vmcap_lzo_and_snappy_pages(real_kdumps, 
                 for pfn in sampled_pfns(reader, 61):
                     page = reader.read_page(pfn)
                     assert page == program.read(pfn * PAGE, PAGE, True), f"{name} pfn {pfn:#x}"
-                    assert page == view.read_physical(pfn * PAGE, PAGE), f"{name} pfn {pfn:#x}"
+                    assert page == view.read(pfn * PAGE, PAGE), f"{name} pfn {pfn:#x}"
                     checked += 1
             assert checked > 2000
     finally:
@@ -263,13 +263,13 @@ def test_vmcap_reads_makedumpfile_lzo_kdump_as_the_source(real_vmcore_for_makedu
     assert result.returncode == 0, result.stdout + result.stderr
     source = FileSource(str(real_vmcore_for_makedumpfile))
     try:
-        view = ElfPhysicalView(read_layout(source), source)
+        view = ElfMemory(read_layout(source), source)
         with KdumpReader(out) as reader:
             assert reader.header.compression == "lzo"
             assert (descriptor_table(out)["flags"] == PAGE_FLAG["lzo"]).sum() > 10000
             checked = 0
             for pfn in sampled_pfns(reader, 13):
-                assert reader.read_page(pfn) == view.read_physical(pfn * PAGE, PAGE), f"pfn {pfn:#x}"
+                assert reader.read_page(pfn) == view.read(pfn * PAGE, PAGE), f"pfn {pfn:#x}"
                 checked += 1
             assert checked > 10000
     finally:

@@ -24,7 +24,7 @@ from vmcap.fileio.mmapio import FileSource
 from vmcap.formats.flattened import FlattenedFile, FlattenedWriter, reassemble
 from vmcap.formats.kdump import KdumpReader, KdumpWriter
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import ElfPhysicalView, detect_container, kernel_log, open_dump
+from vmcap.source.dump import ElfMemory, detect_container, kernel_log, open_dump
 from vmcap.source.layout import read_layout
 from vmcap.verify import verify
 
@@ -333,13 +333,13 @@ def test_makedumpfile_F_stream_reassembles_identically_and_reads_as_the_source(
 
     source = FileSource(source_path)
     try:
-        view = ElfPhysicalView(read_layout(source), source)
+        view = ElfMemory(read_layout(source), source)
         with KdumpReader(flat) as reader:
             assert reader.flattened and reader.header.compression == "zlib"
             checked = 0
             for first, count in reader.iter_dumped_runs():
                 for pfn in range(first, first + count, 13):
-                    assert reader.read_page(pfn) == view.read_physical(pfn * PAGE, PAGE), f"pfn {pfn:#x}"
+                    assert reader.read_page(pfn) == view.read(pfn * PAGE, PAGE), f"pfn {pfn:#x}"
                     checked += 1
             assert checked > 10000
     finally:

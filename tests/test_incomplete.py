@@ -20,7 +20,7 @@ from vmcap.errors import OutputError
 from vmcap.formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import open_dump
+from vmcap.source.dump import open_dump
 
 from conftest import env_without_debug, error_lines, small_tmpfs, spec, temp_outputs
 
@@ -57,7 +57,7 @@ def assert_present_pages_read_back(path, saved_end: int) -> None:
     """Every page below where the data stops reads as the source had it."""
     with open_dump(str(path)) as dump:
         for paddr in range(0x100000, saved_end - 0x1000, 0x3000):
-            assert dump.read_physical(paddr, 0x1000) == expected_bytes(SAMPLE, paddr, 0x1000), \
+            assert dump.physical.read(paddr, 0x1000) == expected_bytes(SAMPLE, paddr, 0x1000), \
                 hex(paddr)
 
 

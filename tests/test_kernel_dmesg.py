@@ -435,8 +435,8 @@ def qemu_panic_elf(real_vmcore) -> Path:
 
 @pytest.fixture(scope="session")
 def qemu_panic(qemu_panic_elf):
-    """The real dump as physical memory: read_physical, vmcoreinfo, machine."""
-    from vmcap.source.dumpfile import open_dump
+    """The real dump, opened (vmcap.source.dump.Dump)."""
+    from vmcap.source.dump import open_dump
 
     with open_dump(str(qemu_panic_elf)) as dump:
         yield dump
@@ -444,7 +444,7 @@ def qemu_panic(qemu_panic_elf):
 
 @pytest.fixture(scope="session")
 def qemu_panic_log(qemu_panic) -> list[LogRecord]:
-    translator = make_translator(qemu_panic.read_physical, qemu_panic.vmcoreinfo, qemu_panic.machine)
+    translator = qemu_panic.translator
     return read_kernel_log(translator, qemu_panic.vmcoreinfo)
 
 
@@ -458,7 +458,7 @@ def _makedumpfile_version() -> tuple[int, ...] | None:
 
 def test_prb_symbol_translates_and_page_walk_agrees_with_kernel_image_shortcut(qemu_panic):
     info = qemu_panic.vmcoreinfo
-    translator = make_translator(qemu_panic.read_physical, info, qemu_panic.machine)
+    translator = make_translator(qemu_panic.physical.read, info, qemu_panic.platform)
     assert translator.five_level  # TCG guest with la57: exercises the 5-level walk
     prb = vi.symbol(info, "prb", required=True)
     paddr = translator.to_physical(prb)
@@ -473,7 +473,7 @@ def test_translation_matches_drgn(qemu_panic, qemu_panic_elf):
     program = drgn.Program()
     program.set_core_dump(str(qemu_panic_elf))
     info = qemu_panic.vmcoreinfo
-    translator = make_translator(qemu_panic.read_physical, info, qemu_panic.machine)
+    translator = make_translator(qemu_panic.physical.read, info, qemu_panic.platform)
     mem_section_root = vi.symbol(info, "mem_section", required=True)  # in the direct map
     sections = struct.unpack("<Q", translator.read_virtual(mem_section_root, 8))[0]
     mem_map = struct.unpack("<Q", translator.read_virtual(sections, 8))[0] & ~0x1F  # in vmemmap

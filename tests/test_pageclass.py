@@ -36,7 +36,7 @@ from vmcap.kernel.pageclass import (
     page_rules,
     struct_page_dtype,
 )
-from vmcap.source.dumpfile import ElfPhysicalView
+from vmcap.source.dump import ElfMemory
 from vmcap.source.layout import read_layout
 
 PAGE = 4096
@@ -584,7 +584,7 @@ class RealDump:
     def __init__(self, path: str):
         self.source = FileSource(path)
         self.layout = read_layout(self.source)
-        self.view = ElfPhysicalView(self.layout, self.source)
+        self.view = ElfMemory(self.layout, self.source)
         page = self.layout.page_size
         self.ram_pfn_ranges = [(s.paddr // page, -(-(s.paddr + s.memsz) // page)) for s in self.layout.segments]
         self.max_pfn = max(end for _, end in self.ram_pfn_ranges)
@@ -592,7 +592,7 @@ class RealDump:
     def classify(self, dump_level: int, **kwargs):
         kwargs.setdefault("max_pfn", self.max_pfn)
         kwargs.setdefault("ram_pfn_ranges", self.ram_pfn_ranges)
-        return classify_pages(self.view.read_physical, self.layout.vmcoreinfo, self.layout.machine,
+        return classify_pages(self.view.read, self.layout.vmcoreinfo, self.layout.machine,
                               dump_level, **kwargs)
 
 
@@ -685,7 +685,7 @@ def test_classifying_4_mi_struct_pages_takes_seconds(real_dump):
     from vmcap.kernel.arch import make_translator
 
     info = real_dump.layout.vmcoreinfo
-    translator = make_translator(real_dump.view.read_physical, info, real_dump.layout.machine)
+    translator = make_translator(real_dump.view.read, info, real_dump.layout.machine)
     (run,) = mem_map_runs(translator.read_virtual, info, 131072)
     real = translator.read_virtual(run.mem_map, 131072 * STRUCT_PAGE)
     copies = 32

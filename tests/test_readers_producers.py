@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from vmcap.describe import describe, memory_usage
+from vmcap.describe import describe
 from vmcap.formats.kdump import KdumpReader
 from vmcap.kernel.dmesg import format_makedumpfile
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.source.dump import kernel_log, open_dump
 from vmcap.verify import verify
 
 from conftest import env_without_debug, have
@@ -92,7 +92,8 @@ def test_every_produced_format_is_read_by_inspect_verify_dmesg_and_mem_usage(
     with open_dump(path) as dump:
         assert format_makedumpfile(kernel_log(dump)) == reference_dmesg
     # The page classes come from struct pages, which every dump level keeps.
-    assert memory_usage(path) == memory_usage(str(real_vmcore_for_makedumpfile))
+    assert describe(path, mem_usage=True)["mem_usage"] == \
+        describe(str(real_vmcore_for_makedumpfile), mem_usage=True)["mem_usage"]
 
 
 def dumped_bitmap_and_pages(path: Path):

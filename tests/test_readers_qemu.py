@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from vmcap.describe import describe, memory_usage
+from vmcap.describe import describe
 from vmcap.formats.kdump import KdumpReader
 from vmcap.kernel.dmesg import format_makedumpfile
 from vmcap.kernel.vmcoreinfo import number, parse_vmcoreinfo
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.source.dump import kernel_log, open_dump
 from vmcap.verify import verify
 
 from conftest import have
@@ -84,7 +84,7 @@ def test_qemu_dumps_are_read_by_every_command(qemu_dumps, makedumpfile_dmesg, na
     assert verify(path)["status"] == "ok"
     with open_dump(path) as dump:
         assert format_makedumpfile(kernel_log(dump)) == makedumpfile_dmesg
-    assert sum(row["pages"] for row in memory_usage(path)) > 0
+    assert sum(row["pages"] for row in describe(path, mem_usage=True)["mem_usage"]) > 0
 
 
 def test_qemu_kdump_with_a_wrong_header_phys_base_reads_through_vmcoreinfo(qemu_dumps):

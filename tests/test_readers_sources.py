@@ -29,7 +29,7 @@ from vmcap.errors import Unsupported
 from vmcap.formats.flattened import FlattenedWriter
 from vmcap.formats.kdump import DUMP_DH_COMPRESSED_INCOMPLETE, KdumpReader
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import open_dump, open_save_source
+from vmcap.source.dump import open_dump
 from vmcap.source.elfview import view_segments
 from vmcap.verify import verify
 
@@ -57,7 +57,7 @@ def one_error_line(result: subprocess.CompletedProcess, codes) -> str:
 
 def physical(path, ranges) -> bytes:
     with open_dump(str(path)) as dump:
-        return b"".join(dump.read_physical(paddr, length) for paddr, length in ranges)
+        return b"".join(dump.physical.read(paddr, length) for paddr, length in ranges)
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_qemu_arm64_style_64k_blocks_of_a_4k_page_kernel(tmp_path):
         assert dump.page_size == 4096
         assert dump.ram_pfn_ranges == [(32, 96), (160, 288)]
         assert dump.max_pfn == 32 * 16
-        assert dump.read_physical(10 * block + 4096, 8192) == pages[4].tobytes()[4096:12288]
+        assert dump.physical.read(10 * block + 4096, 8192) == pages[4].tobytes()[4096:12288]
     out = tmp_path / "out.kdump"
     save(str(path), str(out), SaveOptions(output_format="kdump"))
     with KdumpReader(str(out)) as converted:
@@ -253,9 +253,9 @@ def wrapped_stream(tmp_path, kdump_of):
 def test_a_wrapped_flattened_stream_is_a_save_source_read_once(
         tmp_path, kdump_of, wrapped_stream, wrapper, output_format):
     source = wrapped_stream(wrapper)
-    view, level = open_save_source(str(source))
-    view.close()
-    assert level == 1 and view.sequential
+    with open_dump(str(source), stream=True) as dump:
+        assert dump.container == "kdump-stream"
+        assert dump.dump_level == 1 and dump.elf.sequential
     out = tmp_path / f"out.{output_format}"
     summary = save(str(source), str(out), SaveOptions(output_format=output_format,
                                                       inherit_level=True))

@@ -16,7 +16,7 @@ from vmcap.formats.note import note_fields
 from vmcap.plan.copyplan import BufferedPiece, MappedRange, plan_copy
 from vmcap.sample import RamRange, expected_bytes
 from vmcap.save import SaveOptions, save
-from vmcap.source.dumpfile import ElfPhysicalView, open_elf_source
+from vmcap.source.dump import open_dump
 from vmcap.source.layout import read_layout
 
 from conftest import FRACTIONAL_RANGES, error_lines, have, small_tmpfs, spec, temp_outputs
@@ -24,9 +24,8 @@ from conftest import FRACTIONAL_RANGES, error_lines, have, small_tmpfs, spec, te
 
 def read_output(path):
     """(layout, view) of a vmcap output, compressed or plain."""
-    source = open_elf_source(path)
-    layout = read_layout(source)
-    return layout, ElfPhysicalView(layout, source)
+    dump = open_dump(path)
+    return dump.layout, dump.physical
 
 
 def assert_output_matches(out_path, sample_spec, src_layout):
@@ -39,10 +38,10 @@ def assert_output_matches(out_path, sample_spec, src_layout):
         # p_offset shares its offset within a page with p_paddr.
         assert (got.offset - got.paddr) % layout.page_size == 0
         if src.filesz:
-            data = view.read(src.paddr, src.filesz, segment=got)
+            data = view.read_segment(got, src.paddr, src.filesz)
             assert data == expected_bytes(sample_spec, src.paddr, src.filesz), src
         if src.memsz > src.filesz:
-            assert view.read(src.paddr + src.filesz, src.memsz - src.filesz, segment=got) \
+            assert view.read_segment(got, src.paddr + src.filesz, src.memsz - src.filesz) \
                 == bytes(src.memsz - src.filesz)
     # Every source note is kept, plus vmcap's.
     src_notes = [(n.name, n.type, n.desc) for n in src_layout.notes]

@@ -274,13 +274,10 @@ def test_a_terabyte_of_zero_fill_is_saved_at_once_and_verified(small_core, tmp_p
         with KdumpReader(str(out)) as reader:
             assert reader.page_counts() == ((1 << 28) + 0x9f, 0x9f + 0x100)
     else:
-        from vmcap.source.dumpfile import open_elf_source
+        from vmcap.source.dump import open_dump
 
-        source = open_elf_source(str(out))
-        try:
-            seg = read_layout(source).segments[1]
-        finally:
-            source.close()
+        with open_dump(str(out)) as opened:
+            seg = opened.layout.segments[1]
         assert (seg.filesz, seg.memsz) == (0x100000, 1 << 40)  # zero fill, not zeros
     verified = vmcap("verify", "--json", "--source", huge, out, timeout=30)
     assert verified.returncode == 0, verified.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from vmcap.fileio.mmapio import FileSource
 from vmcap.formats.elf import iter_note_spans
-from vmcap.source.dumpfile import kernel_log, open_dump
+from vmcap.source.dump import kernel_log, open_dump
 from vmcap.source.layout import read_layout
 
 from conftest import env_without_debug, have

@@ -524,7 +524,7 @@ def dmesg(src, as_json, caller_id, page_size, vmcoreinfo_path):
     defaults to /proc/vmcore.
     """
     from .kernel.dmesg import format_makedumpfile
-    from .source.dumpfile import kernel_log, open_dump
+    from .source.dump import kernel_log, open_dump
 
     src = list(src) or [DEFAULT_SOURCE]
     with _errors_to_exit_codes():
@@ -598,8 +598,8 @@ def mount(paths, allow_other):
     """
     if len(paths) < 2:
         raise click.UsageError("expected DUMP... DIR")
-    from .api import open_dump
     from .mount import check_can_mount, serve
+    from .source.dump import open_dump
 
     dumps, directory = list(paths[:-1]), paths[-1]
 
@@ -611,7 +611,7 @@ def mount(paths, allow_other):
 
     with _errors_to_exit_codes():
         check_can_mount(directory)  # before opening the dump, which may read its bitmaps
-        with open_dump(dumps) as dump:
+        with open_dump(dumps, strict=True) as dump:
             serve(dump, directory, allow_other=allow_other, on_ready=ready)
 
 

@@ -4,7 +4,7 @@
     prog = vmcap.drgn_bridge.program_from_dump("dump.zelf")
     prog.read(prog.symbol("linux_banner").address, 64)  # with debug info loaded
 
-drgn reads physical memory through the Dump (vmcap.api): one physical
+drgn reads physical memory through the Dump (vmcap.source.dump): one physical
 memory segment per PT_LOAD of the dump's ELF view, added in program
 header order as drgn adds a core dump's (a later segment takes precedence
 where two overlap), each reading zeros past its stored bytes like an ELF
@@ -16,8 +16,9 @@ Debug info is the caller's: ``prog.load_debug_info([vmlinux])`` or
 
 from __future__ import annotations
 
-from .api import Dump, open_dump
+from .api import open_dump
 from .errors import Unsupported
+from .source.dump import Dump
 
 # ELF e_machine name -> drgn.Architecture member name.
 _DRGN_ARCH = {

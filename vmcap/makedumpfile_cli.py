@@ -313,7 +313,7 @@ def write_kernel_log(source_path: str, log_path: str, *, force: bool = False,
     from .fileio.output import check_output_target, refuse_same_files, write_whole_file
     from .kernel.dmesg import format_makedumpfile
     from .kernel.vmcoreinfo import read_vmcoreinfo_file
-    from .source.dumpfile import kernel_log, open_dump
+    from .source.dump import kernel_log, open_dump
 
     inputs = [("VMCORE", source_path)]
     if vmcoreinfo_path:

@@ -1,7 +1,7 @@
 """`vmcap mount DUMP DIR`: a dump's plain ELF view as DIR/vmcore, read-only, over FUSE.
 
 crash, gdb and drgn open DIR/vmcore as they open a plain vmcore; each read
-is answered from the dump in place (vmcap.api.Dump): a zelf file
+is answered from the dump in place (vmcap.source.dump.Dump): a zelf file
 decompresses only the frames a read touches (the seekable reader keeps a
 few decompressed frames), a kdump file reads the pages its descriptors
 point at. Nothing is written anywhere; memory does not grow with the dump.

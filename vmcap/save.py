@@ -37,8 +37,8 @@ from .plan.exclude import (
     scan_excluded_runs,
     split_segments,
 )
-from .source.dumpfile import open_save_source
-from .source.layout import Layout, read_layout, require_memory
+from .source.dump import ElfDump, open_dump
+from .source.layout import Layout, require_memory
 
 FORMATS = ("zelf", "elf", "kdump", "kdump-flat")
 KDUMP_FORMATS = PAGE_FORMATS  # kdump-flat: flattened (makedumpfile -F), for pipes
@@ -185,7 +185,7 @@ def classify_source(layout: Layout, source: Source, dump_level: DumpLevel):
     """makedumpfile's page classes (dump level bits 2-16) for the source, or None."""
     if not dump_level.needs_kernel:
         return None
-    from .source.dumpfile import classify_dump, elf_dump
+    from .source.dump import classify_dump, elf_dump
 
     return classify_dump(elf_dump(layout, source), dump_level)
 
@@ -331,7 +331,7 @@ def save_kernel_log(layout: Layout, source: Source, options: SaveOptions) -> int
     (often all a bug report needs) is already safe.
     """
     from .kernel.dmesg import format_makedumpfile
-    from .source.dumpfile import elf_dump, kernel_log
+    from .source.dump import elf_dump, kernel_log
 
     records = kernel_log(elf_dump(layout, source))
     write_whole_file(options.dmesg_path,
@@ -390,16 +390,19 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
     if not isinstance(source_path, str):
         paths = source_paths(source_path)
         source_path = paths[0] if len(paths) == 1 else paths
-    header_level = None
-    if source is None:
-        source, header_level = open_save_source(source_path, allow_mmap=options.allow_mmap)
-    try:
-        vmcoreinfo = None
-        if options.vmcoreinfo_path:
-            from .kernel.vmcoreinfo import read_vmcoreinfo_file
+    vmcoreinfo = None
+    if options.vmcoreinfo_path:
+        from .kernel.vmcoreinfo import read_vmcoreinfo_file
 
-            vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
-        layout = read_layout(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
+        vmcoreinfo = read_vmcoreinfo_file(options.vmcoreinfo_path)
+    if source is None:
+        # Any dump vmcap reads, opened once; its ELF view is what is copied.
+        dump = open_dump(source_path, page_size=options.page_size, vmcoreinfo=vmcoreinfo,
+                         allow_mmap=options.allow_mmap, stream=True)
+    else:
+        dump = ElfDump.open(source, page_size=options.page_size, vmcoreinfo=vmcoreinfo)
+    with dump:
+        source, layout, header_level = dump.elf, dump.layout, dump.dump_level
         require_memory(layout)
         source_path = source.name if not isinstance(source_path, str) else source_path
         layout, source_level, source_warnings = saved_dump_source(layout, header_level)
@@ -451,8 +454,6 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
                                       f"retried at dump level {levels[attempt + 1]}")
             except BaseException as error:
                 _abort_keeping(out, error)
-    finally:
-        source.close()
 
     stats = capture.stats()
     seconds = max(time.monotonic() - started, 1e-9)

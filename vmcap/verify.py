@@ -14,19 +14,15 @@ dump levels with bit 1, a page the dump dropped must be zero in the source).
 
 from __future__ import annotations
 
-import os
 from bisect import bisect_right
 
 import numpy as np
 
 from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files
-from .formats.digest import UNKNOWN, file_digest
-from .formats.kdump import KdumpReader
-from .formats.note import DIGEST_LINE_KEYS, NOTE_NAME, VmcapNote, locate_note, value_offset
 from .kernel.dumplevel import DumpLevel
 from .plan.exclude import ZERO_EXCLUDED, ExclusionPolicy
-from .source.dumpfile import ElfPhysicalView, detect_container, open_elf_source
+from .source.dump import detect_container, open_dump
 from .source.layout import read_layout
 
 COMPARE_BYTES = 4 << 20
@@ -47,45 +43,34 @@ def verify(dump_path: str, source_path: str | None = None, *,
     ``vmcoreinfo`` (a file's text) stands in for a source without the note;
     by default the VMCOREINFO the dump carries does.
     """
-    container = detect_container(dump_path)
-    if container in ("kdump", "kdump-flat"):
-        return verify_kdump(dump_path, source_path, vmcoreinfo=vmcoreinfo)
-    if container == "unknown":
-        raise CorruptOutput(f"{dump_path}: not a vmcap output (no ELF, zstd or kdump signature)")
-    result: dict = {"dump": dump_path, "container": container}
     try:
-        out_source = open_elf_source(dump_path)
+        dump = open_dump(dump_path)
     except (BadSource, SourceIOError) as error:
         raise CorruptOutput(str(error)) from None
-    try:
-        try:
-            if container == "zstd-seekable":
-                frames = 0
-                for _ in out_source.reader.iter_frames():
-                    frames += 1
-                result["frames"] = frames
-                result["decompressed_bytes"] = out_source.size
-            layout = read_layout(out_source)
-        except (BadSource, SourceIOError) as error:
-            raise CorruptOutput(f"{dump_path}: {error}") from None
-        result["segments"] = len(layout.segments)
-        note, span = checked_note(layout.note_bytes, layout.byte_order, dump_path)
-        if container == "zstd-seekable":
-            # Every frame, the header frame included, was checked against its checksums.
-            result["digest"] = "zstd checksums" if out_source.reader.has_checksums else "none"
-        else:
-            result["digest"] = check_elf_digests(dump_path, layout, note, span)
+    with dump:
+        result: dict = {"dump": dump_path, "container": dump.container}
+        result.update(dump.check())
         if source_path is not None:
-            dump_level = recorded_level(dump_path, (note.dump_level if note is not None else None) or 0,
-                                        "its VMCAP note's DUMP_LEVEL")
-            result["dump_level"] = int(dump_level)
-            policy = ExclusionPolicy(dump_level, "zelf" if container == "zstd-seekable" else "elf")
-            result.update(compare_with_source(ElfPhysicalView(layout, out_source), source_path, policy,
-                                              vmcoreinfo=vmcoreinfo or layout.vmcoreinfo_raw))
-    finally:
-        out_source.close()
+            policy = recorded_policy(dump)
+            result["dump_level"] = int(policy.level)
+            result.update(compare_with_source(dump.physical, source_path, policy,
+                                              vmcoreinfo=vmcoreinfo or dump.vmcoreinfo_raw))
     result["status"] = "ok"
     return result
+
+
+def recorded_policy(dump) -> ExclusionPolicy:
+    """The exclusion policy a dump was saved with, from what it records of its level."""
+    note = dump.vmcap_note
+    if dump.dump_level is None:  # an ELF core: its VMCAP note says the level
+        level = recorded_level(dump.path, (note.dump_level if note is not None else None) or 0,
+                               "its VMCAP note's DUMP_LEVEL")
+        return ExclusionPolicy(level, "zelf" if dump.container == "zstd-seekable" else "elf")
+    level = recorded_level(dump.path, dump.dump_level, "its kdump header's dump_level")
+    # vmcap's kdump files say whether zero pages were kept (one shared
+    # page) or left out at dump level bit 1; other files may have done either.
+    zero_pages = "shared" if note is not None and note.zero_pages == "shared" else "exclude"
+    return ExclusionPolicy(level, "kdump", zero_pages)
 
 
 def recorded_level(dump_path: str, value, where: str) -> DumpLevel:
@@ -95,90 +80,6 @@ def recorded_level(dump_path: str, value, where: str) -> DumpLevel:
     except ValueError:
         raise CorruptOutput(f"{dump_path}: {where} is {str(value)[:40]!r}, not a dump level "
                             "from 0 to 31") from None
-
-
-def checked_note(note_bytes: bytes, byte_order: str, where: str):
-    """(the VMCAP note, its NoteSpan) among the notes, or (None, None) if it has none.
-
-    A damaged note is CorruptOutput (see note.locate_note), and so is the
-    note of a dump kept after a full disk or a write error: readable, but
-    not a whole dump.
-    """
-    note, span = locate_note(note_bytes, byte_order, where)
-    if note is not None and note.incomplete is not None:
-        raise CorruptOutput(f"{where}: incomplete dump (the capture stopped early): it holds "
-                            f"{note.incomplete.describe()}")
-    return note, span
-
-
-def digest_state(note: VmcapNote | None, keys) -> str | None:
-    """"none" (no note or no digests: an older vmcap), "unknown" (streamed) or None (digests to check)."""
-    return "none" if note is None else note.digest_state(keys)
-
-
-def _check_digest(fd: int, name: str, key: str, expected: str, start: int, end: int,
-                  what: str, blank_at: int | None = None) -> None:
-    try:
-        actual = file_digest(fd, start, end, blank_at=blank_at, what=f"{name}: {what}")
-    except EOFError as error:
-        raise CorruptOutput(str(error)) from None
-    if actual != expected:
-        raise CorruptOutput(f"{name}: {what} (bytes {start:#x}-{end:#x}) changed: XXH64 "
-                            f"{actual}, the VMCAP note's {key} says {expected}")
-
-
-def check_elf_digests(path: str, layout, note: VmcapNote | None, span) -> str:
-    """Check a plain ELF output's META and DATA digests; returns the result's "digest"."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        file_size = os.fstat(fd).st_size
-        first_data = min((s.offset for s in layout.segments if s.filesz), default=file_size)
-        head = os.pread(fd, min(first_data, file_size, MAX_HEAD_BYTES), 0)
-        if note is None:
-            if NOTE_NAME.encode() + b"\0\0\0" in head:
-                # The notes were found somewhere else than where vmcap wrote them.
-                raise CorruptOutput(f"{path}: has a VMCAP note its program headers do not point at")
-            return "none"
-        state = digest_state(note, ("META_XXH64", "DATA_XXH64"))
-        if state is not None:
-            return state
-        notes_offset = head.find(layout.note_bytes)
-        vmcap_end = span.desc_offset + span.desc_size
-        if notes_offset < 0 or vmcap_end != len(layout.note_bytes):
-            raise CorruptOutput(f"{path}: the notes are not where vmcap writes them")
-        desc = layout.note_bytes[span.desc_offset:vmcap_end]
-        meta_at = notes_offset + span.desc_offset + value_offset(desc, "META_XXH64")
-        notes_end = notes_offset + len(layout.note_bytes)
-        _check_digest(fd, path, "META_XXH64", note.digests["META_XXH64"], 0, notes_end,
-                      "ELF header, program headers and notes", blank_at=meta_at)
-        _check_digest(fd, path, "DATA_XXH64", note.digests["DATA_XXH64"], notes_end, file_size,
-                      "segment data")
-        return "xxh64"
-    finally:
-        os.close(fd)
-
-
-def check_kdump_digests(path: str, reader, note: VmcapNote | None, span) -> str:
-    """Check a kdump output's META, DESC and DATA digests; returns the result's "digest"."""
-    state = digest_state(note, DIGEST_LINE_KEYS)
-    if state is not None:
-        return state
-    desc = reader.notes[span.desc_offset:span.desc_offset + span.desc_size]
-    meta_at = reader.notes_offset + span.desc_offset + value_offset(desc, "META_XXH64")
-    digests = note.digests
-    data_offset = int(digests["DATA_OFFSET"], 16)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        file_size = os.fstat(fd).st_size
-        _check_digest(fd, path, "META_XXH64", digests["META_XXH64"], 0, reader.descriptor_offset,
-                      "header, sub header, notes and bitmaps", blank_at=meta_at)
-        _check_digest(fd, path, "DESC_XXH64", digests["DESC_XXH64"], reader.descriptor_offset,
-                      data_offset, "page descriptors")
-        _check_digest(fd, path, "DATA_XXH64", digests["DATA_XXH64"], data_offset, file_size,
-                      "page data")
-    finally:
-        os.close(fd)
-    return "xxh64"
 
 
 def _merged(ranges) -> list[tuple[int, int]]:
@@ -255,7 +156,7 @@ class _SourceChecker:
         done = lo
         while done < hi:
             n = min(COMPARE_BYTES, hi - done)
-            actual = self.view.read_physical(done, n)
+            actual = self.view.read(done, n)
             if any(actual):
                 at = int(np.flatnonzero(np.frombuffer(actual, np.uint8))[0])
                 raise VerifyMismatch(
@@ -316,17 +217,6 @@ class _SourceChecker:
             self.zero_checked += run_hi - run_lo  # also counted in compared
 
 
-def _covered_ranges(view) -> list[tuple[int, int]]:
-    """(start, end) of the physical memory the dump represents, data or zero fill.
-
-    An ELF dump represents each PT_LOAD's p_memsz (excluded runs are zero
-    fill in it); a kdump file the pages of its 1st bitmap.
-    """
-    if hasattr(view, "covered_ranges"):
-        return _merged(view.covered_ranges())
-    return _merged((s.paddr, s.memsz) for s in view.layout.segments)
-
-
 def _check_coverage(src_layout, covered, granule: int, source_path: str) -> int:
     """Every byte of every source p_memsz is in the dump, and the dump holds no other memory.
 
@@ -366,12 +256,12 @@ def compare_with_source(view, source_path: str, policy: ExclusionPolicy, *,
     dump and equal; dump bytes in the source's zero fill must be zero.
     """
     from .save import classify_source
-    from .source.dumpfile import open_save_source
 
     # Any dump vmcap reads can be the source (a kdump file through its ELF view).
-    source, _ = open_save_source(source_path)
+    source_dump = open_dump(source_path, stream=True)
+    source = source_dump.elf
     try:
-        src_layout = read_layout(source)
+        src_layout = source_dump.layout
         if vmcoreinfo and not src_layout.vmcoreinfo_raw:
             # A source without the note (saved with --vmcoreinfo FILE): classify
             # it with the VMCOREINFO given, or the one its dump carries.
@@ -380,16 +270,16 @@ def compare_with_source(view, source_path: str, policy: ExclusionPolicy, *,
         excluded = classification.excluded if classification is not None else None
         checker = _SourceChecker(source, source_path, view, src_layout.page_size, excluded,
                                  drops_zero=policy.zero_mode == ZERO_EXCLUDED)
-        granule = getattr(view, "granule", 1)
-        zero_fill = _check_coverage(src_layout, _covered_ranges(view), granule, source_path)
+        zero_fill = _check_coverage(src_layout, _merged(view.covered_ranges()), view.granule,
+                                    source_path)
         stored = _merged(view.stored_ranges())
-        if not getattr(view, "stores_excluded_pages", True):
+        if not view.stores_excluded_pages:
             for lo, hi in stored:
                 checker.stored_excluded(lo, hi)
         # When the output keeps the source's segments one for one, compare
         # each with its own twin: overlapping PT_LOADs (kernel text over RAM)
         # are each copied whole.
-        out_segments = getattr(getattr(view, "layout", None), "segments", ())
+        out_segments = view.segments
         twins = (len(out_segments) == len(src_layout.segments) and all(
             (a.paddr, a.filesz, a.memsz) == (b.paddr, b.filesz, b.memsz)
             for a, b in zip(out_segments, src_layout.segments)))
@@ -397,11 +287,11 @@ def compare_with_source(view, source_path: str, policy: ExclusionPolicy, *,
             if twins:
                 twin = out_segments[seg.index]
                 checker.compare(seg, seg.paddr, seg.end,
-                                lambda at, n, twin=twin: view.read(at, n, segment=twin))
+                                lambda at, n, twin=twin: view.read_segment(twin, at, n))
                 continue
             for lo, hi, inside in _split(seg.paddr, seg.end, stored):
                 if inside:
-                    checker.compare(seg, lo, hi, view.read_physical)
+                    checker.compare(seg, lo, hi, view.read)
                 else:
                     checker.absent(seg, lo, hi)
             # The zero fill is represented (coverage above); what the dump
@@ -410,7 +300,7 @@ def compare_with_source(view, source_path: str, policy: ExclusionPolicy, *,
                 if inside:
                     checker.zero_fill_stored(seg, lo, hi)
     finally:
-        source.close()
+        source_dump.close()
     return {"source": source_path, "compared_bytes": checker.compared,
             "zero_bytes_checked": checker.zero_checked,
             "excluded_bytes_not_compared": checker.excluded_bytes,
@@ -443,61 +333,3 @@ def decompress(dump_path: str, plain_path: str, *, force: bool = False) -> int:
     finally:
         reader.close()
     return out.position
-
-
-class KdumpPhysicalView:
-    """Physical memory of a kdump file for comparisons; excluded pages read as zeros."""
-
-    # A kdump file never stores a page its dump level excludes.
-    stores_excluded_pages = False
-
-    def __init__(self, reader: KdumpReader):
-        self.reader = reader
-        self.granule = reader.header.page_size  # a present page is represented whole
-
-    def covered_ranges(self):
-        """(paddr, length) of the memory the file represents: its 1st bitmap."""
-        page = self.reader.header.page_size
-        return [(first * page, count * page) for first, count in self.reader.iter_present_runs()]
-
-    def read_physical(self, paddr: int, length: int) -> bytes:
-        return self.reader.pread_physical(paddr, length)
-
-    def stored_ranges(self):
-        page = self.reader.header.page_size
-        return [(first * page, count * page) for first, count in self.reader.iter_dumped_runs()]
-
-
-def verify_kdump(path: str, source_path: str | None, *, vmcoreinfo: bytes | None = None) -> dict:
-    """Check structure and digests, decompress every dumped page; with a source, compare."""
-    result: dict = {"dump": path}
-    try:
-        reader = KdumpReader(path)
-    except BadSource as error:
-        raise CorruptOutput(str(error)) from None
-    except OSError as e:
-        raise CorruptOutput(f"{path}: cannot read: {e.strerror}") from None
-    with reader:
-        result["container"] = "kdump-flat" if reader.flattened else "kdump"
-        note, span = checked_note(reader.notes, reader.header.byte_order, path)
-        data_offset = note.digests.get("DATA_OFFSET") if note is not None else None
-        reader.check_structure(int(data_offset, 16) if data_offset and data_offset != UNKNOWN
-                               else None)
-        result["digest"] = check_kdump_digests(path, reader, note, span)
-        pages = 0
-        for first, count in reader.iter_dumped_runs():
-            for pfn in range(first, first + count):
-                reader.read_page(pfn)
-            pages += count
-        result["pages_checked"] = pages
-        if source_path is not None:
-            dump_level = recorded_level(path, reader.header.dump_level, "its kdump header's dump_level")
-            result["dump_level"] = int(dump_level)
-            # vmcap's kdump files say whether zero pages were kept (one shared
-            # page) or left out at dump level bit 1; other files may have done either.
-            zero_pages = "shared" if note is not None and note.zero_pages == "shared" else "exclude"
-            policy = ExclusionPolicy(dump_level, "kdump", zero_pages)
-            result.update(compare_with_source(KdumpPhysicalView(reader), source_path, policy,
-                                              vmcoreinfo=vmcoreinfo or reader.vmcoreinfo))
-    result["status"] = "ok"
-    return result

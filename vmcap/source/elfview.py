@@ -14,7 +14,7 @@ the pages that are present but not dumped (read as zeros, never stored:
 the zero fill of an ELF core, as makedumpfile -E writes it). Present pages
 before the first dumped one of a run get a PT_LOAD with p_filesz 0.
 
-What the view needs from a dump (``PhysicalMemory``): its granule (the
+What the view needs from a dump (``GranuleMemory``): its granule (the
 kdump block size), the runs of present and of dumped granules, reading
 dumped granules into a buffer, its notes and its ELF identity.
 """
@@ -47,7 +47,7 @@ class ElfIdentity:
     e_flags: int = 0
 
 
-class PhysicalMemory(Protocol):
+class GranuleMemory(Protocol):
     """A dump's physical memory, stored in granules (pages or kdump blocks)."""
 
     name: str
@@ -102,14 +102,14 @@ def view_segments(present, dumped, granule: int) -> list[OutputSegment]:
 
 
 class ElfCoreView:
-    """A Source whose bytes are the ELF core of a PhysicalMemory; nothing is written.
+    """A Source whose bytes are the ELF core of a GranuleMemory; nothing is written.
 
     Reads of the headers and notes come from memory; reads of segment data
     come from the dump's granules (a partial granule at either end is read
     whole and cut). mmap is refused: the bytes do not exist in any file.
     """
 
-    def __init__(self, memory: PhysicalMemory, identity: ElfIdentity, notes: bytes,
+    def __init__(self, memory: GranuleMemory, identity: ElfIdentity, notes: bytes,
                  closer=None):
         self.memory = memory
         self.name = identity.source_name

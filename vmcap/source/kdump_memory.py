@@ -1,9 +1,10 @@
 """A kdump-compressed file (plain or flattened) as a source: its memory and its ELF view.
 
 ``KdumpMemory`` is the physical-memory face of a KdumpReader (read(paddr,
-size), the stored ranges, granules in bulk); ``open_kdump_view`` wraps it
-in an elfview.ElfCoreView, so `vmcap save` copies, converts and re-filters
-a kdump file through the same path as an ELF core.
+size), the stored ranges, granules in bulk), ``SplitSetMemory`` that of the
+files of a --split set; source.dump.KdumpDump wraps either in an
+elfview.ElfCoreView, so `vmcap save` copies, converts and re-filters a kdump
+file through the same path as an ELF core.
 
 The granule is the kdump block size. It is the kernel's page size for
 makedumpfile's files, but QEMU's arm64 kdump files use 64 KiB blocks for
@@ -17,13 +18,6 @@ from bisect import bisect_right
 
 from ..errors import BadSource
 from ..formats.kdump import KdumpReader
-from ..kernel.arch import make_platform
-from .elfview import ElfCoreView, ElfIdentity, view_notes
-
-
-def e_machine_of(machine: str) -> int:
-    """The ELF e_machine of a kdump header's utsname machine (Unsupported if none)."""
-    return make_platform(elf_class=64, byte_order="little", utsname=machine).e_machine
 
 
 def refuse_split_part(reader: KdumpReader) -> None:
@@ -138,40 +132,3 @@ class SplitSetMemory:
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
-
-
-def open_kdump_readers(paths) -> list[KdumpReader]:
-    readers = []
-    try:
-        for path in paths:
-            try:
-                readers.append(KdumpReader(path))
-            except OSError as e:
-                raise BadSource(f"{path}: cannot open: {e.strerror or e}") from None
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        raise
-    return readers
-
-
-def open_kdump_view(path) -> tuple[ElfCoreView, int]:
-    """(the ELF view of a kdump or flattened kdump file, or of the files of a
-    --split set given as a list, the dump level it was saved at)."""
-    paths = [path] if isinstance(path, str) else list(path)
-    readers = open_kdump_readers(paths)
-    try:
-        memory = SplitSetMemory(readers) if len(readers) > 1 else KdumpMemory(readers[0])
-        reader = readers[0]
-        header = reader.header
-        identity = ElfIdentity(elf_class=header.elf_class, byte_order=header.byte_order,
-                               e_machine=e_machine_of(header.machine),
-                               source_name=" ".join(map(str, paths)))
-        notes = view_notes(reader.notes, reader.vmcoreinfo.rstrip(b"\0"), header.byte_order)
-        view = ElfCoreView(memory, identity, notes,
-                           closer=lambda: [r.close() for r in readers])
-    except BaseException:
-        for reader in readers:
-            reader.close()
-        raise
-    return view, header.dump_level

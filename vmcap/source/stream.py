@@ -31,6 +31,7 @@ from ..errors import BadSource, CorruptOutput, SourceIOError, Unsupported
 from ..formats.flattened import END_FLAG, HEADER_BYTES, RECORD_HEADER_BYTES, is_flattened
 from ..formats.kdump import DESCRIPTOR_BYTES, KDUMP_SIGNATURE, KdumpReader, decode_disk_dump_header
 from ..formats.pagecodecs import PAGE_COMPRESSION_FLAGS
+from ..kernel.arch import make_platform
 from .elfview import ElfCoreView, ElfIdentity, view_notes
 
 WRAPPERS = (
@@ -335,10 +336,10 @@ def open_stream_view(path: str, wrapper: str) -> tuple[ElfCoreView, int]:
     memory = StreamKdumpMemory(path, wrapper)
     try:
         header, reader = memory.header, memory.reader
-        from .kdump_memory import e_machine_of
-
+        platform = make_platform(elf_class=header.elf_class, byte_order=header.byte_order,
+                                 utsname=header.machine)
         identity = ElfIdentity(elf_class=header.elf_class, byte_order=header.byte_order,
-                               e_machine=e_machine_of(header.machine), source_name=str(path))
+                               e_machine=platform.e_machine, source_name=str(path))
         view = ElfCoreView(memory, identity,
                            view_notes(reader.notes, reader.vmcoreinfo.rstrip(b"\0"),
                                       header.byte_order), closer=memory.close)
