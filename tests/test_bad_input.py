@@ -281,11 +281,12 @@ def mini_dump(real_vmcore, tmp_path_factory) -> MiniDump:
         layout = read_layout(source)
     reads: list[tuple[int, int]] = []
     with open_dump(real_vmcore) as dump:
+        inner = dump.physical.read
+
         def recording(paddr: int, length: int) -> bytes:
             reads.append((paddr, length))
-            return dump.physical.read(paddr, length)
+            return inner(paddr, length)
 
-        inner = dump.physical.read
         dump.physical.read = recording
         log = kernel_log(dump)
         classify_dump(dump, 31)

@@ -22,7 +22,7 @@ from .errors import BadSource, CorruptOutput, SourceIOError, VerifyMismatch
 from .fileio.output import OutputFile, SparseSink, check_output_target, refuse_same_files
 from .kernel.dumplevel import DumpLevel
 from .plan.exclude import ZERO_EXCLUDED, ExclusionPolicy
-from .source.dump import detect_container, open_dump
+from .source.dump import detect, detect_container, open_detected, open_dump
 from .source.layout import read_layout
 
 COMPARE_BYTES = 4 << 20
@@ -43,8 +43,11 @@ def verify(dump_path: str, source_path: str | None = None, *,
     ``vmcoreinfo`` (a file's text) stands in for a source without the note;
     by default the VMCOREINFO the dump carries does.
     """
+    container, wrapper = detect(dump_path)  # a path that is no readable file: BadSource (3)
+    if container == "unknown":
+        raise CorruptOutput(f"{dump_path}: not a vmcap output (no ELF, zstd or kdump signature)")
     try:
-        dump = open_dump(dump_path)
+        dump = open_detected(dump_path, container, wrapper)
     except (BadSource, SourceIOError) as error:
         raise CorruptOutput(str(error)) from None
     with dump:

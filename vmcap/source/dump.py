@@ -711,6 +711,14 @@ def open_dump(path, *, page_size: int | None = None, vmcoreinfo: bytes | None = 
         path = paths[0]
     path = os.fspath(path)
     container, wrapper = detect(path)
+    return open_detected(path, container, wrapper, page_size=page_size, vmcoreinfo=vmcoreinfo,
+                         allow_mmap=allow_mmap, stream=stream, strict=strict)
+
+
+def open_detected(path: str, container: str, wrapper: str | None, *, page_size=None, vmcoreinfo=None,
+                  allow_mmap: bool = True, stream: bool = False, strict: bool = False) -> Dump:
+    """open_dump of one file whose detect() is known (verify tells a file it cannot read
+    from a damaged dump by where the error comes from)."""
     if container in ("kdump", "kdump-flat"):
         return _open_kdump([path], page_size, vmcoreinfo)
     if container == "zstd-seekable":
