@@ -486,17 +486,16 @@ class KdumpDump(Dump):
     """
 
     def __init__(self, readers: list[KdumpReader], *, page_size=None, vmcoreinfo=None):
-        from .kdump_memory import KdumpMemory, SplitSetMemory
+        from .kdump_memory import SplitSetMemory
 
         self._readers = readers
         self._page_size_option = page_size
         self._vmcoreinfo_option = vmcoreinfo
         if len(readers) > 1:
-            self.memory = SplitSetMemory(readers)
+            self.memory = SplitSetMemory(readers)  # checks the set is whole, at once
             self.container = "kdump-split"
             self.reader = self.memory.readers[0]
         else:
-            self.memory = KdumpMemory(readers[0])
             self.reader = readers[0]
             self.container = "kdump-flat" if self.reader.flattened else "kdump"
         header = self.header = self.reader.header
@@ -508,7 +507,18 @@ class KdumpDump(Dump):
         self.vmcoreinfo = parse_vmcoreinfo(self.vmcoreinfo_raw)
         self.page_size = kernel_page_size(self.vmcoreinfo, page_size, header.page_size)
         self.phys_base_hint = header.phys_base or None
-        self.physical = KdumpPhysicalMemory(self.memory)
+
+    @cached_property
+    def memory(self):
+        """The file's memory (KdumpMemory); one file of a --split set is refused here, as
+        it holds part of the memory, but opens for describe() and check()."""
+        from .kdump_memory import KdumpMemory
+
+        return KdumpMemory(self.reader)
+
+    @cached_property
+    def physical(self) -> KdumpPhysicalMemory:
+        return KdumpPhysicalMemory(self.memory)
 
     @cached_property
     def platform(self) -> Platform:
@@ -550,7 +560,7 @@ class KdumpDump(Dump):
         present, dumped = reader.page_counts()
         notes = parse_notes(reader.notes, header.byte_order) if reader.notes else []
         vmcoreinfo_text = reader.vmcoreinfo.rstrip(b"\0")
-        runs = self.memory.present_runs()
+        runs = list(reader.iter_present_runs())
         page = header.page_size
         info = parse_vmcoreinfo(vmcoreinfo_text)
         # QEMU leaves the header's utsname and time empty: VMCOREINFO has them.
