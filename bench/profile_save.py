@@ -75,7 +75,7 @@ def categorise(raw: Path, rate: int) -> list[tuple[str, float, float]]:
 CPU_RULES = [
     ("compression", r"multi_compress_to_buffer|ZstdCompressor' objects>|zlib\.compress|compress_raw|LZOCompressor"
      r"|lzokay|_ZstdPages|_RowPages|seekable\.py.*\(_compress\)"),
-    ("classification (struct pages, -d 2..16)", r"pageclass\.py|kernel\.py|dumpfile\.py.*classify"),
+    ("classification (struct pages, -d 2..16)", r"pageclass\.py|kernel\.py|dump\.py.*classify"),
     ("hashing (XXH64 digests)", r"digest\.py|xxh"),
     ("zero detection", r"page_flags_of_chunk|kdump\.py.*_store_batch|exclude\.py|_methods\.py.*\(_any\)"),
     ("descriptors and bitmaps", r"_set_bits|_StreamedBitmap|mark_present|_iter_runs"),
@@ -102,7 +102,7 @@ def cpu_profile(argv: list[str]) -> list[tuple[str, float, float]]:
     import vmcap.kernel.pageclass
     import vmcap.plan.exclude
     import vmcap.save  # noqa: E401,F401
-    import vmcap.source.dumpfile  # noqa: E401,F401
+    import vmcap.source.dump  # noqa: E401,F401
     from vmcap.commands import main
     imports = time.process_time() - started
     main(argv, standalone_mode=False)  # numpy's lazy submodules, the page cache
