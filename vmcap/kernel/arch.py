@@ -149,7 +149,7 @@ def machine_for_utsname(utsname: str) -> Machine | None:
 def platform_named(name: str) -> Platform:
     """The Platform a machine name stands for: readelf's ("EM_AARCH64") or a utsname
     ("aarch64_be", "ppc64"). A utsname says the byte order where it can (aarch64_be,
-    ppc64 big, ppc64le little); an ELF name does not, and means little endian."""
+    ppc64 and s390x big, ppc64le little); an ELF name does not, and means little endian."""
     known = _BY_NAME.get(name.lower())
     if known is not None:
         return make_platform(elf_class=64, byte_order="little", e_machine=known.e_machine)
@@ -158,7 +158,7 @@ def platform_named(name: str) -> Platform:
         return Platform(arch=name, elf_class=64, byte_order="little", e_machine=0, machine=name,
                         default_page_size=FALLBACK_PAGE_SIZE, translator_kind=None)
     lowered = name.lower()
-    big = lowered.endswith("_be") or lowered == "ppc64"
+    big = lowered.endswith("_be") or lowered == "ppc64" or known.e_machine == EM_S390
     elf_class = 32 if re.fullmatch(r"i[3-6]86|s390|arm.*|ppc", lowered) else 64
     return make_platform(elf_class=elf_class, byte_order="big" if big else "little",
                          e_machine=known.e_machine)
