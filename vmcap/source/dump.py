@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from abc import ABC, abstractmethod
 from bisect import bisect_right
 from functools import cached_property
 from itertools import accumulate
@@ -189,17 +190,23 @@ class KdumpPhysicalMemory:
     stores_excluded_pages = False  # a kdump file never stores a page its dump level excludes
 
     def __init__(self, memory):
-        from .elfview import view_segments
-
         self.memory = memory  # kdump_memory.KdumpMemory or SplitSetMemory
         self.name = memory.name
-        self.granule = granule = memory.granule  # a present page is represented whole
+        self.granule = memory.granule  # a present page is represented whole
         self._present = memory.present_runs()
-        self._dumped = memory.dumped_runs()
         self._present_starts = [first for first, _ in self._present]
-        # The ELF view's PT_LOADs (offsets are the view's business: Dump.elf).
-        self.segments = tuple(Segment(i, s.paddr, s.vaddr, 0, s.filesz, s.memsz, s.flags)
-                              for i, s in enumerate(view_segments(self._present, self._dumped, granule)))
+
+    @cached_property
+    def _dumped(self) -> list[tuple[int, int]]:
+        return list(self.memory.dumped_runs())
+
+    @cached_property
+    def segments(self) -> tuple[Segment, ...]:
+        """The ELF view's PT_LOADs (their offsets are the view's business: Dump.elf)."""
+        from .elfview import view_segments
+
+        return tuple(Segment(i, s.paddr, s.vaddr, 0, s.filesz, s.memsz, s.flags)
+                     for i, s in enumerate(view_segments(self._present, self._dumped, self.granule)))
 
     def read(self, paddr: int, size: int) -> bytes:
         granule = self.granule
@@ -220,7 +227,7 @@ class KdumpPhysicalMemory:
 
 # --- the dumps -------------------------------------------------------------------------------
 
-class Dump:
+class Dump(ABC):
     """One opened dump (see the module doc). Subclasses set the attributes below."""
 
     container: str  # as `vmcap inspect --json` names it
@@ -234,14 +241,14 @@ class Dump:
     physical: PhysicalMemory
 
     @property
+    @abstractmethod
     def elf(self):
         """The plain ELF core the dump stands for, as a Source (pread, size), read in place."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def layout(self) -> Layout:
         """The ELF view's headers, notes and VMCOREINFO."""
-        raise NotImplementedError
 
     @property
     def size(self) -> int:
@@ -265,35 +272,45 @@ class Dump:
     phys_base_hint: int | None = None  # phys_base from the kernel-text PT_LOAD, when there is one
 
     @property
+    @abstractmethod
     def max_pfn(self) -> int:
-        raise NotImplementedError
+        """The pfn past the highest memory the dump represents (in kernel pages)."""
 
     @property
+    @abstractmethod
     def ram_pfn_ranges(self) -> list[tuple[int, int]]:
         """[start, end) pfns that are RAM in the dump."""
-        raise NotImplementedError
 
+    @abstractmethod
     def describe(self) -> dict:
         """Everything `vmcap inspect --json` shows (without --mem-usage)."""
-        raise NotImplementedError
 
     @property
     def vmcap_note(self) -> dict | None:
-        """The VMCAP note's fields, checked (CorruptOutput when damaged); None without one."""
+        """The VMCAP note (formats.note.VmcapNote), checked: CorruptOutput when damaged or
+        incomplete; None without one."""
         return self._vmcap_note[0]
 
     @cached_property
     def _vmcap_note(self):
-        """(note fields, its NoteSpan in the notes): check.checked_note."""
-        raise NotImplementedError
+        """(the VMCAP note, its NoteSpan in the notes): check.checked_note over the dump's notes."""
+        from .check import checked_note
 
+        notes, byte_order = self._note_bytes()
+        return checked_note(notes, byte_order, self.path)
+
+    def _note_bytes(self) -> tuple[bytes, str]:
+        """The dump's own notes (the file's, not the ELF view's) and their byte order."""
+        return self.layout.note_bytes, self.layout.byte_order
+
+    @abstractmethod
     def check(self) -> dict:
         """The container's own check (structure, checksums, digests): the fields `vmcap verify`
         reports for it; CorruptOutput (or VerifyMismatch) when it fails."""
-        raise NotImplementedError
 
+    @abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """Close what the dump opened."""
 
     def __enter__(self):
         return self
@@ -399,12 +416,6 @@ class ElfDump(Dump):
         if incomplete is not None:
             report["incomplete"] = incomplete.as_dict()
         return report
-
-    @cached_property
-    def _vmcap_note(self):
-        from .check import checked_note
-
-        return checked_note(self._layout.note_bytes, self._layout.byte_order, self.path)
 
     def check(self) -> dict:
         from .check import check_elf_digests
@@ -633,11 +644,8 @@ class KdumpDump(Dump):
             pages += count
         return {"digest": digest, "pages_checked": pages}
 
-    @cached_property
-    def _vmcap_note(self):
-        from .check import checked_note
-
-        return checked_note(self.reader.notes, self.header.byte_order, self.path)
+    def _note_bytes(self) -> tuple[bytes, str]:
+        return self.reader.notes, self.header.byte_order
 
     def close(self) -> None:
         for reader in self._readers:
@@ -689,6 +697,14 @@ class StreamDump(Dump):
     @property
     def physical(self):
         self._sequential("random access to its memory")
+
+    @property
+    def max_pfn(self) -> int:
+        self._sequential("random access to classify its pages")
+
+    @property
+    def ram_pfn_ranges(self) -> list[tuple[int, int]]:
+        self._sequential("random access to classify its pages")
 
     def describe(self) -> dict:
         self._sequential("random access to describe it")
