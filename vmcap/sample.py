@@ -35,6 +35,7 @@ import numpy as np
 
 from .formats.elf import NT_PRSTATUS, PT_LOAD, PT_NOTE
 from .kernel.arch import EM_386, EM_AARCH64, EM_ARM, EM_PPC, EM_PPC64, EM_S390, EM_X86_64
+from .kernel.memory import struct_prefix
 
 POISON = b"\xa5"
 # Stands in for a POISON byte that RAM content would otherwise contain.
@@ -237,7 +238,7 @@ def prstatus_size(machine: int, elf_class: int) -> int:
 
 
 def _endian(spec: SampleSpec) -> str:
-    return "<" if spec.byte_order == "little" else ">"
+    return struct_prefix(spec.byte_order)
 
 
 def _pack_ehdr(spec: SampleSpec, phoff: int, phnum: int) -> bytes:

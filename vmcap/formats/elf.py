@@ -11,6 +11,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from ..kernel.memory import struct_prefix
+
 PT_LOAD = 1
 PT_NOTE = 4
 PN_XNUM = 0xFFFF
@@ -79,7 +81,7 @@ class NoteSpan:
 
 def note_header(byte_order: str) -> struct.Struct:
     # Elf32_Nhdr and Elf64_Nhdr are both three 32-bit words.
-    return struct.Struct(("<" if byte_order == "little" else ">") + "III")
+    return struct.Struct(struct_prefix(byte_order) + "III")
 
 
 def iter_note_spans(data: bytes, byte_order: str, on_truncated=None):
@@ -129,7 +131,7 @@ def reencode_note_headers(note_bytes: bytes, from_order: str, to_order: str) -> 
     out = bytearray(note_bytes)
     target = note_header(to_order)
     for span in iter_note_spans(note_bytes, from_order):
-        (namesz,) = struct.unpack_from(("<" if from_order == "little" else ">") + "I", note_bytes, span.offset)
+        (namesz,) = struct.unpack_from(struct_prefix(from_order) + "I", note_bytes, span.offset)
         target.pack_into(out, span.offset, namesz, span.desc_size, span.type)
     return bytes(out)
 

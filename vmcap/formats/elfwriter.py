@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import Unsupported
+from ..kernel.memory import struct_prefix
 from .elf import (
     EHDR_FORMATS,
     ET_CORE,
@@ -67,10 +68,6 @@ class ElfImage:
     def total_size(self) -> int:
         last = max((s.offset + s.filesz for s in self.segments if s.filesz), default=0)
         return max(last, self.notes_offset + self.notes_size)
-
-
-def _endian(byte_order: str) -> str:
-    return "<" if byte_order == "little" else ">"
 
 
 def plan_elf_image(layout: Layout, segments: Sequence[OutputSegment], notes_size: int,
@@ -136,7 +133,7 @@ def cut_image(layout: Layout, image: ElfImage, data_end: int) -> tuple[ElfImage,
 
 def _elf_structs(layout: Layout):
     """(Ehdr, Phdr, Phdr field names, Shdr) structs of the output's class and byte order."""
-    endian = _endian(layout.byte_order)
+    endian = struct_prefix(layout.byte_order)
     phdr_format, phdr_fields = PHDR_FORMATS[layout.elf_class]
     return (struct.Struct(endian + EHDR_FORMATS[layout.elf_class]),
             struct.Struct(endian + phdr_format), phdr_fields,

@@ -38,6 +38,7 @@ from ..errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsuppor
 from ..fileio.mmapio import open_source_fd
 from ..kernel import vmcoreinfo as vi
 from ..kernel.arch import make_platform
+from ..kernel.memory import struct_prefix
 from .digest import PLACEHOLDER, UNKNOWN, StreamDigest, hex_value
 from .elf import NoteSpan, build_note, iter_note_spans
 from .flattened import DETECT_BYTES as FLATTENED_DETECT_BYTES
@@ -123,7 +124,7 @@ class _StructLayout:
 
     @functools.cached_property
     def _struct(self) -> struct.Struct:
-        prefix = "<" if self.byte_order == "little" else ">"
+        prefix = struct_prefix(self.byte_order)
         return struct.Struct(prefix + "".join(fmt for _, fmt in self.fields))
 
     @property
@@ -211,7 +212,7 @@ _HEADER_BYTES_MIN = min(_header_layout(c, "little").size for c in (32, 64))
 
 
 def _descriptor_dtype(byte_order: str) -> np.dtype:
-    prefix = "<" if byte_order == "little" else ">"
+    prefix = struct_prefix(byte_order)
     return np.dtype([(name, prefix + code) for name, code in _DESCRIPTOR_FIELDS])
 
 

@@ -56,6 +56,7 @@ from ..errors import BadSource, SourceIOError, Unsupported
 from . import vmcoreinfo as vi
 from .arch import make_translator
 from .dumplevel import EXCLUDED_CLASSES, KERNEL_CLASSES, DumpLevel, ExclusionCounts
+from .memory import struct_prefix
 
 ReadPhysical = Callable[[int, int], bytes]
 ReadVirtual = Callable[[int, int], bytes]
@@ -287,7 +288,7 @@ def struct_page_dtype(rules: PageRules, byte_order: str = "little") -> np.dtype:
 
     byte_order is the crashed kernel's (big on s390x).
     """
-    e = "<" if byte_order == "little" else ">"
+    e = struct_prefix(byte_order)
     fields = {
         "flags": (rules.flags_offset, e + "u8"),
         "mapping": (rules.mapping_offset, e + "u8"),
@@ -550,7 +551,7 @@ def _section_mem_maps(read_virtual: ReadVirtual, layout: SparseMemLayout, root_v
     try:
         if layout.extreme:
             raw_roots = read_virtual(root_vaddr, roots * POINTER_BYTES)
-            root_addrs = np.frombuffer(raw_roots, dtype=("<" if byte_order == "little" else ">") + "u8").tolist()
+            root_addrs = np.frombuffer(raw_roots, dtype=struct_prefix(byte_order) + "u8").tolist()
         else:
             root_addrs = [root_vaddr + i * layout.mem_section_size for i in range(roots)]
         mem_maps: list[int | None] = []
