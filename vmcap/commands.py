@@ -605,7 +605,9 @@ def mount(paths, allow_other):
 
     def ready(mount):
         dump = mount.dump
-        click.echo(f"{mount.directory}/vmcore: {dump.path} ({dump.container}, "
+        # vmcap's name for its own format here, as `vmcap save --format` spells it.
+        container = "zelf" if dump.container == "zstd-seekable" else dump.container
+        click.echo(f"{mount.directory}/vmcore: {dump.path} ({container}, "
                    f"{human_bytes(dump.size)} ELF view), read-only; Ctrl-C or "
                    f"`umount {mount.directory}` ends it")
 
