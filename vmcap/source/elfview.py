@@ -52,6 +52,7 @@ class GranuleMemory(Protocol):
 
     name: str
     granule: int  # bytes per stored unit
+    sequential: bool  # read once, in ascending order (a stream compressed whole)
 
     def present_runs(self) -> Sequence[tuple[int, int]]:
         """(first granule, count) of the memory the dump represents, ascending."""
@@ -115,7 +116,7 @@ class ElfCoreView:
         self.name = identity.source_name
         # Memory read once, in order (a compressed stream): save must not
         # scan before copying, nor read struct pages (vmcap.save).
-        self.sequential = bool(getattr(memory, "sequential", False))
+        self.sequential = memory.sequential
         self._closer = closer
         granule = memory.granule
         present, dumped = list(memory.present_runs()), list(memory.dumped_runs())

@@ -32,6 +32,8 @@ def refuse_split_part(reader: KdumpReader) -> None:
 class KdumpMemory:
     """Physical memory of a kdump file; pages the dump left out read as zeros."""
 
+    sequential = False
+
     def __init__(self, reader: KdumpReader):
         refuse_split_part(reader)
         self.reader = reader
@@ -62,6 +64,8 @@ class SplitSetMemory:
     of its own pfn range [start_pfn, end_pfn), and the ranges follow one
     another.
     """
+
+    sequential = False
 
     def __init__(self, readers: list[KdumpReader]):
         for reader in readers:
