@@ -130,6 +130,12 @@ def test_platform_translator_picks_the_layer_of_its_machine():
                   "NUMBER(va_kernel_pa_offset)": "0xffffffff00000000"}
     riscv = make_platform(elf_class=64, byte_order="little", e_machine=EM_RISCV)
     assert isinstance(riscv.translator(lambda p, s: b"", riscv_info), Riscv64Translator)
+    # A big-endian arm64 ELF core's page tables are read big endian (its ELF header says so;
+    # before the Platform only a kdump header's "aarch64_be" did).
+    from test_aarch64 import CONFIGS
+
+    arm64_be = make_platform(elf_class=64, byte_order="big", e_machine=EM_AARCH64)
+    assert arm64_be.translator(lambda p, s: b"", CONFIGS[0].vmcoreinfo()).byte_order == "big"
     arm = make_platform(elf_class=32, byte_order="little", e_machine=EM_ARM)
     with pytest.raises(Unsupported, match="not EM_ARM"):
         arm.translator(lambda p, s: b"", {})
