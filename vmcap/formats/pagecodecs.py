@@ -82,40 +82,36 @@ def _lzo_backend():
     except ImportError:
         pass
     else:
-        def decompress(data, page_size):
-            try:
-                # header=False: a raw lzo1x stream, decoded by lzo1x_decompress_safe.
-                return lzo.decompress(bytes(data), False, page_size)
-            except lzo.error as e:
-                raise PageDataError(f"lzo data does not decompress: {e}") from e
-
-        return (lambda: lambda page: lzo.compress(page, 1, False)), decompress, False
+        # header=False: a raw lzo1x stream, decoded by lzo1x_decompress_safe.
+        return ((lambda: lambda page: lzo.compress(page, 1, False)),
+                _lzo_decoder(lambda data, size: lzo.decompress(data, False, size), lzo.error), False)
     try:
         import lzallright
     except ImportError:
         pass
     else:
-        def decompress(data, page_size):
-            try:
-                return lzallright.LZOCompressor.decompress(bytes(data), output_size_hint=page_size)
-            except lzallright.LZOError as e:
-                raise PageDataError(f"lzo data does not decompress: {e}") from e
-
         # An LZOCompressor keeps its match dictionary between calls: one per thread.
-        return (lambda: lzallright.LZOCompressor().compress), decompress, True
+        decode = lzallright.LZOCompressor.decompress
+        return ((lambda: lzallright.LZOCompressor().compress),
+                _lzo_decoder(lambda data, size: decode(data, output_size_hint=size), lzallright.LZOError), True)
     try:
         import lzokay
     except ImportError:
         raise Unsupported("lzo pages need the lzallright (or lzokay) package, which is not "
                           "installed") from None
+    return ((lambda: lambda page: lzokay.compress(page.tobytes())),
+            _lzo_decoder(lzokay.decompress, lzokay.LzokayError), False)
 
+
+def _lzo_decoder(decode, library_error):
+    """decompress(data, page_size) over one library's call: its errors become PageDataError."""
     def decompress(data, page_size):
         try:
-            return lzokay.decompress(bytes(data), page_size)
-        except lzokay.LzokayError as e:
+            return decode(bytes(data), page_size)
+        except library_error as e:
             raise PageDataError(f"lzo data does not decompress: {e}") from e
 
-    return (lambda: lambda page: lzokay.compress(page.tobytes())), decompress, False
+    return decompress
 
 
 def _cramjam_snappy():
