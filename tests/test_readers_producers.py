@@ -12,6 +12,7 @@ when it re-filters the same file.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,17 @@ def test_the_makedumpfile_front_end_adds_the_source_bits_as_makedumpfile_does(pr
     with KdumpReader(str(theirs)) as a, KdumpReader(str(ours)) as b:
         assert a.header.dump_level == b.header.dump_level == 31
     assert dumped_bitmap_and_pages(ours) == dumped_bitmap_and_pages(theirs)
+
+
+@pytest.mark.slow
+def test_a_mounted_split_set_is_the_single_file_makedumpfile_wrote(split_set, produced, tmp_path):
+    """`vmcap mount A B C DIR`: the files of a --split set, given in any order, serve the same
+    plain ELF core as the one file makedumpfile writes with the same options."""
+    from test_mount import _MISSING, mounted, same_file
+
+    if _MISSING is not None and not os.environ.get("CI"):
+        pytest.skip(f"no usable FUSE here ({_MISSING})")
+    with mounted([produced["lzo-d31"]], tmp_path / "one") as (single, _), \
+            mounted([split_set[1], split_set[2], split_set[0]], tmp_path / "set") as (core, _):
+        assert os.path.getsize(core) == os.path.getsize(single) > 100 << 20
+        assert same_file(core, single)
