@@ -96,14 +96,22 @@ class X86_64Translator:
 
     def to_physical(self, vaddr: int) -> int:
         """The physical address the kernel mapped vaddr to; BadSource if it is not mapped."""
+        return self.translate(vaddr)[0]
+
+    def translate(self, vaddr: int) -> tuple[int, int]:
+        """(paddr, bytes mapped contiguously from vaddr on); BadSource if vaddr is not mapped."""
         # The kernel image is mapped linearly at phys_base; this also avoids
         # needing the page tables to find the page tables.
         if START_KERNEL_MAP <= vaddr < self.kernel_text_end:
-            return vaddr - START_KERNEL_MAP + self.phys_base
-        return self.walk_page_tables(vaddr)
+            return vaddr - START_KERNEL_MAP + self.phys_base, self.kernel_text_end - vaddr
+        return self._walk(vaddr)
 
     def walk_page_tables(self, vaddr: int) -> int:
         """to_physical by the page tables alone, as makedumpfile's vtop4_x86_64 does."""
+        return self._walk(vaddr)[0]
+
+    def _walk(self, vaddr: int) -> tuple[int, int]:
+        """(paddr, bytes to the end of the page, 2 MiB or 1 GiB page that maps vaddr)."""
         table_paddr = self.root_table_paddr
         for name, shift, large_page_size in self._levels:
             index = (vaddr >> shift) & (ENTRIES_PER_TABLE - 1)
@@ -114,23 +122,22 @@ class X86_64Translator:
                     f"at paddr {table_paddr + index * ENTRY_BYTES:#x} is not present"
                 )
             if name == "PTE":
-                return (entry & self.entry_mask) | (vaddr & (PAGE_SIZE - 1))
+                offset = vaddr & (PAGE_SIZE - 1)
+                return (entry & self.entry_mask) | offset, PAGE_SIZE - offset
             if large_page_size is not None and entry & PAGE_SIZE_BIT:
-                return (entry & self.entry_mask & ~(large_page_size - 1)) | (vaddr & (large_page_size - 1))
+                offset = vaddr & (large_page_size - 1)
+                return (entry & self.entry_mask & ~(large_page_size - 1)) | offset, large_page_size - offset
             table_paddr = entry & self.entry_mask
         raise AssertionError("the last level is always PTE")
 
     def read_virtual(self, vaddr: int, size: int) -> bytes:
         """size bytes at kernel virtual address vaddr.
 
-        Pages that are physically contiguous are read in one read_physical
-        call, so a large buffer in the kernel image or the direct map costs
-        one read, not one per page.
+        Physically contiguous pieces are read in one read_physical call, and
+        a 2 MiB or 1 GiB page (vmemmap, the direct map) is translated once, so
+        16 MiB of struct pages cost 8 walks, not 4096.
         """
-        def translate(position: int) -> tuple[int, int]:
-            return self.to_physical(position), PAGE_SIZE - (position & (PAGE_SIZE - 1))
-
-        return read_translated(vaddr, size, translate, self._read_physical)
+        return read_translated(vaddr, size, self.translate, self._read_physical)
 
 
 # --- aarch64 -------------------------------------------------------------------------------
