@@ -4,10 +4,14 @@ Run by hand, never by the test-suite:
 
     python bench/threads1.py [--repeat 3] [--dir /var/tmp] [--synthetic 2G]
                              [--sparse 1G,64G,1T,16T] [--only real,zelf,sparse,classify]
-                             [--json PATH]
+                             [--source PATH] [--json PATH]
 
 Sections (each a Markdown table on stdout):
 
+source    (--source PATH, any ELF vmcore with program headers at offset 64,
+          e.g. a lab dump of a bigger guest): vmcap kdump -d 1 and -d 31 with
+          zstd level 1 and lzo against makedumpfile-upstream -z and -l, and
+          zelf against zstd -T1 -3, where start-up is amortised.
 real      the real dump in ../shared/vmcores, its program headers moved to
           offset 64 (makedumpfile reads them there): vmcap kdump at -d 1 and
           -d 31 with zstd (default level 5, and level 1 = makedumpfile -z's),
@@ -232,6 +236,32 @@ def real_rows(src: Path, out: Path) -> list[Row]:
     return rows
 
 
+def source_rows(src: Path, out: Path) -> list[Row]:
+    """--source: a bigger dump where start-up is amortised; makedumpfile -z / -l and zstd -T1 -3."""
+    rows = []
+    for d in (1, 31):
+        o = lambda name: str(out / f"{name}-d{d}")  # noqa: E731
+        rows += [
+            Row("source", f"vmcap-z1-d{d}", f"vmcap kdump -d {d} --threads 1 --level 1",
+                vmcap("--format", "kdump", "--threads", "1", "--level", "1", "-d", str(d), str(src), o("v1")),
+                o("v1")),
+            Row("source", f"mdf-z-d{d}", f"makedumpfile-upstream -z -d {d} (zstd 1)",
+                [MDF, "-z", "-d", str(d), str(src), o("mz")], o("mz")),
+            Row("source", f"vmcap-lzo-d{d}", f"vmcap kdump -d {d} --threads 1 --compress lzo",
+                vmcap("--format", "kdump", "--threads", "1", "--compress", "lzo", "-d", str(d), str(src),
+                      o("vl")), o("vl")),
+            Row("source", f"mdf-l-d{d}", f"makedumpfile-upstream -l -d {d}",
+                [MDF, "-l", "-d", str(d), str(src), o("ml")], o("ml")),
+        ]
+    rows += [
+        Row("source", "vmcap-zelf-t1", "vmcap zelf -d 0 --threads 1",
+            vmcap("--threads", "1", str(src), str(out / "v.zelf")), str(out / "v.zelf")),
+        Row("source", "zstd-T1-3", "zstd -T1 -3",
+            ["zstd", "-T1", "-3", "-q", "-f", str(src), "-o", str(out / "z.zst")], str(out / "z.zst")),
+    ]
+    return rows
+
+
 def zelf_rows(src: Path, out: Path) -> list[Row]:
     rows = []
     for t in (1, 2):
@@ -373,6 +403,10 @@ def main() -> int:
     parser.add_argument("--synthetic", default="2G")
     parser.add_argument("--sparse", default="1G,64G,1T,16T")
     parser.add_argument("--only", default="real,zelf,sparse,classify")
+    parser.add_argument("--source", type=Path, default=None,
+                        help="an ELF vmcore with its program headers at offset 64 (makedumpfile "
+                             "needs them there), e.g. a lab dump of a bigger guest: the 'source' "
+                             "section, run whenever this is given")
     parser.add_argument("--json", default=None, metavar="PATH")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -399,6 +433,9 @@ def main() -> int:
             warm(src)
             results["zelf"] = [measure(r, args.repeat) for r in zelf_rows(src, work)]
             src.unlink()
+        if args.source:
+            warm(args.source)
+            results["source"] = [measure(r, args.repeat) for r in source_rows(args.source, work)]
         spaces = [parse_size(s) for s in args.sparse.split(",") if s]
         if "sparse" in only:
             results["sparse"] = []
