@@ -46,3 +46,47 @@ def test_a_save_starts_no_blas_threads(make_vmcore, tmp_path):
                          capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1"]
+
+
+# The modules a run loaded, printed when it exits.
+MODULES_AT_EXIT = """
+import atexit, sys
+atexit.register(lambda: print(" ".join(sorted(sys.modules)), file=sys.__stdout__, flush=True))
+from vmcap.entry import run
+run(sys.argv[1:])
+"""
+
+# What a kdump capture of an x86_64 dump does not need: the zelf writer and its thread pool,
+# the other architectures' page-table walkers, click.
+NOT_FOR_A_KDUMP_CAPTURE = ("vmcap.formats.seekable", "concurrent.futures", "vmcap.kernel.ppc64",
+                           "vmcap.kernel.riscv64", "vmcap.kernel.s390x", "click")
+
+
+def _modules_of_run(*argv) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", MODULES_AT_EXIT, *argv], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+def test_kdump_capture_loads_only_what_it_uses(make_vmcore, tmp_path):
+    src, _ = make_vmcore()
+    loaded = _modules_of_run("makedumpfile", "-l", "--message-level", "0", "-d", "31", src,
+                             str(tmp_path / "out"))
+    assert "vmcap.formats.kdump" in loaded
+    assert loaded.isdisjoint(NOT_FOR_A_KDUMP_CAPTURE), loaded & set(NOT_FOR_A_KDUMP_CAPTURE)
+
+
+@pytest.mark.slow
+def test_real_d31_capture_loads_only_what_it_uses(real_vmcore, tmp_path):
+    """The real x86_64 dump at -d 31: struct pages are classified, through the x86_64 walker only."""
+    loaded = _modules_of_run("makedumpfile", "-z", "--message-level", "0", "-d", "31", real_vmcore,
+                             str(tmp_path / "out"))
+    assert "vmcap.kernel.pageclass" in loaded and "vmcap.kernel.translate" in loaded
+    assert loaded.isdisjoint(NOT_FOR_A_KDUMP_CAPTURE), loaded & set(NOT_FOR_A_KDUMP_CAPTURE)
+
+
+def test_a_zelf_save_on_one_thread_starts_no_pool(make_vmcore, tmp_path):
+    src, _ = make_vmcore()
+    loaded = _modules_of_run("save", "-q", "--threads", "1", src, str(tmp_path / "out"))
+    assert "vmcap.formats.seekable" in loaded
+    assert "concurrent.futures" not in loaded

@@ -376,7 +376,7 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
     started = time.monotonic()
     if options.threads == 0:
         options = replace(options, threads=usable_cpus())
-    if options.frame_bytes is None:
+    if options.frame_bytes is None and options.output_format == "zelf":
         from .formats.seekable import DEFAULT_FRAME_BYTES, STREAMED_FRAME_BYTES
 
         options = replace(options, frame_bytes=STREAMED_FRAME_BYTES if options.threads == 1

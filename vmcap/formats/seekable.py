@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import bisect
 import collections
-import concurrent.futures
 import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import xxhash
@@ -39,6 +38,9 @@ import zstandard
 from ..cpus import usable_cpus
 from ..errors import CorruptOutput, OutputError
 from ..fileio.mmapio import open_source_fd
+
+if TYPE_CHECKING:
+    import concurrent.futures
 
 __all__ = [
     "DEFAULT_FRAME_BYTES",
@@ -284,6 +286,8 @@ class FramePool:
         self._compress = compress  # plain -> one compressed frame; runs on the workers
         self._file = frame_file
         self._frame_bytes = frame_bytes
+        import concurrent.futures  # here: one thread (a capture kernel's nr_cpus=1) starts no pool
+
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=threads, thread_name_prefix="vmcap-zstd"
         )
@@ -304,6 +308,8 @@ class FramePool:
     def queue(self, compressed: bytes, decompressed_size: int) -> None:
         """A frame compressed already, written after those still being compressed."""
         self._make_room_in_flight()
+        import concurrent.futures
+
         done: concurrent.futures.Future = concurrent.futures.Future()
         done.set_result(compressed)
         self._in_flight.append((done, decompressed_size, None))

@@ -41,7 +41,6 @@ from ..formats.elf import (
 )
 from ..kernel.arch import Platform, make_platform
 from ..kernel.memory import struct_prefix
-from ..kernel.ppc64 import ppc64_kernel_byte_order
 from ..kernel.vmcoreinfo import is_page_size, parse_vmcoreinfo, shown
 
 # Sanity bounds: anything beyond these is a corrupt header, not a big machine.
@@ -219,6 +218,8 @@ def read_layout(source: Source, *, page_size: int | None = None,
     parsed = parse_vmcoreinfo(vmcoreinfo_raw)
     header_byte_order = None
     if platform.machine == "EM_PPC64" and parsed and segments:
+        from ..kernel.ppc64 import ppc64_kernel_byte_order
+
         kernel_order = ppc64_kernel_byte_order(_segment_reader(source, segments), parsed, byte_order)
         if kernel_order != byte_order:
             # Memory, and every output vmcap writes, follow the kernel; the
