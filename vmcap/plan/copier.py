@@ -96,10 +96,22 @@ class PlanCopier:
             yield self._read(step.segment, paddr_of + offset, offset, head_end - offset)
             self.stats.buffered_bytes += head_end - offset
             offset = head_end
+        page = self.plan.page_size
+        # Where file pages and physical pages are out of step (QEMU's and makedumpfile
+        # -E's packed layouts put a segment at any file offset), chunks end on a
+        # physical page boundary all the same: a window starts at the granule below
+        # its chunk. Cut on the file's grid, every window would split a page that the
+        # kdump writer then assembles and stores as a batch of one.
+        phase = -paddr_of % page
         while offset < end:
-            length = min(self.window_bytes, end - offset)
+            start = offset - offset % self.granule
+            stop = start + self.window_bytes
+            if phase:
+                stop = max(stop - (stop - phase) % page, offset + page)
+            stop = min(stop, end)
+            length = stop - offset
             try:
-                mapping = self.source.map(offset, length)
+                mapping = self.source.map(start, stop - start)
             except MmapRefused as refusal:
                 self.stats.mmap_fallbacks += 1
                 if self.stats.mmap_refusal is None:
@@ -107,7 +119,7 @@ class PlanCopier:
                 yield self._read(step.segment, paddr_of + offset, offset, length)
                 self.stats.buffered_bytes += length
             else:
-                view = memoryview(mapping)
+                view = memoryview(mapping)[offset - start:]
                 try:
                     yield DataChunk(step.segment, paddr_of + offset, length, view)
                 finally:
@@ -121,7 +133,7 @@ class PlanCopier:
                 self.stats.mapped_bytes += length
                 if self.progress:
                     self.progress(length)
-            offset += length
+            offset = stop
 
     def _read(self, segment: int, paddr: int, offset: int, length: int) -> DataChunk:
         """One pread into the reusable buffer; on error fail or zero-fill per policy."""
