@@ -104,6 +104,51 @@ def test_kdump_output_does_not_depend_on_how_pages_are_split(tmp_path):
         assert reader.read_page(first_pfn + 1).hex() == pages[1].tobytes().hex()
 
 
+def _kdump_with_gaps(path: Path, pages: np.ndarray, first_pfn: int, kept: int, gap: int,
+                     **options) -> tuple[bytes, int]:
+    """Runs of `kept` pages written, `gap` pages marked present between them (-d 31's
+    pattern); the file and how many batches the writer stored."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        writer = KdumpWriter(fd, x86_64_info(), threads=1, **options)
+        batches = []
+        store = writer._store.store_batch
+        writer._store.store_batch = lambda pfns, *a, **k: batches.append(len(pfns)) or store(pfns, *a, **k)
+        pfn, at = first_pfn, 0
+        while at < len(pages):
+            writer.write_pages(pfn, pages[at:at + kept].tobytes())
+            writer.mark_present(pfn + kept, gap)
+            pfn, at = pfn + kept + gap, at + kept
+        writer.close()
+    finally:
+        os.close(fd)
+    return path.read_bytes(), len(batches)
+
+
+def test_pages_kept_between_excluded_runs_are_stored_in_full_batches(tmp_path):
+    """Excluded runs (mark_present) no longer cut the staging batch: 1200 pages in runs
+    of 3 between runs of 5 excluded ones take 5 batches, not 400; the 1st bitmap
+    (set as pages are staged) and the 2nd (as they are stored) stay right across a
+    bitmap window (2 Mi pfns)."""
+    pages = mixed_pages(1200)
+    first_pfn = (2 << 20) - 1000
+    options = dict(max_mapnr=8 << 20, max_pages_present=1200)
+    for exclude_zero in (False, True):
+        _, batches = _kdump_with_gaps(tmp_path / "a", pages, first_pfn, 3, 5,
+                                      exclude_zero=exclude_zero, **options)
+        assert batches <= -(-1200 // 256), batches
+        with KdumpReader(str(tmp_path / "a")) as reader:
+            assert list(reader.iter_present_runs()) == [(first_pfn, 400 * 8)]
+            for i in range(1200):
+                pfn = first_pfn + (i // 3) * 8 + i % 3
+                stored = bool(pages[i].any()) or not exclude_zero
+                assert reader.is_dumped(pfn) == stored, i
+                if stored:
+                    assert reader.read_page(pfn) == pages[i].tobytes(), i
+            for run in range(400):
+                assert not any(reader.is_dumped(first_pfn + run * 8 + k) for k in range(3, 8))
+
+
 def test_runs_from_mask_reads_the_mask_in_bounded_pieces():
     """A segment of 2**22 pages is read <= 2**20 pfns at a time, with runs that
     cross the pieces joined; the mask ends before the segment does."""

@@ -514,8 +514,9 @@ class KdumpPageStore:
             self._data_digest.update_zeros(page_size)
             self._data_end += page_size
 
-    def store_batch(self, pfns: np.ndarray, pages: np.ndarray) -> None:
-        """Write one batch's page data and descriptors, and mark its bitmap bits."""
+    def store_batch(self, pfns: np.ndarray, pages: np.ndarray, *, present_marked: bool = False) -> None:
+        """Write one batch's page data and descriptors, and mark its bitmap bits
+        (the 1st bitmap's only if mark_staged has not)."""
         count = len(pfns)
         nonzero = pages.view(np.uint64).any(axis=1)
         stored = np.flatnonzero(nonzero)  # rows whose data is written; zero pages never are
@@ -552,7 +553,8 @@ class KdumpPageStore:
                         "page descriptors")
         self._descriptors_written += dumped_count
 
-        self._present_bitmap.set(pfns)
+        if not present_marked:
+            self._present_bitmap.set(pfns)
         self._dumped_bitmap.set(pfns[dumped_mask])
         zero_count = count - len(stored)
         self._pages_present += count
@@ -562,6 +564,11 @@ class KdumpPageStore:
         else:
             self._zero_pages_shared += zero_count
         self._stored_through = max(self._stored_through, int(pfns[-1]) + 1)
+
+    def mark_staged(self, pfn: int, count: int) -> None:
+        """Pages staged for a later store_batch(present_marked=True): their 1st-bitmap
+        bits now, so that mark_present's later pfns need not wait for the batch."""
+        self._present_bitmap.set_range(pfn, count)
 
     def mark_present(self, pfn: int, count: int) -> None:
         """Pages present in memory, not dumped: the 1st bitmap only."""
@@ -766,10 +773,9 @@ class KdumpWriter:
             raise ValueError(f"pages {pfn:#x}..{pfn + count - 1:#x} go past max_mapnr {self._max_mapnr:#x}")
         if count <= 0:
             return
-        # Staged pages come before pfn and set their bits when stored: store
-        # them first, or a range in a later bitmap window would be written
-        # before them and theirs would overwrite that window's earlier bits.
-        self._flush_staged()
+        # Staged pages set their 1st-bitmap bits when staged (_stage), so they
+        # may wait for more: at -d 31 excluded runs alternate with short kept
+        # ones, and storing the batch here made thousands of batches of a few pages.
         self._store.mark_present(pfn, count)
         self._next_pfn = pfn + count
 
@@ -779,6 +785,9 @@ class KdumpWriter:
         self._staged_pages[start:start + take] = pages[:take]
         self._staged_pfns[start:start + take] = np.arange(pfn, pfn + take, dtype=np.int64)
         self._staged_count += take
+        # Present now, in pfn order with mark_present's ranges (the bitmap is
+        # streamed in pfn order); the 2nd bitmap's bits wait for the store.
+        self._store.mark_staged(pfn, take)
         if self._staged_count == self._batch_pages:
             self._flush_staged()
         return take
@@ -787,7 +796,7 @@ class KdumpWriter:
         count = self._staged_count
         if count:
             self._staged_count = 0
-            self._store.store_batch(self._staged_pfns[:count], self._staged_pages[:count])
+            self._store.store_batch(self._staged_pfns[:count], self._staged_pages[:count], present_marked=True)
 
     @property
     def stored_through(self) -> int:
