@@ -90,3 +90,25 @@ def test_a_zelf_save_on_one_thread_starts_no_pool(make_vmcore, tmp_path):
     loaded = _modules_of_run("save", "-q", "--threads", "1", src, str(tmp_path / "out"))
     assert "vmcap.formats.seekable" in loaded
     assert "concurrent.futures" not in loaded
+
+
+def test_the_default_window_is_1_mib_a_thread(make_vmcore, tmp_path):
+    """A mapped window's pages are resident: one thread maps 1 MiB at a time (peak RSS),
+    more threads up to 4 MiB (a kdump batch is 1 MiB a thread, filled without a copy)."""
+    from click.testing import CliRunner
+
+    from vmcap.commands import main as cli
+    from vmcap.fileio.mmapio import FileSource, RecordingSource
+    from vmcap.sample import RamRange
+    from vmcap.save import SaveOptions, save
+
+    from conftest import spec
+
+    src, _ = make_vmcore(spec(ranges=(RamRange(0x100000, 12 << 20),), content="mixed"))
+    for threads, window in ((1, 1 << 20), (3, 3 << 20), (8, 4 << 20)):
+        recorder = RecordingSource(FileSource(src))
+        save(src, str(tmp_path / f"out{threads}"), SaveOptions(output_format="kdump", threads=threads),
+             source=recorder)
+        assert max(c.length for c in recorder.calls if c.kind == "map") == window, threads
+    assert SaveOptions().window_bytes is None
+    assert "[default: 1M a thread, 4M at most]" in " ".join(CliRunner().invoke(cli, ["save", "--help"]).output.split())

@@ -352,8 +352,8 @@ def _render_inspect(report: dict, show_segments: bool, show_fractional: bool,
 @click.option("--frame-size", type=ByteSize(*FRAME_BYTES_RANGE), default=None,
               help="Uncompressed bytes per zstd frame (zelf), 64K..64M  [default: 16M on one "
                    "thread, 8M with more].")
-@click.option("--window", type=ByteSize(*WINDOW_BYTES_RANGE), default="4M", show_default=True,
-              help="mmap window size, 64K..256M.")
+@click.option("--window", type=ByteSize(*WINDOW_BYTES_RANGE), default=None,
+              help="mmap window size, 64K..256M  [default: 1M a thread, 4M at most].")
 @click.option("--no-mmap", is_flag=True, help="Read everything with pread (never mmap).")
 @click.option("--on-error", type=click.Choice(["fail", "zero"]), default="fail",
               show_default=True,

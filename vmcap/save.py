@@ -56,7 +56,7 @@ class SaveOptions:
     level: int | None = None  # None: the format's default (DEFAULT_LEVELS)
     threads: int = 0  # 0: all cores
     frame_bytes: int | None = None  # zelf; None: 16 MiB on one thread (streamed), 8 MiB with a pool
-    window_bytes: int = DEFAULT_WINDOW_BYTES
+    window_bytes: int | None = None  # None: DEFAULT_WINDOW_BYTES a thread
     on_error: str = "fail"
     force: bool = False
     page_size: int | None = None
@@ -376,6 +376,10 @@ def save(source_path, output_path: str, options: SaveOptions = SaveOptions(), *,
     started = time.monotonic()
     if options.threads == 0:
         options = replace(options, threads=usable_cpus())
+    if options.window_bytes is None:
+        # Up to 4 MiB, the old default: with more threads the kdump batches
+        # (1 MiB a thread) are filled from several windows, as before.
+        options = replace(options, window_bytes=DEFAULT_WINDOW_BYTES * min(options.threads, 4))
     if options.frame_bytes is None and options.output_format == "zelf":
         from .formats.seekable import DEFAULT_FRAME_BYTES, STREAMED_FRAME_BYTES
 
