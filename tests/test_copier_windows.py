@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vmcap.fileio.mmapio import FileSource, RecordingSource
+from vmcap.kernel.dumplevel import ExclusionCounts
 from vmcap.plan.copier import PlanCopier
 from vmcap.plan.copyplan import MappedRange, plan_copy
 from vmcap.sample import RamRange
@@ -60,3 +61,58 @@ def test_kdump_of_an_out_of_step_source_is_the_same_whatever_the_window(make_vmc
         assert summary.mapped_bytes > 0
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+class Exclusion:
+    """A -d 31 classification of a sample: a per-pfn mask, sliced as CyclicExclusion is."""
+
+    def __init__(self, mask):
+        self.excluded = self
+        self._mask = mask
+        self.counts = ExclusionCounts(classes={"free": int(mask.sum())}, total_pages=len(mask))
+
+    def __getitem__(self, pieces):
+        return self._mask[pieces.start:pieces.stop]
+
+    def count(self) -> int:
+        return int(self._mask.sum())
+
+
+@pytest.mark.parametrize("layout", ["proc", "packed"])
+def test_kdump_does_not_map_windows_whose_pages_are_all_excluded(make_vmcore, tmp_path, monkeypatch, layout):
+    """makedumpfile reads only the pages it dumps; /proc/vmcore maps a window's page
+    tables eagerly: windows of excluded pages are marked present without being mapped,
+    and the file is the same as when they are read and dropped."""
+    import numpy as np
+
+    import vmcap.kdumpsave
+    import vmcap.save
+
+    base = 0x100000
+    src, _ = make_vmcore(spec(ranges=(RamRange(base, 12 * MiB),), layout=layout, content="mixed", seed=5))
+    first_pfn = base // PAGE
+    mask = np.zeros(first_pfn + 12 * MiB // PAGE, dtype=bool)
+    gone = (first_pfn + 512, first_pfn + 3 * 512 + 100)  # over two whole 1 MiB windows
+    mask[gone[0]:gone[1]] = True
+    mask[first_pfn + 5:first_pfn + 3000:7] = True  # scattered: those windows are read
+    monkeypatch.setattr(vmcap.save, "classify_source", lambda *args: Exclusion(mask))
+
+    def run(name):
+        recorder = RecordingSource(FileSource(src))
+        summary = save(src, str(tmp_path / name), SaveOptions(output_format="kdump", dump_level=31, threads=1,
+                                                               window_bytes=MiB), source=recorder)
+        maps = [(c.offset, c.length) for c in recorder.calls if c.kind == "map"]
+        return (tmp_path / name).read_bytes(), summary, maps
+
+    skipped, summary, maps = run("skipped")
+    monkeypatch.setattr(vmcap.kdumpsave.PageStream, "excludes_all", lambda self, paddr, length: False)
+    read, reference, all_maps = run("read")
+    assert skipped == read
+    assert summary.pages_excluded == reference.pages_excluded
+    assert reference.mapped_bytes - summary.mapped_bytes >= 2 * MiB
+    with FileSource(src) as plain:
+        segment = read_layout(plain).segments[0]
+    lo = segment.offset + (gone[0] * PAGE - segment.paddr)
+    hi = segment.offset + (gone[1] * PAGE - segment.paddr)
+    skipped_windows = [m for m in all_maps if lo <= m[0] and m[0] + m[1] <= hi]
+    assert skipped_windows and not set(skipped_windows) & set(maps)

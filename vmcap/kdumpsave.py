@@ -78,6 +78,21 @@ class PageStream:
         if cursor < pfn + count:
             self.writer.mark_present(cursor, pfn + count - cursor)
 
+    def add_excluded(self, paddr: int, length: int) -> None:
+        """Whole pages at [paddr, paddr+length) that the exclusion drops all of, left unread."""
+        self._flush_partial()
+        count = length // self.page_size
+        self.writer.mark_present(paddr // self.page_size, count)
+        self.pages_excluded_by_class += count
+
+    def excludes_all(self, paddr: int, length: int) -> bool:
+        """Whether [paddr, paddr+length) is whole pages that the exclusion drops every one of."""
+        page = self.page_size
+        if self._excluded is None or paddr % page or length % page or not length:
+            return False
+        first = paddr // page
+        return bool(self._excluded[first:first + length // page].all())
+
     def _flush_partial(self) -> None:
         if self._partial_pfn is not None:
             self._emit(self._partial_pfn, memoryview(self._partial))
@@ -282,8 +297,15 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
 
     out.keep_incomplete(finish_incomplete)
     stream = PageStream(writer, page, excluded)
+    if excluded is not None and copier.skip is None:
+        # Whole windows of excluded pages are not even mapped. (A source read once,
+        # in order, is never classified: ExclusionPolicy.classifies.)
+        copier.skip = stream.excludes_all
     for chunk in copier:
-        stream.add(chunk.paddr, chunk.length, chunk.data)
+        if chunk.skipped:
+            stream.add_excluded(chunk.paddr, chunk.length)
+        else:
+            stream.add(chunk.paddr, chunk.length, chunk.data)
     stream.close()
     errors = copier.stats.error_ranges
     # The sink finishes the head (the header block last); the output's size follows.

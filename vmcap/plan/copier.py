@@ -28,12 +28,14 @@ DEFAULT_WINDOW_BYTES = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class DataChunk:
-    """Bytes of one segment starting at ``paddr``; ``data`` is None for zero fill."""
+    """Bytes of one segment starting at ``paddr``; ``data`` is None for zero fill,
+    and for whole pages the copier's ``skip`` said not to read (``skipped``)."""
 
     segment: int
     paddr: int
     length: int
     data: memoryview | None
+    skipped: bool = False
 
 
 @dataclass
@@ -42,6 +44,7 @@ class CopyStats:
     buffered_bytes: int = 0  # bytes that came through pread
     zero_fill_bytes: int = 0
     mmap_fallbacks: int = 0  # windows that could not be mapped and were read instead
+    skipped_bytes: int = 0  # whole pages the caller's skip() had left unread
     mmap_refusal: str | None = None  # the first refusal's reason
     error_ranges: list[ErrorRange] = field(default_factory=list)
 
@@ -63,7 +66,8 @@ class PlanCopier:
     def __init__(self, source: Source, plan: CopyPlan, *,
                  window_bytes: int = DEFAULT_WINDOW_BYTES,
                  on_error: str = "fail",
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], None] | None = None,
+                 skip: Callable[[int, int], bool] | None = None):
         if on_error not in ("fail", "zero"):
             raise ValueError(f"on_error must be 'fail' or 'zero', not {on_error!r}")
         granule = max(plan.page_size, ALLOCATION_GRANULARITY)
@@ -74,6 +78,11 @@ class PlanCopier:
         self.plan = plan
         self.on_error = on_error
         self.progress = progress
+        # skip(paddr, length): True when the caller will not use these whole pages
+        # (kdump at -d 31: all excluded by their class). Such windows are not mapped:
+        # /proc/vmcore maps a window's page tables eagerly, makedumpfile reads
+        # only the pages it dumps, and at -d 31 most of a big machine is excluded.
+        self.skip = skip
         self.stats = CopyStats()
         # pread's buffer, grown on demand: with mmap working it only ever holds the short
         # pieces at segment edges, and a capture kernel should not pay a window for nothing.
@@ -115,6 +124,13 @@ class PlanCopier:
                 stop = max(stop - (stop - phase) % page, offset + page)
             stop = min(stop, end)
             length = stop - offset
+            if self.skip is not None and self.skip(paddr_of + offset, length):
+                self.stats.skipped_bytes += length
+                if self.progress:
+                    self.progress(length)
+                yield DataChunk(step.segment, paddr_of + offset, length, None, skipped=True)
+                offset = stop
+                continue
             try:
                 mapping = self.source.map(start, stop - start)
             except MmapRefused as refusal:
