@@ -95,6 +95,8 @@ def cpu_profile(argv: list[str]) -> list[tuple[str, float, float]]:
     import time
 
     sys.path.insert(0, str(REPO))
+    # As vmcap's entry point does before numpy loads (vmcap.entry.quiet_blas_threads).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     started = time.process_time()
     import vmcap.formats.kdump
     import vmcap.formats.seekable
