@@ -15,6 +15,7 @@ import pytest
 
 from vmcap.errors import BadSource, CorruptOutput, Unsupported
 from vmcap.fileio.mmapio import FileSource
+from vmcap.formats.kdump import KdumpReader
 from vmcap.kernel.arch import (
     EM_386,
     EM_AARCH64,
@@ -275,3 +276,31 @@ def test_the_dump_of_an_already_read_source_leaves_the_source_open(containers):
         with elf_dump(layout, source) as dump:
             assert dump.physical.read(layout.segments[0].paddr, 16)
         assert source.pread(0, 4) == b"\x7fELF"  # still open
+
+
+def test_one_read_error_type_per_layer(containers, tmp_path):
+    """Reading a dump's physical memory fails the same way in every container: an address the
+    dump does not hold is BadSource, stored bytes that do not decode are CorruptOutput."""
+    for name, path in containers.items():
+        with open_dump(path) as dump:
+            end = max(start + size for start, size in dump.physical.covered_ranges())
+            with pytest.raises(BadSource, match="not in the dump"):
+                dump.physical.read(end + (1 << 30), 4096)
+    # A zstd frame of the zelf's data flipped: its read is CorruptOutput, not a library error.
+    damaged = tmp_path / "damaged.zelf"
+    data = bytearray(open(containers["zstd-seekable"], "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(data)
+    with open_dump(str(damaged)) as dump, pytest.raises(CorruptOutput):
+        for start, length in dump.physical.stored_ranges():
+            dump.physical.read(start, length)
+    # A kdump page descriptor whose size is damaged: CorruptOutput too.
+    damaged = tmp_path / "damaged.kdump"
+    data = bytearray(open(containers["kdump"], "rb").read())
+    with KdumpReader(containers["kdump"]) as reader:
+        first = reader.descriptor_offset
+    struct.pack_into("<i", data, first + 8, 1)  # page_desc_t.size of the first dumped page
+    damaged.write_bytes(data)
+    with open_dump(str(damaged)) as dump, pytest.raises(CorruptOutput):
+        for start, length in dump.physical.stored_ranges():
+            dump.physical.read(start, length)

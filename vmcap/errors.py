@@ -1,11 +1,22 @@
-from __future__ import annotations
-
 """The few exception classes vmcap raises on purpose.
 
 Each carries a one-line message that says what went wrong and where (a file
 offset or physical address). cli.py maps each class to one exit code; nothing
 else in the package knows about exit codes.
+
+One read-error type per layer, whatever the container:
+  fileio   a read of the source or a dump file failed (EIO, short read): SourceIOError;
+           a mapping refused is mmapio.MmapRefused, which never leaves the copier
+           (it falls back to pread)
+  formats  stored bytes that do not decode or do not add up: CorruptOutput (a codec's own
+           error, pagecodecs.PageDataError, becomes one where the page is read)
+  source   a physical address the dump does not hold: BadSource
+  kernel   a kernel structure or VMCOREINFO value that makes no sense: BadSource; knowledge
+           vmcap lacks (a key, an architecture): Unsupported
 """
+
+from __future__ import annotations
+
 
 
 class VmcapError(Exception):
