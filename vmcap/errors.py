@@ -18,7 +18,6 @@ One read-error type per layer, whatever the container:
 from __future__ import annotations
 
 
-
 class VmcapError(Exception):
     """Base class: an expected failure with a one-line message."""
 
