@@ -39,7 +39,8 @@ CATEGORIES = [
     ("hashing (XXH64 digests)", lambda s: "digest.py" in s or "xxh" in s.lower()),
     ("classification (struct pages, -d 2..16)", lambda s: "kernel/pageclass.py" in s or "classify_dump" in s
      or "kernel/translate.py" in s),
-    ("compression", lambda s: "_ZstdPages.compress" in s or "_RowPages" in s or "_compress (vmcap/formats/seekable.py" in s
+    ("compression", lambda s: "_ZstdPages.compress" in s or "_RowPages" in s
+     or "_compress (vmcap/formats/seekable.py" in s
      or "SeekableWriter._compress" in s),
     ("zero detection", lambda s: "_store_batch (vmcap/formats/kdump.py:653" in s or "page_flags_of_chunk" in s
      or "_any" in s.rsplit(";", 1)[-1]),
@@ -47,7 +48,8 @@ CATEGORIES = [
      or "descriptors" in s.rsplit(";", 1)[-1] or "_store_batch (vmcap/formats/kdump.py:66" in s),
     ("writes, fsync, rename", lambda s: "_pwrite_all" in s or "OutputFile" in s or "fsync" in s
      or "_write_out" in s or "SparseSink" in s),
-    ("reading the source (mmap faults, pread, staging copies)", lambda s: "fileio/mmapio.py" in s or "plan/copier.py" in s
+    ("reading the source (mmap faults, pread, staging copies)", lambda s: "fileio/mmapio.py" in s
+     or "plan/copier.py" in s
      or "_stage (vmcap/formats/kdump.py" in s or "SeekableWriter.write" in s or "_write_view" in s
      or "scan_excluded_runs" in s),
     ("per-page bookkeeping (encode_pages, batches)", lambda s: "encode_pages" in s or "kdump.py" in s),

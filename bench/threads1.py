@@ -202,64 +202,51 @@ def move_phdrs_after_ehdr(core: Path) -> None:
 # ---------------------------------------------------------------- sections
 
 
-def real_rows(src: Path, out: Path) -> list[Row]:
+def kdump_rows(section: str, src: Path, out: Path, *, every_codec: bool) -> list[Row]:
+    """vmcap kdump at --threads 1 against makedumpfile-upstream at -d 1 and -d 31, then zelf
+    against zstd -T1 -3; ``every_codec`` adds vmcap's default level, zlib and two threads."""
     rows = []
     for d in (1, 31):
         o = lambda name: str(out / f"{name}-d{d}")  # noqa: E731
+        kdump = lambda *opts, name: vmcap("--format", "kdump", *opts, "-d", str(d), str(src), o(name))  # noqa: E731
+        if every_codec:
+            rows.append(Row(section, f"vmcap-z5-d{d}", f"vmcap kdump -d {d} --threads 1 (zstd 5, default)",
+                            kdump("--threads", "1", name="v5"), o("v5")))
         rows += [
-            Row("real", f"vmcap-z5-d{d}", f"vmcap kdump -d {d} --threads 1 (zstd 5, default)",
-                vmcap("--format", "kdump", "--threads", "1", "-d", str(d), str(src), o("v5")), o("v5")),
-            Row("real", f"vmcap-z1-d{d}", f"vmcap kdump -d {d} --threads 1 --level 1",
-                vmcap("--format", "kdump", "--threads", "1", "--level", "1", "-d", str(d), str(src), o("v1")),
-                o("v1")),
-            Row("real", f"mdf-z-d{d}", f"makedumpfile-upstream -z -d {d} (zstd 1)",
+            Row(section, f"vmcap-z1-d{d}", f"vmcap kdump -d {d} --threads 1 --level 1",
+                kdump("--threads", "1", "--level", "1", name="v1"), o("v1")),
+            Row(section, f"mdf-z-d{d}", f"makedumpfile-upstream -z -d {d} (zstd 1)",
                 [MDF, "-z", "-d", str(d), str(src), o("mz")], o("mz")),
-            Row("real", f"vmcap-lzo-d{d}", f"vmcap kdump -d {d} --threads 1 --compress lzo",
-                vmcap("--format", "kdump", "--threads", "1", "--compress", "lzo", "-d", str(d), str(src),
-                      o("vl")), o("vl")),
-            Row("real", f"mdf-l-d{d}", f"makedumpfile-upstream -l -d {d}",
+            Row(section, f"vmcap-lzo-d{d}", f"vmcap kdump -d {d} --threads 1 --compress lzo",
+                kdump("--threads", "1", "--compress", "lzo", name="vl"), o("vl")),
+            Row(section, f"mdf-l-d{d}", f"makedumpfile-upstream -l -d {d}",
                 [MDF, "-l", "-d", str(d), str(src), o("ml")], o("ml")),
-            Row("real", f"vmcap-zlib1-d{d}", f"vmcap kdump -d {d} --threads 1 --compress zlib --level 1",
-                vmcap("--format", "kdump", "--threads", "1", "--compress", "zlib", "--level", "1", "-d", str(d),
-                      str(src), o("vc")), o("vc")),
-            Row("real", f"mdf-c-d{d}", f"makedumpfile-upstream -c -d {d} (zlib 1)",
-                [MDF, "-c", "-d", str(d), str(src), o("mc")], o("mc")),
-            Row("real", f"vmcap-z5-d{d}-t2", f"vmcap kdump -d {d} --threads 2 (zstd 5)",
-                vmcap("--format", "kdump", "--threads", "2", "-d", str(d), str(src), o("v5t2")), o("v5t2")),
         ]
+        if every_codec:
+            rows += [
+                Row(section, f"vmcap-zlib1-d{d}", f"vmcap kdump -d {d} --threads 1 --compress zlib --level 1",
+                    kdump("--threads", "1", "--compress", "zlib", "--level", "1", name="vc"), o("vc")),
+                Row(section, f"mdf-c-d{d}", f"makedumpfile-upstream -c -d {d} (zlib 1)",
+                    [MDF, "-c", "-d", str(d), str(src), o("mc")], o("mc")),
+                Row(section, f"vmcap-z5-d{d}-t2", f"vmcap kdump -d {d} --threads 2 (zstd 5)",
+                    kdump("--threads", "2", name="v5t2"), o("v5t2")),
+            ]
     rows += [
-        Row("real", "vmcap-zelf-t1", "vmcap zelf -d 0 --threads 1",
+        Row(section, "vmcap-zelf-t1", "vmcap zelf -d 0 --threads 1",
             vmcap("--threads", "1", str(src), str(out / "v.zelf")), str(out / "v.zelf")),
-        Row("real", "zstd-T1-3", "zstd -T1 -3",
+        Row(section, "zstd-T1-3", "zstd -T1 -3",
             ["zstd", "-T1", "-3", "-q", "-f", str(src), "-o", str(out / "z.zst")], str(out / "z.zst")),
     ]
     return rows
+
+
+def real_rows(src: Path, out: Path) -> list[Row]:
+    return kdump_rows("real", src, out, every_codec=True)
 
 
 def source_rows(src: Path, out: Path) -> list[Row]:
     """--source: a bigger dump where start-up is amortised; makedumpfile -z / -l and zstd -T1 -3."""
-    rows = []
-    for d in (1, 31):
-        o = lambda name: str(out / f"{name}-d{d}")  # noqa: E731
-        rows += [
-            Row("source", f"vmcap-z1-d{d}", f"vmcap kdump -d {d} --threads 1 --level 1",
-                vmcap("--format", "kdump", "--threads", "1", "--level", "1", "-d", str(d), str(src), o("v1")),
-                o("v1")),
-            Row("source", f"mdf-z-d{d}", f"makedumpfile-upstream -z -d {d} (zstd 1)",
-                [MDF, "-z", "-d", str(d), str(src), o("mz")], o("mz")),
-            Row("source", f"vmcap-lzo-d{d}", f"vmcap kdump -d {d} --threads 1 --compress lzo",
-                vmcap("--format", "kdump", "--threads", "1", "--compress", "lzo", "-d", str(d), str(src),
-                      o("vl")), o("vl")),
-            Row("source", f"mdf-l-d{d}", f"makedumpfile-upstream -l -d {d}",
-                [MDF, "-l", "-d", str(d), str(src), o("ml")], o("ml")),
-        ]
-    rows += [
-        Row("source", "vmcap-zelf-t1", "vmcap zelf -d 0 --threads 1",
-            vmcap("--threads", "1", str(src), str(out / "v.zelf")), str(out / "v.zelf")),
-        Row("source", "zstd-T1-3", "zstd -T1 -3",
-            ["zstd", "-T1", "-3", "-q", "-f", str(src), "-o", str(out / "z.zst")], str(out / "z.zst")),
-    ]
-    return rows
+    return kdump_rows("source", src, out, every_codec=False)
 
 
 def zelf_rows(src: Path, out: Path) -> list[Row]:
@@ -376,7 +363,8 @@ def fmt(size: int) -> str:
 
 
 def table(rows: list[Row], per_tib: bool = False) -> str:
-    head = "| command | median s | runs s | CPU s | output MB | peak RSS MiB |" + (" s per TiB of space |" if per_tib else "")
+    head = ("| command | median s | runs s | CPU s | output MB | peak RSS MiB |"
+            + (" s per TiB of space |" if per_tib else ""))
     rule = "|---|---:|---|---:|---:|---:|" + ("---:|" if per_tib else "")
     if rows and rows[0].section == "classify":
         head, rule = head + " child's own timing |", rule + "---|"

@@ -151,11 +151,11 @@ def test_no_module_is_named_like_a_stdlib_module(module):
 
 
 def test_ruff_finds_nothing():
-    """One line length and import order (pyproject's [tool.ruff]) for the package, tests and packaging."""
+    """One line length and import order (pyproject's [tool.ruff]) for the package, tests, packaging and bench."""
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff is not installed (pip install '.[test]' brings it)")
     root = PACKAGE_DIR.parent
-    done = subprocess.run([ruff, "check", "--no-cache", "vmcap", "tests", "packaging"], cwd=root,
+    done = subprocess.run([ruff, "check", "--no-cache", "vmcap", "tests", "packaging", "bench"], cwd=root,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-1000:]
