@@ -24,9 +24,8 @@ from vmcap.formats.kdump import (
     KdumpReader,
     KdumpWriter,
     is_kdump,
-    utsname_machine,
 )
-from vmcap.kernel.arch import EM_386, EM_AARCH64, EM_PPC64, EM_S390, EM_X86_64
+from vmcap.kernel.arch import EM_386, EM_AARCH64, EM_PPC64, EM_S390, EM_X86_64, make_platform
 
 PAGE = 4096
 RELEASE = "6.1.0-vmcap-test"
@@ -370,6 +369,10 @@ def test_runs_join_across_bitmap_chunks(bits, chunk_bytes):
             expected.append((start, pfn - start))
             start = None
     assert list(_iter_runs(bitmap, chunk_bytes=chunk_bytes)) == expected
+
+
+def utsname_machine(e_machine, elf_class, byte_order):
+    return make_platform(elf_class=elf_class, byte_order=byte_order, e_machine=e_machine).utsname
 
 
 def test_utsname_machine_names():

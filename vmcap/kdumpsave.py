@@ -23,7 +23,7 @@ from .errors import BadSource, Unsupported
 from .fileio.output import OutputFile
 from .formats.flattened import FlattenedWriter
 from .formats.head import KdumpFile
-from .formats.kdump import BITMAP_WINDOW_BYTES, KdumpHeaderInfo, KdumpLayout, KdumpWriter, utsname_machine
+from .formats.kdump import BITMAP_WINDOW_BYTES, KdumpHeaderInfo, KdumpLayout, KdumpWriter
 from .formats.note import DIGEST_LINE_KEYS, Incomplete, VmcapNote, aligned_notes, placeholders
 from .kernel.dumplevel import ExclusionCounts
 from .plan.copier import PlanCopier
@@ -235,7 +235,7 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
         return notes + replace(note, incomplete=incomplete).build(layout.byte_order)
 
     info = KdumpHeaderInfo(
-        machine=utsname_machine(layout.e_machine, layout.elf_class, layout.byte_order),
+        machine=layout.platform.utsname,
         elf_class=layout.elf_class, byte_order=layout.byte_order, page_size=page,
         release=layout.osrelease or "", nr_cpus=max(layout.cpus, 1),
         vmcoreinfo=layout.vmcoreinfo_raw,

@@ -37,7 +37,6 @@ from ..cpus import usable_cpus
 from ..errors import BadSource, CorruptOutput, OutputError, OutputFull, Unsupported
 from ..fileio.mmapio import open_source_fd
 from ..kernel import vmcoreinfo as vi
-from ..kernel.arch import make_platform
 from ..kernel.memory import struct_prefix
 from .digest import PLACEHOLDER, UNKNOWN, StreamDigest, hex_value
 from .elf import NoteSpan, build_note, iter_note_spans
@@ -69,7 +68,6 @@ __all__ = [
     "KdumpWriter",
     "is_kdump",
     "plan_layout",
-    "utsname_machine",
 ]
 
 KDUMP_SIGNATURE = b"KDUMP   "
@@ -105,11 +103,6 @@ _DESCRIPTOR_FIELDS = [("offset", "i8"), ("size", "u4"), ("flags", "u4"), ("page_
 
 _MIN_BLOCK_SIZE = 512
 _MAX_BLOCK_SIZE = 1 << 20
-
-
-def utsname_machine(e_machine: int, elf_class: int, byte_order: str) -> str:
-    """The `uname -m` string of the dumped kernel, from its ELF header (Platform.utsname)."""
-    return make_platform(elf_class=elf_class, byte_order=byte_order, e_machine=e_machine).utsname
 
 
 # --------------------------------------------------------------------------
@@ -246,7 +239,7 @@ def _vmcoreinfo_number(vmcoreinfo: bytes, name: str) -> int | None:
 class KdumpHeaderInfo:
     """What the kdump headers say about the dumped machine and kernel."""
 
-    machine: str  # utsname machine, e.g. "x86_64" (see utsname_machine)
+    machine: str  # utsname machine, e.g. "x86_64" (Platform.utsname)
     elf_class: int  # 32 or 64: size of the dumped kernel's long, which shapes the headers
     byte_order: str  # 'little' or 'big', of the dumped machine
     page_size: int
