@@ -48,7 +48,6 @@ class PageStream:
         # Optional per-pfn exclusion (kernel page classes): such pages are
         # left out of the dump entirely (they stay present in bitmap 1).
         self._excluded = excluded
-        self.pages_excluded_by_class = 0
         self.zero_fill_pages = 0  # whole pages of zero fill, present but not dumped
 
     def _emit(self, pfn: int, pages) -> None:
@@ -60,7 +59,6 @@ class PageStream:
         if not mask.any():
             self.writer.write_pages(pfn, pages)
             return
-        self.pages_excluded_by_class += int(mask.sum())
         keep = np.flatnonzero(~mask)
         if not len(keep):
             self.writer.mark_present(pfn, count)
@@ -83,7 +81,6 @@ class PageStream:
         self._flush_partial()
         count = length // self.page_size
         self.writer.mark_present(paddr // self.page_size, count)
-        self.pages_excluded_by_class += count
 
     def excludes_all(self, paddr: int, length: int) -> bool:
         """Whether [paddr, paddr+length) is whole pages that the exclusion drops every one of."""
