@@ -26,8 +26,6 @@ from .source.dump import detect, detect_container, open_detected, open_dump
 from .source.layout import read_layout
 
 COMPARE_BYTES = 4 << 20
-# How far into a plain ELF output verify looks for its notes.
-MAX_HEAD_BYTES = 64 << 20
 
 
 def _first_difference(a: bytes, b: bytes) -> int:

@@ -29,7 +29,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import xxhash
@@ -38,9 +38,6 @@ import zstandard
 from ..cpus import usable_cpus
 from ..errors import CorruptOutput, OutputError
 from ..fileio.mmapio import open_source_fd
-
-if TYPE_CHECKING:
-    import concurrent.futures
 
 __all__ = [
     "DEFAULT_FRAME_BYTES",

@@ -14,9 +14,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
 
 from ..errors import Unsupported
 from .memory import struct_prefix
+
+if TYPE_CHECKING:
+    # Only the types: each walker loads when a dump of its machine needs it (make_translator),
+    # not in every x86_64 capture.
+    from .ppc64 import Ppc64Translator
+    from .riscv64 import Riscv64Translator
+    from .s390x import S390xTranslator
+    from .translate import Aarch64Translator, X86_64Translator
+
+    KernelTranslator = Union[X86_64Translator, Aarch64Translator, Ppc64Translator, S390xTranslator,
+                             Riscv64Translator]
 
 # e_machine values vmcap names (the writers and the sample builder use them).
 EM_386 = 3
@@ -165,7 +177,7 @@ def platform_named(name: str) -> Platform:
 
 
 def make_translator(read_physical, vmcoreinfo, machine: Platform | str, *,
-                    fallback_phys_base: int | None = None):
+                    fallback_phys_base: int | None = None) -> KernelTranslator:
     """The kernel-virtual layer for a dump of the given machine.
 
     ``machine`` is the dump's Platform, or a name platform_named knows

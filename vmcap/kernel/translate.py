@@ -15,18 +15,11 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Union
+from typing import Iterable
 
 from ..errors import BadSource, Unsupported
 from . import vmcoreinfo as vi
 from .memory import ReadPhysical, TableCache, WalkingTranslator, read_translated, struct_prefix
-
-if TYPE_CHECKING:
-    # Only the type: the other architectures' walkers load when their dumps need them
-    # (kernel.arch.make_translator), not in every x86_64 or arm64 capture.
-    from .ppc64 import Ppc64Translator
-    from .riscv64 import Riscv64Translator
-    from .s390x import S390xTranslator
 
 START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000  # __START_KERNEL_map
 # Without NUMBER(KERNEL_IMAGE_SIZE) (older kernels) only trust the non-KASLR
@@ -350,6 +343,3 @@ class Aarch64Translator(WalkingTranslator):
         raise AssertionError("the last level always returns or raises")
 
 
-
-KernelTranslator = Union[X86_64Translator, Aarch64Translator, "Ppc64Translator", "S390xTranslator",
-                         "Riscv64Translator"]
