@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmcap.fileio.mmapio import FileSource, RecordingSource
 from vmcap.kernel.dumplevel import ExclusionCounts
 from vmcap.plan.copier import PlanCopier
 from vmcap.plan.copyplan import MappedRange, plan_copy
+from vmcap.plan.exclude import first_kept
 from vmcap.sample import RamRange
 from vmcap.save import SaveOptions, save
 from vmcap.source.layout import read_layout
@@ -66,6 +70,9 @@ def test_kdump_of_an_out_of_step_source_is_the_same_whatever_the_window(make_vmc
 class Exclusion:
     """A -d 31 classification of a sample: a per-pfn mask, sliced as CyclicExclusion is."""
 
+    def __len__(self) -> int:
+        return len(self._mask)
+
     def __init__(self, mask):
         self.excluded = self
         self._mask = mask
@@ -105,7 +112,7 @@ def test_kdump_does_not_map_windows_whose_pages_are_all_excluded(make_vmcore, tm
         return (tmp_path / name).read_bytes(), summary, maps
 
     skipped, summary, maps = run("skipped")
-    monkeypatch.setattr(vmcap.kdumpsave.PageStream, "excludes_all", lambda self, paddr, length: False)
+    monkeypatch.setattr(vmcap.kdumpsave.PageStream, "excluded_bytes", lambda self, paddr, length: 0)
     read, reference, all_maps = run("read")
     assert skipped == read
     assert summary.pages_excluded == reference.pages_excluded
@@ -116,3 +123,59 @@ def test_kdump_does_not_map_windows_whose_pages_are_all_excluded(make_vmcore, tm
     hi = segment.offset + (gone[1] * PAGE - segment.paddr)
     skipped_windows = [m for m in all_maps if lo <= m[0] and m[0] + m[1] <= hi]
     assert skipped_windows and not set(skipped_windows) & set(maps)
+
+
+RUN_SOURCE = spec(ranges=(RamRange(0x100000, 6 * MiB),), layout="proc", content="mixed", seed=9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(runs=st.lists(st.tuples(st.integers(0, 6 * MiB // PAGE), st.integers(1, 700)), max_size=6),
+       window=st.sampled_from([64 << 10, MiB]))
+def test_a_run_of_excluded_pages_is_one_skipped_chunk_and_never_mapped(tmp_path_factory, runs, window):
+    """However many windows an excluded run spans, the copier skips it in one chunk, starts
+    the next window on the first kept page, and maps nothing that holds only excluded pages."""
+    from vmcap.sample import build_vmcore
+
+    src = tmp_path_factory.getbasetemp() / "runs.core"
+    if not src.exists():
+        build_vmcore(str(src), RUN_SOURCE)
+    base = 0x100000 // PAGE
+    mask = np.zeros(base + 6 * MiB // PAGE, dtype=bool)
+    for first, count in runs:
+        mask[base + first:base + first + count] = True
+    with FileSource(src) as plain:
+        layout = read_layout(plain)
+    plan = plan_copy(layout.segments, PAGE)
+
+    def skip(paddr, length):
+        first = paddr // PAGE
+        return (first_kept(mask, first, first + length // PAGE) - first) * PAGE if paddr % PAGE == 0 else 0
+
+    recorder = RecordingSource(FileSource(src))
+    try:
+        chunks = [(c.paddr, c.length, c.skipped) for c in PlanCopier(recorder, plan, window_bytes=window, skip=skip)]
+        maps = [(c.offset, c.length) for c in recorder.calls if c.kind == "map"]
+    finally:
+        recorder.close()
+    assert [p + n for p, n, _ in chunks[:-1]] == [p for p, _, _ in chunks[1:]]  # contiguous
+    for (paddr, length, skipped), after in zip(chunks, chunks[1:] + [None]):
+        pages = mask[paddr // PAGE:(paddr + length) // PAGE]
+        if skipped:
+            assert pages.all() and length % PAGE == 0
+            assert after is None or not after[2]  # maximal: a skipped run is one chunk
+            assert after is None or not mask[(paddr + length) // PAGE]
+        else:
+            assert not pages[0], hex(paddr)  # a window starts on a kept page
+    segment = layout.segments[0]
+    for offset, length in maps:
+        first = (segment.paddr + offset - segment.offset) // PAGE
+        assert not mask[first:first + length // PAGE].all()
+
+
+def test_first_kept_reads_any_mask_in_growing_pieces():
+    mask = np.zeros(5_000_000, dtype=bool)
+    mask[10:4_000_000] = True
+    sliced = Exclusion(mask)
+    assert [first_kept(sliced, lo, hi) for lo, hi in ((0, 100), (10, 5_000_000), (10, 3_000_000), (4_000_000, 10),
+                                                      (20, 10**9))] == [0, 4_000_000, 3_000_000, 10, 4_000_000]
+    assert first_kept(mask, 3_999_999, 4_000_005) == 4_000_000

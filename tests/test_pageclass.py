@@ -725,6 +725,43 @@ def test_pfn_bitmap_behaves_like_a_bool_array(data):
     assert bitmap[pfn] == bool(reference[pfn])
 
 
+def _first_clear_reference(reference: np.ndarray, lo: int, hi: int) -> int:
+    clear = np.flatnonzero(~reference[lo:hi])
+    return lo + int(clear[0]) if len(clear) else hi
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_pfn_bitmap_first_clear_is_the_first_unset_pfn(data):
+    """Runs of set bits of any length and phase, long ones included (the byte scan's growing pieces)."""
+    from vmcap.kernel.pageclass import PfnBitmap
+
+    size = data.draw(st.integers(1, 5000))
+    bitmap = PfnBitmap(size)
+    reference = np.zeros(size, dtype=bool)
+    for _ in range(data.draw(st.integers(0, 6))):
+        lo = data.draw(st.integers(0, size))
+        hi = data.draw(st.integers(lo, size))
+        bitmap.set_range(lo, hi)
+        reference[lo:hi] = True
+    lo = data.draw(st.integers(0, size))
+    hi = data.draw(st.integers(lo, size + 20))
+    assert bitmap.first_clear(lo, hi) == _first_clear_reference(reference, lo, min(hi, size)), (lo, hi)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cyclic_exclusion_first_clear_matches_the_whole_bitmap(seed):
+    mem = random_mem_map(np.random.default_rng(seed), 16384)
+    mem.compound(8192, 12, HUGETLB_PAGE_DTOR)  # excluded across a cycle boundary
+    reference = mem.classify(31, chunk_pages=512, cycle_pfns=1 << 20).excluded.to_array()
+    cyclic = mem.classify(31, chunk_pages=512, cycle_pfns=1024).excluded
+    rng = np.random.default_rng(seed + 7)
+    starts = [8192, 8191, 0, 16383] + [int(x) for x in rng.integers(0, 16384, 60)]
+    for lo in starts:
+        hi = int(rng.integers(lo, 16385))
+        assert cyclic.first_clear(lo, hi) == _first_clear_reference(reference, lo, hi), (lo, hi)
+
+
 # --- cyclic mode: bounded state whatever max_pfn is ------------------------------------------
 
 
@@ -780,6 +817,9 @@ def test_cyclic_exclusion_rewalks_each_cycle_once_in_pfn_order_and_skips_clean_c
     assert np.flatnonzero(np.concatenate(pieces)).tolist() == list(range(1024, 2048)) + list(range(4096, 6144))
     # Cycle 0 is kept from the counting walk; 1, 4 and 5 are walked again, 2, 3, 6 and 7 are not.
     assert excluded.cycles_walked == 3
+    # A run's end is found across a cycle boundary; clean cycles answer at once.
+    assert [excluded.first_clear(lo, hi) for lo, hi in ((1024, 8192), (4096, 8192), (0, 8192),
+                                                        (5000, 5500), (2500, 8192))] == [2048, 6144, 0, 5500, 2500]
     cycle_5_reads = [vaddr for vaddr, _ in mem.reads[reads_of_counting_walk:]
                      if 5120 <= (vaddr - VMEMMAP) // STRUCT_PAGE < 6144]
     assert cycle_5_reads, "cycle 5 is decided by its own walk (its pages are tails: nothing claimed)"

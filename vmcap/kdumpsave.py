@@ -28,7 +28,7 @@ from .formats.note import DIGEST_LINE_KEYS, Incomplete, VmcapNote, aligned_notes
 from .kernel.dumplevel import ExclusionCounts
 from .plan.copier import PlanCopier
 from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
-from .plan.exclude import ZERO_EXCLUDED, ZERO_SHARED, ExclusionPolicy
+from .plan.exclude import ZERO_EXCLUDED, ZERO_SHARED, ExclusionPolicy, first_kept
 from .source.layout import Layout
 
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
@@ -82,13 +82,13 @@ class PageStream:
         count = length // self.page_size
         self.writer.mark_present(paddr // self.page_size, count)
 
-    def excludes_all(self, paddr: int, length: int) -> bool:
-        """Whether [paddr, paddr+length) is whole pages that the exclusion drops every one of."""
+    def excluded_bytes(self, paddr: int, length: int) -> int:
+        """How many bytes from paddr on (whole pages, at most length) the exclusion drops every page of."""
         page = self.page_size
-        if self._excluded is None or paddr % page or length % page or not length:
-            return False
+        if self._excluded is None or paddr % page or length < page:
+            return 0
         first = paddr // page
-        return bool(self._excluded[first:first + length // page].all())
+        return (first_kept(self._excluded, first, first + length // page) - first) * page
 
     def _flush_partial(self) -> None:
         if self._partial_pfn is not None:
@@ -295,9 +295,9 @@ def write_kdump(layout: Layout, plan: CopyPlan, copier: PlanCopier, out: OutputF
     out.keep_incomplete(finish_incomplete)
     stream = PageStream(writer, page, excluded)
     if excluded is not None and copier.skip is None:
-        # Whole windows of excluded pages are not even mapped. (A source read once,
-        # in order, is never classified: ExclusionPolicy.classifies.)
-        copier.skip = stream.excludes_all
+        # Runs of excluded pages are not even mapped. (A source read once, in
+        # order, is never classified: ExclusionPolicy.classifies.)
+        copier.skip = stream.excluded_bytes
     for chunk in copier:
         if chunk.skipped:
             stream.add_excluded(chunk.paddr, chunk.length)

@@ -678,6 +678,28 @@ class PfnBitmap:
         self.bits[first_byte + 1:last_byte] = 0xFF
         self.bits[last_byte] |= high
 
+    def first_clear(self, start: int, stop: int) -> int:
+        """The first pfn in [start, stop) whose bit is clear, or stop; scans packed bytes."""
+        stop = min(stop, self.size)
+        bits = self.bits
+        at = start
+        while at < stop and at & 7:  # the bits before the first whole byte
+            if not int(bits[at >> 3]) >> (at & 7) & 1:
+                return at
+            at += 1
+        piece = 64
+        while at < stop:
+            lo = at >> 3
+            hi = min((stop + 7) >> 3, lo + piece)
+            open_bytes = np.flatnonzero(bits[lo:hi] != 0xFF)
+            if len(open_bytes):
+                index = lo + int(open_bytes[0])
+                octet = int(bits[index])
+                # The lowest clear bit of the byte: bits past stop may be set or not.
+                return min(index * 8 + (~octet & (octet + 1)).bit_length() - 1, stop)
+            at, piece = hi * 8, min(piece * 8, 1 << 20)
+        return stop
+
     def __getitem__(self, key):
         if isinstance(key, slice):
             start, stop, step = key.indices(self.size)
@@ -781,6 +803,23 @@ class CyclicExclusion:
         if not 0 <= pfn < self.size:
             raise IndexError(pfn)
         return bool(self[pfn:pfn + 1][0])
+
+    def first_clear(self, start: int, stop: int) -> int:
+        """The first pfn in [start, stop) not excluded, or stop, from the cycles' packed bits."""
+        stop = min(stop, self.size)
+        at = start
+        while at < stop:
+            index = at // self.cycle_pfns
+            first = index * self.cycle_pfns
+            end = min(first + self.cycle_pfns, stop)
+            bits = self._cycle_bits(index)
+            if bits is None:
+                return at  # a cycle the walk excluded nothing in
+            found = first + bits.first_clear(at - first, end - first)
+            if found < end:
+                return found
+            at = end
+        return stop
 
     def to_array(self) -> np.ndarray:
         """The whole bitmap as bools (tests and small dumps only)."""

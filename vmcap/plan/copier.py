@@ -67,7 +67,7 @@ class PlanCopier:
                  window_bytes: int = DEFAULT_WINDOW_BYTES,
                  on_error: str = "fail",
                  progress: Callable[[int], None] | None = None,
-                 skip: Callable[[int, int], bool] | None = None):
+                 skip: Callable[[int, int], int] | None = None):
         if on_error not in ("fail", "zero"):
             raise ValueError(f"on_error must be 'fail' or 'zero', not {on_error!r}")
         granule = max(plan.page_size, ALLOCATION_GRANULARITY)
@@ -78,10 +78,12 @@ class PlanCopier:
         self.plan = plan
         self.on_error = on_error
         self.progress = progress
-        # skip(paddr, length): True when the caller will not use these whole pages
-        # (kdump at -d 31: all excluded by their class). Such windows are not mapped:
-        # /proc/vmcore maps a window's page tables eagerly, makedumpfile reads
-        # only the pages it dumps, and at -d 31 most of a big machine is excluded.
+        # skip(paddr, length): how many bytes from paddr on (whole pages, at most
+        # length) the caller will not use (kdump at -d 31: excluded by their class).
+        # They are not mapped: /proc/vmcore maps a window's page tables eagerly,
+        # makedumpfile reads only the pages it dumps, and at -d 31 most of a big
+        # machine is excluded. One answer covers a whole run, however many
+        # windows long: a skipped run costs one chunk, not one per window.
         self.skip = skip
         self.stats = CopyStats()
         # pread's buffer, grown on demand: with mmap working it only ever holds the short
@@ -124,13 +126,15 @@ class PlanCopier:
                 stop = max(stop - (stop - phase) % page, offset + page)
             stop = min(stop, end)
             length = stop - offset
-            if self.skip is not None and self.skip(paddr_of + offset, length):
-                self.stats.skipped_bytes += length
-                if self.progress:
-                    self.progress(length)
-                yield DataChunk(step.segment, paddr_of + offset, length, None, skipped=True)
-                offset = stop
-                continue
+            if self.skip is not None:
+                unused = self.skip(paddr_of + offset, end - offset)
+                if unused:
+                    self.stats.skipped_bytes += unused
+                    if self.progress:
+                        self.progress(unused)
+                    yield DataChunk(step.segment, paddr_of + offset, unused, None, skipped=True)
+                    offset += unused
+                    continue
             try:
                 mapping = self.source.map(start, stop - start)
             except MmapRefused as refusal:
