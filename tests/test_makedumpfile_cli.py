@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from vmcap.formats.kdump import KdumpReader
@@ -91,6 +92,32 @@ def test_each_compression_flag_writes_its_pages(make_vmcore, tmp_path):
             assert reader.header.dump_level == 1
             assert (reader.header.status & 0x27) == {"zlib": 1, "lzo": 2, "snappy": 4,
                                                      "zstd": 0x20, "none": 0}[name]
+
+
+@pytest.mark.parametrize("flag,codec", [("-z", "zstd"), ("-c", "zlib")])
+def test_zstd_and_zlib_pages_are_compressed_at_makedumpfiles_level_1(make_vmcore, tmp_path, flag, codec):
+    """makedumpfile -z and -c compress every page at level 1 (ZSTD level 1, Z_BEST_SPEED):
+    the drop-in's pages are those of `vmcap save --level 1`, not of save's slower default."""
+    from vmcap.makedumpfile_cli import save_options
+    from vmcap.save import SaveOptions, save
+
+    assert save_options(parse([flag, "-d", "31", "a", "b"])).compression_level() == 1
+    src, _ = make_vmcore(spec(content="mixed"))
+    front = tmp_path / "front"
+    assert run(flag, "-d", "1", "--message-level", "0", src, front).returncode == 0
+    stored = {}
+    for name, level in (("level1", 1), ("default", None)):
+        save(src, str(tmp_path / name), SaveOptions(output_format="kdump", compress=codec, level=level,
+                                                    dump_level=1, threads=1))
+    for name in ("front", "level1", "default"):
+        with KdumpReader(str(tmp_path / name)) as reader:
+            _, dumped = reader.page_counts()
+            offset = reader.descriptor_offset
+        table = (tmp_path / name).read_bytes()[offset:offset + 24 * dumped]
+        descriptors = np.frombuffer(table, dtype=[("offset", "<u8"), ("size", "<u4"), ("flags", "<u4"),
+                                                  ("page_flags", "<u8")])
+        stored[name] = (descriptors["size"].tolist(), descriptors["flags"].tolist())
+    assert stored["front"] == stored["level1"] != stored["default"]
 
 
 def test_elf_output_and_message_levels(make_vmcore, tmp_path):

@@ -235,6 +235,10 @@ def _say(request: Request, bit: int, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+# The compression level makedumpfile uses for each page codec that has levels.
+MAKEDUMPFILE_LEVELS = {"zstd": 1, "zlib": 1}
+
+
 def save_options(request: Request):
     """The vmcap save options that mean what the makedumpfile request means."""
     from .save import SaveOptions
@@ -244,6 +248,10 @@ def save_options(request: Request):
     else:
         output_format = "kdump-flat" if request.action == "flatten" else "kdump"
     return SaveOptions(output_format=output_format, compress=request.compress,
+                       # makedumpfile compresses each page at zstd level 1 and zlib's
+                       # Z_BEST_SPEED: -z and -c cost and weigh what they do there
+                       # (vmcap save's kdump defaults, 5 and 3, trade speed for size).
+                       level=MAKEDUMPFILE_LEVELS.get(request.compress),
                        dump_level=request.dump_levels[0], retry_levels=request.dump_levels[1:],
                        size_limit=request.size_limit,
                        threads=request.threads if request.threads is not None else 0,
