@@ -22,6 +22,7 @@ from vmcap.commands import main
 from vmcap.errors import OutputError
 from vmcap.fileio.mmapio import FileSource
 from vmcap.fileio.output import OutputFile
+from vmcap.sample import RamRange
 from vmcap.save import SaveOptions, save
 from vmcap.verify import verify
 
@@ -552,3 +553,55 @@ def test_kdump_metadata_digest_needs_no_proc(make_vmcore, tmp_path, monkeypatch)
     save(src, str(out), SaveOptions(output_format="kdump", dump_level=1))
     monkeypatch.undo()
     assert verify(str(out), src)["digest"] == "xxh64"
+
+
+# --- early writeback -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("output_format", ["zelf", "kdump", "elf"])
+def test_written_ranges_are_handed_to_the_kernel_as_they_grow(make_vmcore, tmp_path, monkeypatch, output_format):
+    """Each stretch of file is advised twice (its writeback starts, then its clean pages go),
+    in order, without gaps; the output is the same as without the advice."""
+    import vmcap.fileio.output
+
+    src, _ = make_vmcore(spec(ranges=(RamRange(0x100000, 16 << 20),), content="mixed"))
+    reference = tmp_path / "reference"
+    monkeypatch.setattr(vmcap.fileio.output, "WRITEBACK_BYTES", 1 << 62)
+    save(src, str(reference), SaveOptions(output_format=output_format, threads=1))
+    calls = []
+    real = os.posix_fadvise
+
+    def advise(fd, offset, length, advice):
+        calls.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", advise)
+    monkeypatch.setattr(vmcap.fileio.output, "WRITEBACK_BYTES", 64 << 10)
+    out = tmp_path / "out"
+    save(src, str(out), SaveOptions(output_format=output_format, threads=1))
+    assert out.read_bytes() == reference.read_bytes()
+    assert len(calls) >= 4, calls
+    assert {advice for _, _, advice in calls} == {os.POSIX_FADV_DONTNEED}
+    ends = [offset + length for offset, length, _ in calls]
+    assert ends == sorted(ends) and all(b - a >= 64 << 10 for a, b in zip(ends, ends[1:]))
+    assert calls[0][0] == 0
+    for (offset, _, _), earlier_end in zip(calls[2:], ends):
+        assert offset == earlier_end  # each range starts where the one two calls back ended
+
+
+def test_a_file_that_takes_no_advice_is_written_all_the_same(make_vmcore, tmp_path, monkeypatch):
+    import vmcap.fileio.output
+
+    calls = []
+
+    def refuse(fd, offset, length, advice):
+        calls.append(offset)
+        raise OSError(errno.ESPIPE, "Illegal seek")
+
+    monkeypatch.setattr(os, "posix_fadvise", refuse)
+    monkeypatch.setattr(vmcap.fileio.output, "WRITEBACK_BYTES", 64 << 10)
+    src, _ = make_vmcore(spec(ranges=(RamRange(0x100000, 16 << 20),), content="mixed"))
+    out = tmp_path / "out"
+    save(src, str(out), SaveOptions(output_format="kdump", threads=1))
+    assert len(calls) == 1  # refused once, never asked again
+    assert verify(str(out))["status"] == "ok"

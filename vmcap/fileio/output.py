@@ -172,6 +172,10 @@ def write_error(what: str, error: OSError) -> OutputError:
     return (OutputFull if error.errno in NO_ROOM_ERRNOS else OutputError)(what)
 
 
+# Early writeback's stride (OutputFile.wrote_through).
+WRITEBACK_BYTES = 32 << 20
+
+
 class OutputFile:
     """A byte sink on a file descriptor that turns OSError into one-line OutputErrors.
 
@@ -198,6 +202,10 @@ class OutputFile:
         self._allocated_end = 0
         self._finish_incomplete = None  # see keep_incomplete()
         self.temp_name: str | None = None  # set while a temporary file of ours exists
+        # Early writeback (see wrote_through): the end of the last range handed to the
+        # kernel, and where that range began; None where there is no file of ours.
+        self._writeback_to: int | None = None
+        self._writeback_from = 0
         self._closed = not self.to_stdout  # no descriptor of ours yet
         self._dir_fd: int | None = None
         self._identity: tuple[int, int] | None = None
@@ -218,6 +226,7 @@ class OutputFile:
             self._check_target()
             self.fd = self._create_temp(mode)
             self._closed = False
+            self._writeback_to = 0
         except BaseException:
             self.abort()
             raise
@@ -380,6 +389,7 @@ class OutputFile:
                 raise self._fail("write", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
             done += n
         self.position += len(view)
+        self.wrote_through(self.position)
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
@@ -393,6 +403,28 @@ class OutputFile:
                 continue
             except OSError as e:
                 raise self._fail("write", e) from None
+        self.wrote_through(offset + len(view))
+
+    def wrote_through(self, end: int) -> None:
+        """Bytes up to ``end`` were written (by write, pwrite, or a sink on our fd).
+
+        Early writeback: every WRITEBACK_BYTES of file, the kernel starts writing the
+        new range out, and drops the range before it, written out by then, from the cache.
+
+        commit()'s fsync then waits for the last stretch only, not for the whole
+        dump (on a big machine the kernel lets gigabytes stay dirty), and the
+        output does not fill the page cache of a capture kernel's small memory.
+        Advice only: what the kernel fails to write, fsync reports.
+        """
+        if self._writeback_to is None or end - self._writeback_to < WRITEBACK_BYTES:
+            return
+        try:
+            os.posix_fadvise(self.fd, self._writeback_from, end - self._writeback_from,
+                             os.POSIX_FADV_DONTNEED)
+        except (OSError, AttributeError):
+            self._writeback_to = None  # not a file the kernel takes advice on: stop asking
+            return
+        self._writeback_from, self._writeback_to = self._writeback_to, end
 
     def skip(self, n: int) -> None:
         """Leave a hole of n bytes (a sparse region) — or write zeros where we cannot seek."""

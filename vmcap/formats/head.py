@@ -120,6 +120,8 @@ class KdumpFile:
             if written == 0:
                 raise OutputError(f"writing kdump {what} at offset {offset + done:#x}: no progress")
             done += written
+        if self._out is not None:
+            self._out.wrote_through(offset + done)
 
     def rewrite_head(self, head) -> None:
         self.pwrite(head, 0, "header")
