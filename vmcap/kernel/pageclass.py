@@ -316,7 +316,7 @@ def struct_page_dtype(rules: PageRules, byte_order: str = "little") -> np.dtype:
 def _bit(values: np.ndarray, bit: int | None) -> np.ndarray:
     if bit is None:
         return np.zeros(values.shape, dtype=bool)
-    return (values >> np.uint64(bit)) & np.uint64(1) != 0
+    return (values & np.uint64(1 << bit)) != 0
 
 
 @dataclass(frozen=True)
@@ -337,8 +337,10 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
     order 0: end pages on a 512-pfn boundary, where makedumpfile does the same.
     """
     count = len(pages)
-    flags = pages["flags"]
-    mapcount = pages["mapcount"]
+    # Each field once into an array of its own: a field of the struct page array
+    # is a strided view, and every operation on it walks the whole struct pages.
+    flags = np.ascontiguousarray(pages["flags"])
+    mapcount = np.ascontiguousarray(pages["mapcount"])
     pfns = np.arange(first_pfn, first_pfn + count, dtype=np.int64)
     looked_at = (pages["compound_head"] & np.uint64(TAIL_PAGE_MARK)) == 0
     if visit is not None:
