@@ -56,10 +56,12 @@ from vmcap.entry import run
 run(sys.argv[1:])
 """
 
-# What a kdump capture of an x86_64 dump does not need: the zelf writer and its thread pool,
-# the other architectures' page-table walkers, click.
-NOT_FOR_A_KDUMP_CAPTURE = ("vmcap.formats.seekable", "concurrent.futures", "vmcap.kernel.ppc64",
-                           "vmcap.kernel.riscv64", "vmcap.kernel.s390x", "click")
+# What a kdump capture of an x86_64 dump does not need: the zelf and ELF writers and the
+# thread pool, the other architectures' page-table walkers, click, the readers of files
+# compressed whole (gzip) and the ELF view of dumps.
+NOT_FOR_A_KDUMP_CAPTURE = ("vmcap.formats.seekable", "vmcap.formats.elfwriter", "concurrent.futures",
+                           "vmcap.kernel.ppc64", "vmcap.kernel.riscv64", "vmcap.kernel.s390x", "click",
+                           "vmcap.source.stream", "vmcap.source.elfview", "gzip")
 
 
 def _modules_of_run(*argv) -> set[str]:

@@ -15,7 +15,6 @@ from .errors import BadSource, OutputError, OutputFull, SourceIOError, Unsupport
 from .fileio.mmapio import Source
 from .fileio.output import OutputFile, check_output_target, refuse_same_files, write_whole_file
 from .formats.digest import UNKNOWN, StreamDigest
-from .formats.elfwriter import ElfStreamWriter, OutputSegment, cut_image, plan_elf_image
 from .formats.head import SparseElfSink
 from .formats.note import (
     NOTE_NAME,
@@ -206,6 +205,9 @@ def write_elf(capture: Capture, out: OutputFile) -> tuple[list[str], ExclusionCo
 
     Returns (warnings, pages excluded per reason).
     """
+    # Here, not at the top: a kdump capture (the collector's usual job) never loads it.
+    from .formats.elfwriter import ElfStreamWriter, OutputSegment, cut_image, plan_elf_image
+
     layout, options, policy = capture.layout, capture.options, capture.policy
     page = layout.page_size
     # A source read once, in order, cannot be scanned before the copy: what

@@ -83,12 +83,13 @@ def _head(path: str) -> bytes:
 def detect(path: str) -> tuple[str, str | None]:
     """(container, wrapper) of a file: container as detect_container says; wrapper the
     compressor ('gzip', 'xz', 'lz4', 'zstd') of a file compressed whole, else None."""
-    from .stream import wrapper_of
-
     head = _head(path)
     container = next((name for name, test in DETECTORS if test(head, path)), "unknown")
-    wrapper = wrapper_of(head) if container in ("zstd", "unknown") else None
-    return container, wrapper
+    if container not in ("zstd", "unknown"):
+        return container, None
+    from .stream import wrapper_of  # here: gzip, lzma and the ELF view, for such files only
+
+    return container, wrapper_of(head)
 
 
 def detect_container(path: str) -> str:
