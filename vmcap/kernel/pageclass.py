@@ -341,7 +341,6 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
     # is a strided view, and every operation on it walks the whole struct pages.
     flags = np.ascontiguousarray(pages["flags"])
     mapcount = np.ascontiguousarray(pages["mapcount"])
-    pfns = np.arange(first_pfn, first_pfn + count, dtype=np.int64)
     looked_at = (pages["compound_head"] & np.uint64(TAIL_PAGE_MARK)) == 0
     if visit is not None:
         looked_at &= visit
@@ -358,7 +357,7 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
         # The order is in the next struct page, which makedumpfile has only
         # within the same 512-page batch.
         head = (flags & np.uint64(rules.head_mask)) != 0
-        head &= (pfns % PGMM_CACHED) != PGMM_CACHED - 1
+        head[(PGMM_CACHED - 1 - first_pfn) % PGMM_CACHED::PGMM_CACHED] = False  # a batch's last page
         heads = np.flatnonzero(head[:-1])
         tails = pages[heads + 1]
         order[heads] = tails["tail_order"].astype(np.int64)
@@ -370,8 +369,9 @@ def page_claims(pages: np.ndarray, first_pfn: int, rules: PageRules,
             hugetlb[heads] = tails["tail_dtor"].astype(np.int64) == compound.hugetlb_dtor
         # An order that is absurd or that the head's pfn is not aligned to is
         # garbage (makedumpfile: "Invalid order"); the destructor still counts.
-        bad = (order >= 64) | ((pfns & ((np.int64(1) << np.minimum(order, 62)) - 1)) != 0)
-        order[bad] = 0
+        head_order = order[heads]
+        bad = (head_order >= 64) | (((heads + first_pfn) & ((np.int64(1) << np.minimum(head_order, 62)) - 1)) != 0)
+        order[heads[bad]] = 0
 
     page_class = np.zeros(count, dtype=np.uint8)
     undecided = looked_at.copy()
@@ -657,14 +657,21 @@ class PfnBitmap:
     def __len__(self) -> int:
         return self.size
 
-    def set_sorted(self, pfns: np.ndarray) -> None:
-        """Set the bits of ascending pfns (as _range_pfns gives them)."""
-        if not len(pfns):
+    def set_ranges(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Set the bits of pfns [starts[i], ends[i]) (disjoint, ascending) in one pass over
+        their span: +1 where a range starts, -1 where it ends, a running sum, packed."""
+        keep = ends > starts
+        starts, ends = starts[keep], ends[keep]
+        if not len(starts):
             return
-        byte_index = pfns >> 3
-        values = (np.uint8(1) << (pfns & 7).astype(np.uint8)).astype(np.uint8)
-        first = np.flatnonzero(np.diff(byte_index, prepend=-1))
-        self.bits[byte_index[first]] |= np.bitwise_or.reduceat(values, first)
+        lo = int(starts[0]) & ~7
+        hi = int(ends[-1])
+        edges = np.zeros(hi - lo + 1, dtype=np.int8)
+        edges[starts - lo] = 1
+        edges[ends - lo] -= 1  # where one range ends and the next starts: 0
+        inside = np.cumsum(edges[:-1], dtype=np.int8) > 0
+        packed = np.packbits(inside, bitorder="little")
+        self.bits[lo >> 3:(lo >> 3) + len(packed)] |= packed
 
     def set_range(self, start: int, end: int) -> None:
         """Set the bits of pfns [start, end) without listing them (a gigantic page, a spill)."""
@@ -878,13 +885,6 @@ class RamPfnRanges:
         return visit
 
 
-def _range_pfns(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """All pfns of the disjoint ranges [starts[i], ends[i]), concatenated."""
-    lengths = ends - starts
-    before = np.cumsum(lengths) - lengths
-    return np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
-
-
 def _chunks(start_pfn: int, end_pfn: int, chunk_pages: int):
     """[first, end) pieces of [start_pfn, end_pfn) that end on multiples of chunk_pages."""
     first = start_pfn
@@ -897,9 +897,9 @@ def _chunks(start_pfn: int, end_pfn: int, chunk_pages: int):
 def _set_ranges(bits: PfnBitmap, offset: int, starts: np.ndarray, ends: np.ndarray, long_span: int) -> None:
     """Set pfns [starts[i], ends[i]) (disjoint, ascending) in bits, whose bit 0 is pfn offset.
 
-    Short ranges are listed pfn by pfn in one numpy call; the few long ones
-    (a gigantic page, a damaged order) are set as byte ranges, so no array
-    grows with a range's length.
+    Short ranges are set in one pass over their span; the few long ones (a
+    gigantic page, a damaged order) as byte ranges, so no array grows with a
+    range's length.
     """
     long = ends - starts > long_span
     if long.any():
@@ -907,7 +907,7 @@ def _set_ranges(bits: PfnBitmap, offset: int, starts: np.ndarray, ends: np.ndarr
             bits.set_range(start - offset, end - offset)
         starts, ends = starts[~long], ends[~long]
     if len(starts):
-        bits.set_sorted(_range_pfns(starts - offset, ends - offset))
+        bits.set_ranges(starts - offset, ends - offset)
 
 
 class _Walk:
