@@ -192,14 +192,17 @@ def capture_image(work: Path, kernel: Kernel, bundle: Path | None, job: str,
 
 
 def main_image(work: Path, kernel: Kernel, capture: Path, capture_append: str,
-               last_words: list[str]) -> Path:
-    """The 1st kernel's initrd: base image + kexec + the capture kernel and its initrd."""
+               last_words: list[str], before_crash: str | None = None) -> Path:
+    """The 1st kernel's initrd: base image + kexec + the capture kernel and its initrd;
+    ``before_crash``, a busybox sh script the 1st kernel runs just before it crashes."""
     root = base_root(work / "main-root", kernel)
     _copy_with_libraries(_tool("kexec"), root, "/sbin/kexec")
     shutil.copy2(kernel.vmlinuz, root / "boot" / "vmlinuz")
     shutil.copy2(capture, root / "boot" / "capture.img")
     (root / "etc" / "capture-append").write_text(capture_append + "\n")
     (root / "etc" / "last-words").write_text("\n".join(last_words) + "\n")
+    if before_crash is not None:
+        (root / "etc" / "before-crash").write_text(before_crash)
     return cpio_gz(root, work / "main.cpio.gz", level=1)
 
 

@@ -53,5 +53,7 @@ if [ "$(cat /sys/kernel/kexec_crash_loaded)" != 1 ]; then
 fi
 log "capture kernel loaded"
 for line in $(cat /etc/last-words); do log "last words: $line"; done
+# bench/capture_speed.py puts memory to use first (page cache, anonymous memory).
+[ -f /etc/before-crash ] && sh /etc/before-crash
 echo c > /proc/sysrq-trigger
 while true; do sleep 3600; done
