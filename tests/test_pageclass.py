@@ -855,3 +855,57 @@ def test_pfn_bitmap_set_range_sets_exactly_the_range():
             bitmap = PfnBitmap(40)
             bitmap.set_range(lo, hi)
             assert np.flatnonzero(bitmap.to_array()).tolist() == list(range(lo, hi)), (lo, hi)
+
+
+# --- struct pages through mmap windows -------------------------------------------------------
+
+
+def test_real_dump_struct_pages_are_mapped_only_inside_one_segments_data(real_vmcore):
+    """With map_physical (as classify_dump passes it) the walk maps struct pages rather than
+    copying them: the same classification as reading them, and every window a whole
+    granule-aligned range of one segment's file data (never a fractional page)."""
+    from vmcap.fileio.mmapio import ALLOCATION_GRANULARITY, FileSource, RecordingSource
+    from vmcap.source.dump import elf_dump
+
+    recorder = RecordingSource(FileSource(real_vmcore))
+    try:
+        layout = read_layout(recorder)
+        dump = elf_dump(layout, recorder)
+        common = dict(max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges)
+        mapped = classify_pages(dump.physical.read, dump.vmcoreinfo, dump.platform, 31,
+                                map_physical=dump.physical.mapped, **common)
+        maps = [call for call in recorder.calls if call.kind == "map"]
+        read = classify_pages(dump.physical.read, dump.vmcoreinfo, dump.platform, 31, **common)
+    finally:
+        recorder.close()
+    assert mapped.counts == read.counts
+    assert np.array_equal(mapped.excluded.to_array(), read.excluded.to_array())
+    assert len(maps) >= 8, "the struct pages of a 1 GiB guest are 16 MiB: mapped in 1 MiB chunks"
+    for call in maps:
+        assert call.offset % ALLOCATION_GRANULARITY == 0 and call.length % ALLOCATION_GRANULARITY == 0
+        assert any(s.offset <= call.offset and call.offset + call.length <= s.offset + s.filesz
+                   for s in layout.segments), call
+
+
+def test_mapped_bytes_are_the_read_bytes_and_never_a_fractional_page(make_vmcore):
+    """ElfMemory.mapped: the bytes read() gives, or None where the window would reach past
+    the segment's file data: its fractional pages, zero fill, another segment, no segment."""
+    from vmcap.fileio.mmapio import FileSource
+    from vmcap.source.dump import ElfMemory
+
+    from conftest import spec
+
+    src, info = make_vmcore(spec())  # conftest's FRACTIONAL_RANGES
+    with FileSource(src) as source:
+        layout = read_layout(source)
+        memory = ElfMemory(layout, source)
+        whole = next(s for s in layout.segments if s.paddr == 0x100000)  # 2 MiB of whole pages
+        with memory.mapped(whole.paddr + 0x3000, 0x2345) as view:
+            assert bytes(view) == memory.read(whole.paddr + 0x3000, 0x2345)
+        assert memory.mapped(whole.paddr + whole.filesz - 0x1000, 0x2000) is None  # past its data
+        mid_page = next(s for s in layout.segments if s.paddr == 0x300400)  # starts mid-page
+        assert memory.mapped(mid_page.paddr, 0x100) is None  # its first page is fractional
+        with memory.mapped(0x301000, 0x1000) as view:  # its next page is whole
+            assert bytes(view) == memory.read(0x301000, 0x1000)
+        assert memory.mapped(0x400100, 0x100) is None  # a sub-page segment
+        assert memory.mapped(0x200000 + 0x100000, 0x10) is None  # no segment there

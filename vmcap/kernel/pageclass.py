@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -60,6 +61,9 @@ from .memory import struct_prefix
 
 ReadPhysical = Callable[[int, int], bytes]
 ReadVirtual = Callable[[int, int], bytes]
+# (address, size) -> a context manager giving those bytes mapped, not copied; None where they cannot be.
+MapPhysical = Callable[[int, int], "AbstractContextManager | None"]
+MapVirtual = MapPhysical
 
 # Page classes, in makedumpfile's test order; 0 means "dumped".
 KEPT, FREE, CACHE, CACHE_PRIVATE, USER, HWPOISON, OFFLINE = range(7)
@@ -914,8 +918,10 @@ class _Walk:
     """makedumpfile's pfn-order walk over struct pages, restartable at any cycle boundary."""
 
     def __init__(self, read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules,
-                 max_pfn: int, chunk_pages: int, ram: RamPfnRanges | None, byte_order: str = "little"):
+                 max_pfn: int, chunk_pages: int, ram: RamPfnRanges | None, byte_order: str = "little",
+                 map_virtual: MapVirtual | None = None):
         self.read_virtual = read_virtual
+        self.map_virtual = map_virtual
         self.runs = sorted(runs, key=lambda r: r.start_pfn)
         self.rules = rules
         self.max_pfn = max_pfn
@@ -946,14 +952,19 @@ class _Walk:
         if visit is not None and not visit.any():
             return 0, None, None, None
         vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
-        try:
-            raw = self.read_virtual(vaddr, count * rules.struct_page_size)
-        except BadSource as error:
-            raise BadSource(f"struct pages of pfns {first_pfn:#x}-{end_pfn:#x} at vaddr {vaddr:#x}: "
-                            f"{error}") from error
-        pages = np.frombuffer(raw, dtype=self.dtype, count=count)
+        size = count * rules.struct_page_size
+        mapped = None if self.map_virtual is None else self.map_virtual(vaddr, size)
+        if mapped is None:
+            try:
+                raw = self.read_virtual(vaddr, size)
+            except BadSource as error:
+                raise BadSource(f"struct pages of pfns {first_pfn:#x}-{end_pfn:#x} at vaddr {vaddr:#x}: "
+                                f"{error}") from error
+            claims = page_claims(np.frombuffer(raw, dtype=self.dtype, count=count), first_pfn, rules, visit)
+        else:
+            with mapped as raw:  # the claims are arrays of their own: nothing keeps the mapping
+                claims = page_claims(np.frombuffer(raw, dtype=self.dtype, count=count), first_pfn, rules, visit)
         looked_at = count if visit is None else int(np.count_nonzero(visit))
-        claims = page_claims(pages, first_pfn, rules, visit)
         index = np.flatnonzero(claims.page_class)
         starts = index + first_pfn
         spans = np.int64(1) << np.minimum(claims.order[index], ORDER_CAP)
@@ -982,7 +993,8 @@ class _Walk:
 def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules: PageRules, *,
                      max_pfn: int, chunk_pages: int = 1 << 14,
                      ram_pfn_ranges: Sequence[tuple[int, int]] | None = None,
-                     cycle_pfns: int = CYCLE_PFNS, byte_order: str = "little") -> ExclusionResult:
+                     cycle_pfns: int = CYCLE_PFNS, byte_order: str = "little",
+                     map_virtual: MapVirtual | None = None) -> ExclusionResult:
     """Walk the struct pages of runs in pfn order, chunk_pages at a time, and apply the rules.
 
     One read_virtual call per chunk (chunk_pages * SIZE(page) bytes); chunks
@@ -990,10 +1002,12 @@ def classify_mem_map(read_virtual: ReadVirtual, runs: Sequence[MemMapRun], rules
     found where makedumpfile finds it. This walk counts; the excluded pfns
     themselves are rebuilt one cycle of cycle_pfns at a time when asked for
     (CyclicExclusion). With a single cycle its bitmap is kept from this walk.
+    map_virtual(vaddr, size), if given, maps a chunk's struct pages instead of
+    copying them (a context manager giving the bytes), or returns None.
     """
     chunk_pages = max(PGMM_CACHED, -(-chunk_pages // PGMM_CACHED) * PGMM_CACHED)
     walk = _Walk(read_virtual, runs, rules, max_pfn, chunk_pages,
-                 None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges), byte_order)
+                 None if ram_pfn_ranges is None else RamPfnRanges(ram_pfn_ranges), byte_order, map_virtual)
     # Cycles are whole chunks, so a cycle's walk meets the full walk's chunks.
     cycle_pfns = max(chunk_pages, -(-cycle_pfns // chunk_pages) * chunk_pages)
     if walk.runs_overlap():
@@ -1042,7 +1056,8 @@ def no_exclusion(max_pfn: int) -> CyclicExclusion:
 
 def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machine: str, dump_level: DumpLevel | int, *,
                    max_pfn: int, chunk_pages: int = 1 << 14,
-                   ram_pfn_ranges: Sequence[tuple[int, int]] | None = None) -> ExclusionResult:
+                   ram_pfn_ranges: Sequence[tuple[int, int]] | None = None,
+                   map_physical: MapPhysical | None = None) -> ExclusionResult:
     """Pages that makedumpfile -d dump_level would leave out (bits 2/4/8/16; bit 1 is ignored).
 
     read_physical(paddr, size) reads the dump; struct pages are found through
@@ -1050,6 +1065,9 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     bounds the walk and sizes the result. ram_pfn_ranges, [start, end) pfn
     pairs of the dump's RAM, limits which struct pages are looked at, as
     makedumpfile's is_in_segs does; None looks at every pfn with a struct page.
+    map_physical(paddr, size) maps physical memory instead of reading it, or
+    returns None (ElfMemory.mapped): struct pages are read that way where their
+    chunk is physically contiguous.
     Raises Unsupported naming the missing VMCOREINFO key, or the architecture.
     """
     dump_level = DumpLevel.of(dump_level)
@@ -1065,8 +1083,19 @@ def classify_pages(read_physical: ReadPhysical, vmcoreinfo: vi.VmcoreInfo, machi
     runs = mem_map_runs(translator.read_virtual, vmcoreinfo, max_pfn, byte_order=byte_order,
                         kernel_start=getattr(translator, "kernel_start", KERNEL_HALF),
                         physmem_bits_candidates=getattr(translator, "physmem_bits_candidates", ()))
+    map_virtual = None
+    translate = getattr(translator, "translate", None)
+    if map_physical is not None and translate is not None:
+        def map_virtual(vaddr: int, size: int):
+            try:
+                paddr, contiguous = translate(vaddr)
+            except BadSource:
+                return None  # read_virtual says where, as it always did
+            return map_physical(paddr, size) if contiguous >= size else None
+
     return classify_mem_map(translator.read_virtual, runs, rules, max_pfn=max_pfn,
-                            chunk_pages=chunk_pages, ram_pfn_ranges=ram_pfn_ranges, byte_order=byte_order)
+                            chunk_pages=chunk_pages, ram_pfn_ranges=ram_pfn_ranges, byte_order=byte_order,
+                            map_virtual=map_virtual)
 
 
 # --- --mem-usage ------------------------------------------------------------------------------

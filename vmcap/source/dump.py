@@ -36,7 +36,7 @@ from itertools import accumulate
 from typing import Protocol, Sequence
 
 from ..errors import BadSource, SourceIOError, Unsupported
-from ..fileio.mmapio import FileSource, MmapRefused, open_source_fd
+from ..fileio.mmapio import ALLOCATION_GRANULARITY, FileSource, MmapRefused, open_source_fd
 from ..formats.elf import ELF_MAGIC, Segment, parse_notes
 from ..formats.flattened import DETECT_BYTES, is_flattened
 from ..formats.kdump import KDUMP_SIGNATURE, KdumpReader
@@ -123,6 +123,9 @@ class PhysicalMemory(Protocol):
     def covered_ranges(self) -> list[tuple[int, int]]:
         """(paddr, size) of the memory the dump represents, stored or zero fill."""
 
+    def mapped(self, paddr: int, size: int) -> MappedBytes | None:
+        """Bytes at [paddr, paddr+size) mapped rather than copied, or None where they cannot be."""
+
 
 class ElfMemory:
     """Physical memory of an ELF core: paddr -> bytes, zeros beyond p_filesz."""
@@ -184,6 +187,49 @@ class ElfMemory:
     def covered_ranges(self) -> list[tuple[int, int]]:
         return [(s.paddr, s.memsz) for s in self.segments]
 
+    def mapped(self, paddr: int, size: int) -> MappedBytes | None:
+        """[paddr, paddr+size) through an mmap window, or None: read it instead.
+
+        Only where the whole window (granule-aligned file range) is one segment's
+        file data: those are whole RAM pages, never a fractional page nor a byte
+        of no segment. /proc/vmcore's read() copies each page through a fresh
+        kernel mapping of old memory, its mmap maps it once (makedumpfile reads
+        struct pages through mmap too).
+        """
+        seg = self.segment_at(paddr)
+        if seg is None or paddr + size > seg.paddr + seg.filesz or size <= 0:
+            return None
+        granule = max(self.layout.page_size, ALLOCATION_GRANULARITY)
+        offset = seg.offset + (paddr - seg.paddr)
+        start = offset - offset % granule
+        end = -(-(offset + size) // granule) * granule
+        if start < seg.offset or end > seg.offset + seg.filesz:
+            return None
+        try:
+            window = self.source.map(start, end - start)
+        except MmapRefused:
+            return None
+        return MappedBytes(window, offset - start, size)
+
+
+class MappedBytes:
+    """``with`` gives a memoryview of part of an mmap window; leaving unmaps it (once
+    no view of it is left: a view still held keeps the mapping until it goes)."""
+
+    def __init__(self, window: mmap.mmap, start: int, size: int):
+        self._window = window
+        self._view = memoryview(window)[start:start + size]
+
+    def __enter__(self) -> memoryview:
+        return self._view
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._view.release()
+            self._window.close()
+        except BufferError:
+            pass  # an array made from the view is still alive (an exception's frame)
+
 
 class KdumpPhysicalMemory:
     """Physical memory of a kdump file or --split set: its 1st bitmap's pages, zeros
@@ -225,6 +271,9 @@ class KdumpPhysicalMemory:
 
     def covered_ranges(self) -> list[tuple[int, int]]:
         return [(first * self.granule, count * self.granule) for first, count in self._present]
+
+    def mapped(self, paddr: int, size: int) -> None:
+        return None  # pages are stored compressed: there is nothing to map
 
 
 # --- the dumps -------------------------------------------------------------------------------
@@ -816,7 +865,8 @@ def classify_dump(dump: Dump, dump_level: int):
     from ..kernel.pageclass import classify_pages
 
     return classify_pages(dump.physical.read, dump.vmcoreinfo, dump.platform, dump_level,
-                          max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges)
+                          max_pfn=dump.max_pfn, ram_pfn_ranges=dump.ram_pfn_ranges,
+                          map_physical=dump.physical.mapped)
 
 
 def kernel_log(dump: Dump):
