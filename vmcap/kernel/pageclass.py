@@ -801,16 +801,8 @@ class CyclicExclusion:
                 raise ValueError("CyclicExclusion slices take no step")
             if stop <= start:
                 return np.zeros(0, dtype=bool)
-            pieces = []
-            at = start
-            while at < stop:
-                index = at // self.cycle_pfns
-                first = index * self.cycle_pfns
-                end = min(first + self.cycle_pfns, stop)
-                bits = self._cycle_bits(index)
-                pieces.append(np.zeros(end - at, dtype=bool) if bits is None
-                              else bits[at - first:end - first])
-                at = end
+            pieces = [np.zeros(end - at, dtype=bool) if bits is None else bits[at - first:end - first]
+                      for at, first, end, bits in self._cycle_pieces(start, stop)]
             return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
         pfn = int(key)
         if not 0 <= pfn < self.size:
@@ -820,19 +812,23 @@ class CyclicExclusion:
     def first_clear(self, start: int, stop: int) -> int:
         """The first pfn in [start, stop) not excluded, or stop, from the cycles' packed bits."""
         stop = min(stop, self.size)
-        at = start
-        while at < stop:
-            index = at // self.cycle_pfns
-            first = index * self.cycle_pfns
-            end = min(first + self.cycle_pfns, stop)
-            bits = self._cycle_bits(index)
+        for at, first, end, bits in self._cycle_pieces(start, stop):
             if bits is None:
                 return at  # a cycle the walk excluded nothing in
             found = first + bits.first_clear(at - first, end - first)
             if found < end:
                 return found
-            at = end
         return stop
+
+    def _cycle_pieces(self, start: int, stop: int):
+        """(at, cycle's first pfn, end, its bits or None) of each cycle [start, stop) touches, in order."""
+        at = start
+        while at < stop:
+            index = at // self.cycle_pfns
+            first = index * self.cycle_pfns
+            end = min(first + self.cycle_pfns, stop)
+            yield at, first, end, self._cycle_bits(index)
+            at = end
 
     def to_array(self) -> np.ndarray:
         """The whole bitmap as bools (tests and small dumps only)."""
