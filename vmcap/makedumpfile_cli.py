@@ -208,7 +208,8 @@ HELP = f"""\
   {PROG} -R DUMPFILE < STREAM
   {PROG} --dump-dmesg [-i VMCOREINFO] VMCORE LOGFILE
 
-  -c|-l|-p|-z  compress pages with zlib, lzo, snappy or zstd (kdump-compressed format)
+  -c|-l|-p|-z  compress pages with zlib, lzo, snappy or zstd (kdump-compressed format;
+               zlib and zstd at level 1, as makedumpfile)
   -E           write an ELF core instead
   -d DL,...    dump level(s); when the dump does not fit (disk full, -L), retry at the next
   -L SIZE      limit the output to SIZE bytes
