@@ -881,6 +881,15 @@ def test_real_dump_struct_pages_are_mapped_only_inside_one_segments_data(real_vm
     assert mapped.counts == read.counts
     assert np.array_equal(mapped.excluded.to_array(), read.excluded.to_array())
     assert len(maps) >= 8, "the struct pages of a 1 GiB guest are 16 MiB: mapped in 1 MiB chunks"
+    # --non-mmap (makedumpfile's too): nothing is mapped, struct pages are read.
+    unmapped = RecordingSource(FileSource(real_vmcore, allow_mmap=False))
+    try:
+        dump = elf_dump(read_layout(unmapped), unmapped)
+        refused = classify_pages(dump.physical.read, dump.vmcoreinfo, dump.platform, 31,
+                                 map_physical=dump.physical.mapped, **common)
+    finally:
+        unmapped.close()
+    assert refused.counts == read.counts and not [c for c in unmapped.calls if c.kind == "map"]
     for call in maps:
         assert call.offset % ALLOCATION_GRANULARITY == 0 and call.length % ALLOCATION_GRANULARITY == 0
         assert any(s.offset <= call.offset and call.offset + call.length <= s.offset + s.filesz
