@@ -37,6 +37,27 @@ class MmapRefused(Exception):
     """The source would not be mapped at this offset; read it instead."""
 
 
+class MappedBytes:
+    """``with`` gives a memoryview of part of an mmap window; leaving unmaps the window,
+    once no view of it is left: a consumer that failed mid-write (disk full) or an
+    exception's frame may still hold a slice or an array of it, and then the mapping
+    goes when that does."""
+
+    def __init__(self, window: mmap.mmap, start: int, size: int):
+        self._window = window
+        self._view = memoryview(window)[start:start + size]
+
+    def __enter__(self) -> memoryview:
+        return self._view
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._view.release()
+            self._window.close()
+        except BufferError:
+            pass
+
+
 class Source(Protocol):
     """What the rest of vmcap needs from a source file."""
 

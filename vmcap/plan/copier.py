@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from ..errors import SourceIOError
-from ..fileio.mmapio import ALLOCATION_GRANULARITY, MmapRefused, Source
+from ..fileio.mmapio import ALLOCATION_GRANULARITY, MappedBytes, MmapRefused, Source
 from ..formats.note import ErrorRange
 from .copyplan import BufferedPiece, CopyPlan, MappedRange
 
@@ -144,17 +144,8 @@ class PlanCopier:
                 yield self._read(step.segment, paddr_of + offset, offset, length)
                 self.stats.buffered_bytes += length
             else:
-                view = memoryview(mapping)[offset - start:]
-                try:
+                with MappedBytes(mapping, offset - start, length) as view:
                     yield DataChunk(step.segment, paddr_of + offset, length, view)
-                finally:
-                    try:
-                        view.release()
-                        mapping.close()
-                    except BufferError:
-                        # A consumer that failed mid-write (disk full) still
-                        # holds a slice; the mapping goes when that does.
-                        pass
                 self.stats.mapped_bytes += length
                 if self.progress:
                     self.progress(length)

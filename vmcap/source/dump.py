@@ -36,7 +36,7 @@ from itertools import accumulate
 from typing import Protocol, Sequence
 
 from ..errors import BadSource, SourceIOError, Unsupported
-from ..fileio.mmapio import ALLOCATION_GRANULARITY, FileSource, MmapRefused, open_source_fd
+from ..fileio.mmapio import ALLOCATION_GRANULARITY, FileSource, MappedBytes, MmapRefused, open_source_fd
 from ..formats.elf import ELF_MAGIC, Segment, parse_notes
 from ..formats.flattened import DETECT_BYTES, is_flattened
 from ..formats.kdump import KDUMP_SIGNATURE, KdumpReader
@@ -210,25 +210,6 @@ class ElfMemory:
         except MmapRefused:
             return None
         return MappedBytes(window, offset - start, size)
-
-
-class MappedBytes:
-    """``with`` gives a memoryview of part of an mmap window; leaving unmaps it (once
-    no view of it is left: a view still held keeps the mapping until it goes)."""
-
-    def __init__(self, window: mmap.mmap, start: int, size: int):
-        self._window = window
-        self._view = memoryview(window)[start:start + size]
-
-    def __enter__(self) -> memoryview:
-        return self._view
-
-    def __exit__(self, *exc) -> None:
-        try:
-            self._view.release()
-            self._window.close()
-        except BufferError:
-            pass  # an array made from the view is still alive (an exception's frame)
 
 
 class KdumpPhysicalMemory:
