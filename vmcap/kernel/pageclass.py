@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -949,17 +949,15 @@ class _Walk:
             return 0, None, None, None
         vaddr = run.struct_page_vaddr(first_pfn, rules.struct_page_size)
         size = count * rules.struct_page_size
-        mapped = None if self.map_virtual is None else self.map_virtual(vaddr, size)
-        if mapped is None:
+        struct_pages = None if self.map_virtual is None else self.map_virtual(vaddr, size)
+        if struct_pages is None:
             try:
-                raw = self.read_virtual(vaddr, size)
+                struct_pages = nullcontext(self.read_virtual(vaddr, size))
             except BadSource as error:
                 raise BadSource(f"struct pages of pfns {first_pfn:#x}-{end_pfn:#x} at vaddr {vaddr:#x}: "
                                 f"{error}") from error
+        with struct_pages as raw:  # the claims are arrays of their own: nothing keeps a mapping
             claims = page_claims(np.frombuffer(raw, dtype=self.dtype, count=count), first_pfn, rules, visit)
-        else:
-            with mapped as raw:  # the claims are arrays of their own: nothing keeps the mapping
-                claims = page_claims(np.frombuffer(raw, dtype=self.dtype, count=count), first_pfn, rules, visit)
         looked_at = count if visit is None else int(np.count_nonzero(visit))
         index = np.flatnonzero(claims.page_class)
         starts = index + first_pfn
