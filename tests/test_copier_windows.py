@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 
 from vmcap.fileio.mmapio import FileSource, RecordingSource
 from vmcap.kernel.dumplevel import ExclusionCounts
+from vmcap.kernel.pageclass import PfnBitmap
 from vmcap.plan.copier import PlanCopier
 from vmcap.plan.copyplan import MappedRange, plan_copy
-from vmcap.plan.exclude import first_kept
 from vmcap.sample import RamRange
 from vmcap.save import SaveOptions, save
 from vmcap.source.layout import read_layout
@@ -68,10 +68,7 @@ def test_kdump_of_an_out_of_step_source_is_the_same_whatever_the_window(make_vmc
 
 
 class Exclusion:
-    """A -d 31 classification of a sample: a per-pfn mask, sliced as CyclicExclusion is."""
-
-    def __len__(self) -> int:
-        return len(self._mask)
+    """A -d 31 classification of a sample: a per-pfn mask, sliced and searched as CyclicExclusion is."""
 
     def __init__(self, mask):
         self.excluded = self
@@ -83,6 +80,10 @@ class Exclusion:
 
     def count(self) -> int:
         return int(self._mask.sum())
+
+    def first_clear(self, start: int, stop: int) -> int:
+        kept = np.flatnonzero(~self._mask[start:stop])
+        return start + int(kept[0]) if len(kept) else min(stop, len(self._mask))
 
 
 @pytest.mark.parametrize("layout", ["proc", "packed"])
@@ -147,9 +148,14 @@ def test_a_run_of_excluded_pages_is_one_skipped_chunk_and_never_mapped(tmp_path_
         layout = read_layout(plain)
     plan = plan_copy(layout.segments, PAGE)
 
+    bitmap = PfnBitmap(len(mask))
+    edges = np.diff(mask.astype(np.int8), prepend=0, append=0)
+    bitmap.set_ranges(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))
+    assert np.array_equal(bitmap.to_array(), mask)
+
     def skip(paddr, length):
         first = paddr // PAGE
-        return (first_kept(mask, first, first + length // PAGE) - first) * PAGE if paddr % PAGE == 0 else 0
+        return (bitmap.first_clear(first, first + length // PAGE) - first) * PAGE if paddr % PAGE == 0 else 0
 
     recorder = RecordingSource(FileSource(src))
     try:
@@ -170,12 +176,3 @@ def test_a_run_of_excluded_pages_is_one_skipped_chunk_and_never_mapped(tmp_path_
     for offset, length in maps:
         first = (segment.paddr + offset - segment.offset) // PAGE
         assert not mask[first:first + length // PAGE].all()
-
-
-def test_first_kept_reads_any_mask_in_growing_pieces():
-    mask = np.zeros(5_000_000, dtype=bool)
-    mask[10:4_000_000] = True
-    sliced = Exclusion(mask)
-    assert [first_kept(sliced, lo, hi) for lo, hi in ((0, 100), (10, 5_000_000), (10, 3_000_000), (4_000_000, 10),
-                                                      (20, 10**9))] == [0, 4_000_000, 3_000_000, 10, 4_000_000]
-    assert first_kept(mask, 3_999_999, 4_000_005) == 4_000_000

@@ -28,7 +28,7 @@ from .formats.note import DIGEST_LINE_KEYS, Incomplete, VmcapNote, aligned_notes
 from .kernel.dumplevel import ExclusionCounts
 from .plan.copier import PlanCopier
 from .plan.copyplan import CopyPlan, disjoint_segments, present_page_count
-from .plan.exclude import ZERO_EXCLUDED, ZERO_SHARED, ExclusionPolicy, first_kept
+from .plan.exclude import ZERO_EXCLUDED, ZERO_SHARED, ExclusionPolicy
 from .source.layout import Layout
 
 # The writer streams its bitmaps, but readers (crash, makedumpfile, drgn)
@@ -45,8 +45,9 @@ class PageStream:
         self.page_size = page_size
         self._partial = bytearray(page_size)
         self._partial_pfn: int | None = None
-        # Optional per-pfn exclusion (kernel page classes): such pages are
-        # left out of the dump entirely (they stay present in bitmap 1).
+        # Optional per-pfn exclusion (kernel page classes: a CyclicExclusion, which
+        # slices into bool arrays; excluded_bytes also asks its first_clear): such
+        # pages are left out of the dump entirely (they stay present in bitmap 1).
         self._excluded = excluded
         self.zero_fill_pages = 0  # whole pages of zero fill, present but not dumped
 
@@ -88,7 +89,8 @@ class PageStream:
         if self._excluded is None or paddr % page or length < page:
             return 0
         first = paddr // page
-        return (first_kept(self._excluded, first, first + length // page) - first) * page
+        # One answer however long the run: the classification's bitmap scans its packed bytes.
+        return (self._excluded.first_clear(first, first + length // page) - first) * page
 
     def _flush_partial(self) -> None:
         if self._partial_pfn is not None:

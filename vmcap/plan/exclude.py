@@ -202,30 +202,6 @@ class RunTracker:
         return self.runs
 
 
-def first_kept(excluded, first: int, stop: int) -> int:
-    """The first pfn in [first, stop) that ``excluded`` does not exclude, or stop.
-
-    Asked once per run of excluded pages, so a run costs one answer however
-    long it is: the classification's bitmaps (PfnBitmap, CyclicExclusion)
-    scan their packed bytes (``first_clear``); anything else that slices into
-    bool arrays is read in pieces that grow, bounded.
-    """
-    stop = min(stop, len(excluded))
-    if first >= stop:
-        return stop
-    first_clear = getattr(excluded, "first_clear", None)
-    if first_clear is not None:
-        return first_clear(first, stop)
-    at, piece = first, 256
-    while at < stop:
-        end = min(at + piece, stop)
-        kept = np.flatnonzero(~np.asarray(excluded[at:end], dtype=bool))
-        if len(kept):
-            return at + int(kept[0])
-        at, piece = end, min(piece * 8, 1 << 20)
-    return stop
-
-
 def page_flags_of_chunk(paddr: int, data, page_size: int) -> tuple[int, np.ndarray]:
     """(paddr of first whole physical page, all-zero flag per whole page) of a chunk."""
     skip = -paddr % page_size
