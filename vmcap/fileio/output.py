@@ -413,7 +413,7 @@ class OutputFile:
 
         commit()'s fsync then waits for the last stretch only, not for the whole
         dump (on a big machine the kernel lets gigabytes stay dirty), and the
-        output does not fill the page cache of a capture kernel's small memory.
+        output's pages leave the page cache as it goes.
         Advice only: what the kernel fails to write, fsync reports.
         """
         if self._writeback_to is None or end - self._writeback_to < WRITEBACK_BYTES:
